@@ -1,0 +1,133 @@
+"""``classmeans calibrate``, ``evaluate`` and ``profiles``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="compute class means, choose thresholds, write a bundle")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data", required=True, help=".npz, ImageFolder dir, .zip or .tar.gz")
+    p.add_argument("--holdout", type=float, default=5000,
+                   help="held-out samples for threshold selection (count, or fraction if < 1)")
+    p.add_argument("--selection", choices=["holdout", "means"], default="holdout",
+                   help="holdout: choose thresholds on held-out data (ours); means: on the means data (paper)")
+    p.add_argument("--search", choices=["paper", "quantile", "refine"], default="paper")
+    p.add_argument("--samples", type=int, default=10_000, help="threshold vectors to draw")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reduction", default="full", help="full, gap or poolN (comma list: one bundle each)")
+    p.add_argument("--metric", default="euclidean", help="euclidean, diag or lda (comma list)")
+    p.add_argument("--temperature", default="1", help="softmax temperature (comma list)")
+    p.add_argument("--exits", help="comma list of early exits that get class means (default: all)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--no-activate", action="store_true", help="write the bundle without activating it")
+    p.add_argument("--tag", default="", help="suffix of the bundle id")
+    p.add_argument("--measure-forward", type=int, default=0,
+                   help="also time a plain forward pass over N images, for the throughput ratio")
+    p.set_defaults(func=run_calibrate)
+
+    e = sub.add_parser("evaluate", help="measure the active (or a given) bundle on labelled data")
+    e.add_argument("--model-dir", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--bundle", help="bundle id (default: the active one)")
+    e.add_argument("--json", help="write the report here (a PNG curve goes next to it)")
+    e.add_argument("--limit", type=int)
+    e.set_defaults(func=run_evaluate)
+
+    pr = sub.add_parser("profiles", help="list the profiles of the active (or a given) bundle")
+    pr.add_argument("--model-dir", required=True)
+    pr.add_argument("--bundle")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.set_defaults(func=run_profiles)
+
+
+def _bar(desc: str):
+    bars: dict[str, tqdm] = {}
+
+    def status(phase: str, i: int, n: int) -> None:
+        if phase not in bars:
+            for b in bars.values():
+                b.close()
+            bars[phase] = tqdm(total=n, desc=f"{desc}: {phase}", unit="img", file=sys.stderr)
+        bars[phase].n = i
+        bars[phase].refresh()
+    return status
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from service.ingest.sources import load_dataset
+    from service.runtime.calibration import CalibrationConfig, HeadConfig
+    from service.runtime.operations import calibrate_model
+    from service.store.model_dir import read_spec
+
+    spec = read_spec(Path(args.model_dir))
+    data = load_dataset(args.data, image_size=spec.input_size, limit=args.limit)
+    heads = [HeadConfig(r, m, t) for r in args.reduction.split(",") for m in args.metric.split(",")
+             for t in _floats(args.temperature)]
+    cfg = CalibrationConfig(heads=heads, search=args.search, samples=args.samples, seed=args.seed,
+                            batch_size=args.batch_size, selection=args.selection,
+                            exits=[int(v) for v in args.exits.split(",")] if args.exits else None)
+    holdout = args.holdout if args.holdout < 1 else int(args.holdout)
+    ids, summary = calibrate_model(Path(args.model_dir), data, cfg, holdout=holdout,
+                                   activate=not args.no_activate, status=_bar("calibrate"), tag=args.tag,
+                                   measure_forward=args.measure_forward)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from service.ingest.sources import load_dataset
+    from service.runtime.operations import evaluate_model
+    from service.store.model_dir import read_spec
+
+    spec = read_spec(Path(args.model_dir))
+    data = load_dataset(args.data, image_size=spec.input_size, limit=args.limit)
+    bar = tqdm(total=len(data), desc="evaluate", unit="img", file=sys.stderr)
+    report, png = evaluate_model(Path(args.model_dir), data, args.bundle,
+                                 progress=lambda i, n: (setattr(bar, "n", i), bar.refresh()))
+    bar.close()
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".png").write_bytes(png)
+    brief = {k: report[k] for k in ("bundle", "num_samples", "full_network_accuracy", "budgets",
+                                     "fraction_within_0.5_points", "fraction_within_1_point")}
+    brief["per_exit_ncm_accuracy"] = [round(e["ncm_accuracy"], 4) if e["ncm_accuracy"] is not None else None
+                                      for e in report["per_exit"]]
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+def run_profiles(args: argparse.Namespace) -> int:
+    from service.runtime.operations import read_active_or_none, resolve_bundle
+    from service.store.model_dir import load_model
+
+    model_dir = Path(args.model_dir)
+    spec, net = load_model(model_dir)
+    bundle = resolve_bundle(model_dir, spec, net.num_exits, args.bundle)
+    active = read_active_or_none(model_dir) or {}
+    active_name = (active.get("operating") or {}).get("a") if active.get("bundle") == bundle.bundle_id else None
+    rows = [{"name": p.name, "accuracy": p.accuracy, "flops_fraction": p.flops_fraction, "flops": p.flops,
+             "default": p.name == bundle.default_profile, "active": p.name == active_name}
+            for p in bundle.profiles]
+    if args.json:
+        print(json.dumps({"bundle": bundle.bundle_id, "profiles": rows}, indent=2))
+        return 0
+    print(f"bundle {bundle.bundle_id}  (held-out accuracy; FLOPs = 2 per multiply-add)")
+    print(f"{'profile':<10} {'accuracy':>9} {'FLOPs frac':>11} {'MFLOPs':>9}")
+    for r in rows:
+        mark = " *active" if r["active"] else (" (default)" if r["default"] else "")
+        print(f"{r['name']:<10} {r['accuracy']:>9.4f} {r['flops_fraction']:>11.4f} {r['flops'] / 1e6:>9.2f}{mark}")
+    return 0

@@ -1,0 +1,33 @@
+"""Entry point of the ``classmeans`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from service.cli import calibrate_cmd, train_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="classmeans", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (train_cmd, calibrate_cmd):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from service.ingest.labelled import DatasetError
+    from service.store.bundles import BundleError
+    from service.store.model_dir import ModelDirError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, BundleError, ModelDirError, ValueError) as exc:
+        print(f"classmeans {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

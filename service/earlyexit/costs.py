@@ -1,0 +1,42 @@
+"""What exiting at each exit costs, given which exits are consulted (FLOPs, 2 per multiply-add)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """``backbone_cum[j]``: backbone FLOPs up to and including exit ``j`` (``M`` values; the last is the
+    full network); ``head_cost[j]``: FLOPs of consulting the class-means head at exit ``j`` (``M - 1``
+    values; the final exit is the network's own classifier and costs nothing extra)."""
+
+    backbone_cum: tuple[float, ...]
+    head_cost: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.head_cost) != len(self.backbone_cum) - 1:
+            raise ValueError("head_cost must have one entry fewer than backbone_cum")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.backbone_cum)
+
+    @property
+    def full(self) -> float:
+        """FLOPs of the plain network (no exit consulted)."""
+        return float(self.backbone_cum[-1])
+
+    def per_exit(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """``(S, M-1)`` thresholds -> ``(S, M)`` FLOPs of a sample that leaves at each exit.
+
+        ``cost[s, e] = backbone_cum[e] + sum_{j <= e, j < M-1, T[s, j] < 1} head_cost[j]``: every enabled
+        exit on the way is consulted, a disabled one (``T >= 1``) costs nothing.
+        """
+        t = thresholds.to(torch.float64)
+        enabled = (t < 1.0).to(torch.float64)
+        consulted = torch.cumsum(enabled * torch.tensor(self.head_cost, dtype=torch.float64), dim=1)
+        consulted = torch.cat([consulted, consulted[:, -1:]], dim=1)
+        return torch.tensor(self.backbone_cum, dtype=torch.float64).unsqueeze(0) + consulted

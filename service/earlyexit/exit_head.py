@@ -1,0 +1,133 @@
+"""One exit's decision head: reduce the feature, map it to the metric space, compare with class means.
+
+Metrics (all closed-form from calibration statistics, no gradient training):
+
+* ``euclidean`` (the paper): ``d_k = ||z - c_k||``.
+* ``diag``: per-dimension variance scaling, ``d_k = ||(z - c_k) / sigma||`` with ``sigma^2`` the pooled
+  within-class variance.
+* ``lda``: shared-covariance distances in the ``(K-1)``-dimensional discriminant subspace,
+  ``d_k = ||W^T (z - c_k)||`` with ``W`` solving ``S_b W = S_w W Lambda``, ``W^T S_w W = I``; this is the
+  Mahalanobis distance restricted to the directions that separate the classes, at ``2 D (K-1)`` FLOPs.
+
+Every head is stored as ``z' = (z * scale) @ projection`` (either part optional), means in ``z'`` space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.earlyexit.accumulators import ClassStatsAccumulator
+from service.earlyexit.distances import euclidean_distances
+from service.earlyexit.probabilities import class_probabilities
+from service.earlyexit.reduction import reduce_feature, reduction_flops
+
+METRICS = ("euclidean", "diag", "lda")
+MOMENTS_FOR_METRIC = {"euclidean": "none", "diag": "diag", "lda": "full"}
+
+
+@dataclass
+class ExitHead:
+    """Everything one exit needs to turn a feature into class probabilities.
+
+    Shapes: ``means (K, P)``, ``normaliser (K,)``, ``scale (D,)`` or None, ``projection (D, P)`` or None
+    (``P = D`` without projection).
+    """
+
+    reduction: str
+    metric: str
+    means: torch.Tensor
+    normaliser: torch.Tensor
+    scale: torch.Tensor | None = None
+    projection: torch.Tensor | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.means = self.means.to(torch.float32).contiguous()
+        self.means_sqnorm = (self.means * self.means).sum(1)
+        self.normaliser = self.normaliser.to(torch.float32)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.means.shape[0])
+
+    def embed(self, feature: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` or ``(B, D)`` -> ``(B, P)`` in the metric space."""
+        z = reduce_feature(feature, self.reduction)
+        if self.scale is not None:
+            z = z * self.scale
+        if self.projection is not None:
+            z = z @ self.projection
+        return z
+
+    def distances(self, feature: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 in the metric space: ``(B, K)``."""
+        return euclidean_distances(self.embed(feature), self.means, self.means_sqnorm)
+
+    def probabilities(self, feature: torch.Tensor) -> torch.Tensor:
+        """Eq. 4-5: ``softmax(-(d / n) / tau)``, ``(B, K)``."""
+        return class_probabilities(self.distances(feature), self.normaliser, self.temperature)
+
+    def flops(self, feature_shape: tuple[int, ...]) -> int:
+        """FLOPs of consulting this exit for one sample (2 per multiply-add).
+
+        pooling adds (one per input element, when pooled) + scaling ``D`` + projection ``2 D P``
+        + distances ``3 K P`` (subtract, square, accumulate per class, as counted by the paper's authors).
+        """
+        d = self.scale.numel() if self.scale is not None else (
+            self.projection.shape[0] if self.projection is not None else self.means.shape[1])
+        p = self.means.shape[1]
+        cost = reduction_flops(feature_shape, self.reduction) + 3 * self.num_classes * p
+        if self.scale is not None:
+            cost += d
+        if self.projection is not None:
+            cost += 2 * d * p
+        return int(cost)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.means": self.means, f"{prefix}.normaliser": self.normaliser}
+        if self.scale is not None:
+            out[f"{prefix}.scale"] = self.scale.to(torch.float32).contiguous()
+        if self.projection is not None:
+            out[f"{prefix}.projection"] = self.projection.to(torch.float32).contiguous()
+        return out
+
+
+def fit_metric(stats: ClassStatsAccumulator, metric: str, shrinkage: float = 1e-3
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Closed-form metric from class statistics -> (scale ``(D,)`` | None, projection ``(D, P)`` | None,
+    means in metric space ``(K, P)``)."""
+    mu = stats.means()
+    if metric == "euclidean":
+        return None, None, mu.float()
+    if metric == "diag":
+        var = stats.within_class_variance()
+        floor = shrinkage * float(var.mean()) + 1e-12
+        scale = 1.0 / torch.sqrt(var + floor)
+        return scale.float(), None, (mu * scale).float()
+    if metric == "lda":
+        sw = stats.within_class_covariance()
+        d = sw.shape[0]
+        sw = sw + (shrinkage * float(torch.trace(sw)) / d + 1e-12) * torch.eye(d, dtype=sw.dtype)
+        weights = stats.counts.to(torch.float64)
+        grand = (weights.unsqueeze(1) * mu).sum(0) / weights.sum()
+        centred = mu - grand
+        sb = (centred * weights.unsqueeze(1)).t() @ centred / weights.sum()
+        chol = torch.linalg.cholesky(sw)
+        inv_l = torch.linalg.solve_triangular(chol, torch.eye(d, dtype=sw.dtype), upper=False)
+        evals, evecs = torch.linalg.eigh(inv_l @ sb @ inv_l.t())
+        k = min(stats.num_classes - 1, d)
+        top = evecs[:, torch.argsort(evals, descending=True)[:k]]
+        projection = inv_l.t() @ top  # (D, K-1), W^T S_w W = I
+        return None, projection.float(), (mu @ projection).float()
+    raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")
+
+
+def fit_exit_head(stats: ClassStatsAccumulator, reduction: str, metric: str = "euclidean",
+                  temperature: float = 1.0) -> ExitHead:
+    """An exit head whose normaliser is still 1; fill it from a second pass (``NormaliserAccumulator``)."""
+    scale, projection, means = fit_metric(stats, metric)
+    return ExitHead(reduction=reduction, metric=metric, means=means,
+                    normaliser=torch.ones(stats.num_classes), scale=scale, projection=projection,
+                    temperature=temperature)

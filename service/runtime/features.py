@@ -1,0 +1,41 @@
+"""Batched forward passes that expose every exit's feature (model in eval mode, inference mode)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from service.backbones import StagedNetwork
+from service.runtime.preprocess import Normalizer
+
+ProgressFn = Callable[[int, int], None]
+
+
+@torch.inference_mode()
+def iter_exit_features(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, norm: Normalizer,
+                       batch_size: int = 250, progress: ProgressFn | None = None
+                       ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """Yield ``(stage features, logits (B, K), labels (B,))`` per batch; un-augmented images."""
+    net.eval()
+    n = images.shape[0]
+    for lo in range(0, n, batch_size):
+        x = norm(images[lo:lo + batch_size])
+        feats, logits = net.forward_all(x)
+        yield feats, logits, torch.from_numpy(np.ascontiguousarray(labels[lo:lo + batch_size]))
+        if progress is not None:
+            progress(min(n, lo + batch_size), n)
+
+
+@torch.inference_mode()
+def plain_forward_seconds(net: StagedNetwork, images: np.ndarray, norm: Normalizer, batch_size: int = 250
+                          ) -> float:
+    """Wall time of the untouched network's forward over ``images`` (the reference for throughput)."""
+    import time
+
+    net.eval()
+    t0 = time.perf_counter()
+    for lo in range(0, images.shape[0], batch_size):
+        net.module(norm(images[lo:lo + batch_size]))
+    return time.perf_counter() - t0

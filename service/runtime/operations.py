@@ -1,0 +1,139 @@
+"""Store-level operations shared by the CLI and the HTTP admin plane: calibrate, evaluate, activate.
+
+Each takes a model directory and in-memory data, so neither front end reimplements the other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from service.backbones import StagedNetwork
+from service.ingest.labelled import LabelledImages
+from service.runtime.bundle import Bundle, load_bundle
+from service.runtime.calibration import CalibrationConfig, CalibrationResult, StatusFn, calibrate
+from service.runtime.evaluation import decision_table_for, evaluate_report, plot_curves
+from service.runtime.features import plain_forward_seconds
+from service.runtime.preprocess import Normalizer
+from service.store.bundles import BundleError, list_bundle_ids, new_bundle_id, read_active, write_active
+from service.store.model_dir import ModelSpec, load_model
+
+
+def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfig, holdout: int | float = 5000,
+                    activate: bool = True, status: StatusFn | None = None, tag: str = "",
+                    loaded: tuple[ModelSpec, StagedNetwork] | None = None, measure_forward: int = 0,
+                    ) -> tuple[list[str], dict[str, Any]]:
+    """Calibrate every head variant of ``cfg`` into its own bundle; the first one is activated.
+
+    ``holdout``: number (or fraction when < 1) of samples kept out of the means for threshold selection;
+    ignored when ``cfg.selection == "means"`` (the paper's protocol).
+    Returns the new bundle ids and a summary report.
+    """
+    spec, net = loaded or load_model(model_dir)
+    data = data.remap_to(spec.classes)
+    n_hold = int(round(holdout * len(data))) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    if cfg.selection == "means":
+        means_set, selection = data, None
+    else:
+        means_set, selection = data.split_holdout(n_hold, seed=cfg.seed)
+        if len(selection) == 0:
+            raise ValueError("holdout selection needs at least one held-out sample (use --holdout)")
+    norm = Normalizer(spec.mean, spec.std)
+    t0 = time.perf_counter()
+    result = calibrate(net, spec.classes, norm, means_set, selection, cfg, status)
+    seconds = time.perf_counter() - t0
+    summary: dict[str, Any] = {"seconds": seconds, "timings": result.timings, "num_means": result.num_means,
+                               "num_selection": result.num_selection,
+                               "images_per_second_pass1": len(means_set) / result.timings["pass1_means_seconds"]}
+    if measure_forward:
+        sub = means_set.images[:measure_forward]
+        fwd = plain_forward_seconds(net, sub, norm, cfg.batch_size)
+        summary["plain_forward_images_per_second"] = len(sub) / fwd
+        summary["pass1_throughput_ratio_to_plain_forward"] = summary["images_per_second_pass1"] / (len(sub) / fwd)
+    ids = []
+    for variant in result.variants:
+        bid = new_bundle_id(tag)
+        report = variant_report(result, variant)
+        bundle = result.bundle(variant, bid, cfg, report)
+        curve = plot_curves({"selection hull": [(p.flops_fraction, p.accuracy) for p in variant.profiles]},
+                            f"{spec.name} {variant.head_config.key} (selection split)",
+                            full_acc=report["full_network_accuracy"])
+        bundle.save(model_dir, spec, extra_files={"report.json": (json.dumps(report, indent=2) + "\n").encode(),
+                                                  "curve.png": curve})
+        ids.append(bid)
+        summary.setdefault("bundles", []).append({"id": bid, **report["headline"]})
+    if activate and ids:
+        activate_bundle(model_dir, ids[0], spec=spec, num_exits=net.num_exits)
+    return ids, summary
+
+
+def variant_report(result: CalibrationResult, variant) -> dict[str, Any]:
+    per_exit = variant.table.per_exit_accuracy()
+    full = next(p for p in variant.profiles if p.name == "full")
+    default = next(p for p in variant.profiles if p.name == variant.default_profile)
+    return {
+        "heads": asdict(variant.head_config),
+        "selection_samples": variant.table.num_samples,
+        "full_network_accuracy": full.accuracy,
+        "per_exit_ncm_accuracy": {result.exit_names[j]: per_exit[j] for j in sorted(variant.heads)},
+        "profiles": [p.to_json() for p in variant.profiles],
+        "candidates": int(variant.search.thresholds.shape[0]),
+        "headline": {"heads": variant.head_config.key, "default_profile": default.name,
+                     "default_accuracy": default.accuracy, "default_flops_fraction": default.flops_fraction,
+                     "full_accuracy": full.accuracy},
+    }
+
+
+def activate_bundle(model_dir: Path, bundle_id: str, profile: str | None = None,
+                    spec: ModelSpec | None = None, num_exits: int | None = None) -> dict[str, Any]:
+    """Validate a bundle fully, then point ``active.json`` at it (and at its default profile)."""
+    if spec is None:
+        spec, net = load_model(model_dir)
+        num_exits = net.num_exits
+    bundle = load_bundle(model_dir, bundle_id, spec, num_exits)
+    name = profile or bundle.default_profile
+    if name not in bundle.profile_names():
+        raise BundleError(f"profile {name!r} is not in bundle {bundle_id}", code="profile_not_found")
+    prev = read_active_or_none(model_dir)
+    active = {"bundle": bundle_id, "operating": {"a": name}, "version": int((prev or {}).get("version", 0)) + 1,
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_active(model_dir, active)
+    return active
+
+
+def read_active_or_none(model_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_active(model_dir)
+    except BundleError:
+        return None
+
+
+def resolve_bundle(model_dir: Path, spec: ModelSpec, num_exits: int, bundle_id: str | None) -> Bundle:
+    if bundle_id is None:
+        active = read_active(model_dir)
+        if active is None:
+            ids = list_bundle_ids(model_dir)
+            if not ids:
+                raise BundleError(f"{model_dir} has no bundle; run classmeans calibrate", code="bundle_not_found")
+            bundle_id = ids[-1]
+        else:
+            bundle_id = str(active["bundle"])
+    return load_bundle(model_dir, bundle_id, spec, num_exits)
+
+
+def evaluate_model(model_dir: Path, data: LabelledImages, bundle_id: str | None = None,
+                   progress=None) -> tuple[dict[str, Any], bytes]:
+    """Measure the (active) bundle on labelled data -> (report, PNG of the curve)."""
+    spec, net = load_model(model_dir)
+    bundle = resolve_bundle(model_dir, spec, net.num_exits, bundle_id)
+    data = data.remap_to(spec.classes)
+    table = decision_table_for(net, bundle, data, Normalizer(spec.mean, spec.std), progress=progress)
+    report = evaluate_report(bundle, table)
+    png = plot_curves({f"{bundle.bundle_id} (measured)": [(c["flops_fraction"], c["accuracy"])
+                                                          for c in report["curve"]]},
+                      f"{spec.name}: accuracy vs FLOPs on {len(data)} samples",
+                      full_acc=report["full_network_accuracy"])
+    return report, png

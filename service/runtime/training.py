@@ -1,0 +1,167 @@
+"""Train a registry backbone on a labelled image set with the usual CIFAR recipe.
+
+Random crop (4-pixel zero padding) and horizontal flip; SGD with Nesterov momentum and weight decay;
+one-cycle or cosine schedule; optional label smoothing; bf16 autocast and channels_last on CPU.
+A checkpoint (plain state dicts, loaded with ``weights_only=True``) is written atomically every epoch,
+and ``resume`` continues from it. Output: ``weights.safetensors`` + ``model.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from service.backbones import StagedNetwork
+from service.ingest.labelled import LabelledImages
+from service.runtime.preprocess import Normalizer
+from service.store.atomic import write_json_atomic
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"  # or "cosine"
+    warmup_fraction: float = 0.15
+    bf16: bool | None = None  # None: only where the CPU has native bf16 (AVX512-BF16/AMX); else fp32
+    channels_last: bool = True
+    seed: int = 0
+    threads: int | None = None
+
+
+def augment_batch(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with ``pad`` zero padding and random horizontal flip on uint8 ``(B, H, W, 3)``."""
+    b, h, w, _ = images.shape
+    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad))
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (oy.view(b, 1) + torch.arange(h).view(1, h))  # (B, H)
+    cols = (ox.view(b, 1) + torch.arange(w).view(1, w))  # (B, W)
+    flip = torch.rand(b, generator=gen) < 0.5
+    cols = torch.where(flip.view(b, 1), cols.flip(1), cols)
+    bi = torch.arange(b).view(b, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, 3)
+    return out
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup_fraction,
+            anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0,
+            three_phase=False)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+@torch.inference_mode()
+def evaluate_accuracy(net: StagedNetwork, data: LabelledImages, norm: Normalizer, batch_size: int = 500,
+                      channels_last: bool = False) -> float:
+    net.module.eval()
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        x = norm(data.images[i:i + batch_size])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = net.module(x).argmax(1).numpy()
+        correct += int((pred == data.labels[i:i + batch_size]).sum())
+    return correct / max(1, len(data))
+
+
+def train(net: StagedNetwork, train_set: LabelledImages, norm: Normalizer, cfg: TrainConfig,
+          checkpoint: Path, test_set: LabelledImages | None = None, resume: bool = False,
+          progress: Callable[[dict], None] | None = None, log_path: Path | None = None) -> dict:
+    """Train ``net.module`` in place; returns a summary (accuracy, seconds, per-epoch history)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.bf16 is None:
+        # Emulated bf16 on an AVX2-only CPU is ~10x slower than fp32 (measured: 16 s vs 1.6 s a step).
+        cfg.bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    torch.manual_seed(cfg.seed)
+    model = net.module
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    n = len(train_set)
+    steps_per_epoch = n // cfg.batch_size  # drop the last partial batch
+    sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start_epoch, history = 0, []
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start_epoch = int(state["epoch"])
+        history = json.loads(state["history"]) if isinstance(state["history"], str) else []
+    images = torch.from_numpy(train_set.images)
+    labels = torch.from_numpy(train_set.labels)
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step in range(steps_per_epoch):
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = norm(augment_batch(images[idx], gen))
+            y = labels[idx]
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if progress and step % 20 == 0:
+                progress({"epoch": epoch + 1, "step": step + 1, "steps": steps_per_epoch,
+                          "loss": loss_sum / seen, "acc": correct / seen})
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+        if test_set is not None:
+            record["test_acc"] = evaluate_accuracy(net, test_set, norm, channels_last=cfg.channels_last)
+        history.append(record)
+        if log_path is not None:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "generator": gen.get_state(), "epoch": epoch + 1, "history": json.dumps(history),
+                 "config": json.dumps(asdict(cfg))}
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+    model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    summary = {"config": asdict(cfg), "history": history, "seconds_this_run": time.perf_counter() - t_start,
+               "seconds_total": float(sum(h["seconds"] for h in history))}
+    if history and "test_acc" in history[-1]:
+        summary["test_acc"] = history[-1]["test_acc"]
+    return summary
+
+
+def write_training_report(path: Path, summary: dict) -> None:
+    write_json_atomic(path, summary)

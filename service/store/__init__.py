@@ -1,0 +1,1 @@
+"""The model store on disk: model directories, class-mean bundles, profiles, the active pointer."""
