@@ -149,6 +149,7 @@ def read_image_folder_archive(
     Raises:
         DatasetError: with one of the codes listed in the module docstring.
     """
+    _check_size_argument(image_size)
     kind = _sniff_archive(fileobj, filename)
     budget = _Budget(limits)
     try:
@@ -176,6 +177,7 @@ def read_image_folder_dir(
     Symlinks are followed only when they resolve inside ``path``; fifos, devices and sockets are refused
     without being opened. Arguments, result and errors are as for :func:`read_image_folder_archive`.
     """
+    _check_size_argument(image_size)
     try:
         root = Path(path).resolve(strict=True)
     except (OSError, RuntimeError) as exc:
@@ -229,6 +231,12 @@ class _Budget:
         if self.decoded_bytes > self.limits.max_decoded_bytes:
             raise DatasetError(f"decoded images take more than {self.limits.max_decoded_bytes} bytes "
                                f"(stopped at {name!r}); pass a smaller image size", code="archive_bomb")
+
+
+def _check_size_argument(image_size: tuple[int, int] | None) -> None:
+    """A bad ``image_size`` is the caller's bug: say so before reading anything."""
+    if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
+        raise ValueError(f"image_size must be a positive (height, width), got {image_size!r}")
 
 
 def _unsafe(name: str, why: str) -> DatasetError:
@@ -465,6 +473,8 @@ def _dir_entries(root: Path, directory: Path, prefix: tuple[str, ...], limits: A
         rel = "/".join((*prefix, item.name))
         budget.count_member(rel)
         parts = _member_parts(rel)
+        if _is_junk(parts):  # not even resolved or stat'ed: editor lock files are dangling symlinks
+            continue
         target = _inside(root, Path(item.path), rel)
         try:
             mode = target.stat().st_mode
@@ -472,7 +482,7 @@ def _dir_entries(root: Path, directory: Path, prefix: tuple[str, ...], limits: A
             raise DatasetError(f"cannot read {rel!r}: {exc.strerror}") from exc
         if stat.S_ISDIR(mode):
             yield _Entry(rel, parts, is_dir=True)
-            if len(parts) < 3 and not _is_junk(parts):
+            if len(parts) < 3:
                 yield from _dir_entries(root, target, (*prefix, item.name), limits, budget)
         elif stat.S_ISREG(mode):
             yield _Entry(rel, parts, is_dir=False, read=_file_reader(target, rel, limits.max_member_bytes))
@@ -522,7 +532,7 @@ class _Decoded:
 @dataclass
 class _Collected:
     files: list[_Decoded] = field(default_factory=list)
-    dirs: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    dirs: dict[tuple[str, ...], str] = field(default_factory=dict)  # folder parts -> name (or implied)
     bad: list[tuple[tuple[str, ...], str, str]] = field(default_factory=list)  # (parts, name, error code)
 
 
@@ -563,10 +573,14 @@ def _collect(entries: Iterable[_Entry], image_size: tuple[int, int] | None, limi
     got = _Collected()
     seen: dict[str, str] = {}
     for entry in entries:
+        for depth in range(1, len(entry.parts)):  # folders implied by the path, even when only junk is inside
+            folder = entry.parts[:depth]
+            if not _is_junk(folder):
+                got.dirs.setdefault(folder, "/".join(folder) + "/")
         if not entry.parts or _is_junk(entry.parts):
             continue
         if entry.is_dir:
-            got.dirs.append((entry.parts, entry.name))
+            got.dirs.setdefault(entry.parts, entry.name)
             continue
         key = _fold("/".join(entry.parts))
         if key in seen:
@@ -595,7 +609,7 @@ def _collect(entries: Iterable[_Entry], image_size: tuple[int, int] | None, limi
 def _common_top(got: _Collected) -> int:
     """1 when every entry sits under one top folder and some file is three levels deep, else 0."""
     files = [d.parts for d in got.files] + [parts for parts, _, _ in got.bad]
-    tops = {parts[0] for parts in files} | {parts[0] for parts, _ in got.dirs}
+    tops = {parts[0] for parts in files} | {parts[0] for parts in got.dirs}
     deep = any(len(parts) >= 3 for parts in files)
     return 1 if len(tops) == 1 and deep else 0
 
@@ -609,7 +623,7 @@ def _group_by_class(got: _Collected, strip: int) -> dict[str, list[_Decoded]]:
             where = "at the root" if len(rel) < 2 else "nested too deep"
             raise DatasetError(f"file {name!r} is {where}; expected class_name/file",
                                code="invalid_dataset_layout")
-    for parts, name in got.dirs:
+    for parts, name in got.dirs.items():
         if len(parts[strip:]) > 1:
             raise DatasetError(f"folder {name!r} is nested inside a class folder; expected class_name/file",
                                code="invalid_dataset_layout")
@@ -621,7 +635,7 @@ def _group_by_class(got: _Collected, strip: int) -> dict[str, list[_Decoded]]:
 
 def _check_classes(got: _Collected, strip: int, by_class: dict[str, list[_Decoded]]) -> None:
     """Refuse empty class folders, class names equal but for case, and fewer than two classes."""
-    empty = sorted({parts[strip] for parts, _ in got.dirs if len(parts) == strip + 1} - set(by_class))
+    empty = sorted({parts[strip] for parts in got.dirs if len(parts) == strip + 1} - set(by_class))
     if empty:
         raise DatasetError(f"class folders without images: {_listing([repr(c) for c in empty])}",
                            code="invalid_dataset_layout")

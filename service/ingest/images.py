@@ -140,7 +140,8 @@ def decode_image(
         data: the encoded file, in memory.
         size: ``(height, width)`` to resize to with bilinear filtering, or ``None`` to keep the decoded size.
         max_pixels: largest ``width * height`` accepted, checked from the header before decoding. Pillow's own
-            bomb limit (``Image.MAX_IMAGE_PIXELS``) also applies and is never lifted.
+            bomb limit (``Image.MAX_IMAGE_PIXELS``) also applies and is never lifted: the cap used is the
+            smaller of the two, so the check holds even where the warnings filter does not (below).
 
     Returns:
         ``uint8`` array of shape ``(H, W, 3)``: ``size`` if given, else the image's own size (after EXIF
@@ -152,11 +153,17 @@ def decode_image(
             (over ``max_pixels`` or a decompression bomb), ``truncated_image`` (data ends early) or
             ``invalid_image`` (anything else corrupt).
         ValueError: ``size`` or ``max_pixels`` is not positive (a caller bug, not bad input).
+
+    Thread safety: safe to call from worker threads. ``warnings.catch_warnings`` is process-global on Python
+    < 3.14, so under concurrency the bomb warning may briefly stay a warning; the explicit pixel check above
+    still refuses the image, and Pillow's hard limit (twice its warning limit) raises regardless.
     """
     if size is not None and (len(size) != 2 or min(size) <= 0):
         raise ValueError(f"size must be a positive (height, width), got {size!r}")
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if Image.MAX_IMAGE_PIXELS:
+        max_pixels = min(max_pixels, int(Image.MAX_IMAGE_PIXELS))
     if not data:
         raise ImageError("the image is empty (0 bytes)", code="empty_image")
     # A module-wide Pillow switch: some other library may have flipped it. False is Pillow's default.

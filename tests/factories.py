@@ -1,0 +1,53 @@
+"""Small, seeded things to test with: synthetic labelled images and a tiny calibrated model store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.backbones import build_backbone
+from service.ingest.labelled import LabelledImages
+from service.runtime.calibration import CalibrationConfig, HeadConfig
+from service.runtime.operations import calibrate_model
+from service.store.model_dir import ModelSpec, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_DIR = REPO.parent / "shared" / "datasets" / "cifar10"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def synthetic_images(n: int, classes: list[str] = CLASSES, seed: int = 0, size: int = 32) -> LabelledImages:
+    """Class ``k`` images: a class-specific colour and stripe pattern plus noise (easy to separate)."""
+    rng = np.random.default_rng(seed)
+    k = len(classes)
+    labels = np.arange(n) % k
+    rng.shuffle(labels)
+    colours = rng.integers(30, 225, size=(k, 3))
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        stripes = ((xx * (y % 4 + 1) + yy * (y // 4 + 1)) % 8 < 4)[..., None] * 40
+        img = colours[y][None, None, :] + stripes + rng.normal(0, 12, size=(size, size, 3))
+        images[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return LabelledImages(images, labels.astype(np.int64), list(classes))
+
+
+def make_tiny_model(model_dir: Path, depth: int = 20, seed: int = 0) -> ModelSpec:
+    torch.manual_seed(seed)
+    arch = {"family": "cifar_resnet", "depth": depth}
+    net = build_backbone(arch, len(CLASSES))
+    spec = ModelSpec(model_dir.name, arch, list(CLASSES))
+    return save_model(model_dir, spec, net)
+
+
+def make_tiny_store(root: Path, name: str = "tiny", n: int = 300, samples: int = 400,
+                    heads: list[HeadConfig] | None = None) -> Path:
+    """``root/name``: a random ResNet-20 with one calibrated, active bundle (synthetic data)."""
+    model_dir = root / name
+    make_tiny_model(model_dir)
+    cfg = CalibrationConfig(heads=heads or [HeadConfig("pool4", "euclidean", 1.0)], search="quantile",
+                            samples=samples, seed=0, batch_size=100)
+    calibrate_model(model_dir, synthetic_images(n), cfg, holdout=100, activate=True)
+    return model_dir
