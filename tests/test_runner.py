@@ -40,7 +40,7 @@ def test_batched_single_and_table_agree(tiny_store_root):
         expected_flops = bundle.costs.per_exit(t.view(1, -1))[0][offline]
         assert torch.allclose(batched.flops, expected_flops)
         assert torch.allclose(batched.confidence, table.top_prob[rows, offline], atol=1e-5)
-        f, a = table.evaluate(t.view(1, -1), bundle.costs)
+        f, _a = table.evaluate(t.view(1, -1), bundle.costs)
         assert abs(f.item() - batched.flops.mean().item()) < 1e-6 * bundle.costs.full
 
 

@@ -79,7 +79,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, selection=args.selection,
                             exits=[int(v) for v in args.exits.split(",")] if args.exits else None)
     holdout = args.holdout if args.holdout < 1 else int(args.holdout)
-    ids, summary = calibrate_model(Path(args.model_dir), data, cfg, holdout=holdout,
+    _ids, summary = calibrate_model(Path(args.model_dir), data, cfg, holdout=holdout,
                                    activate=not args.no_activate, status=_bar("calibrate"), tag=args.tag,
                                    measure_forward=args.measure_forward)
     print(json.dumps(summary, indent=2))

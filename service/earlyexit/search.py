@@ -79,10 +79,7 @@ def search_thresholds(table: DecisionTable, costs: ExitCosts, mode: str = "paper
         raise ValueError(f"unknown search mode {mode!r}; use one of {SEARCH_MODES}")
     rng = np.random.default_rng(seed)
     m1 = table.num_exits - 1
-    if mode == "paper":
-        cand = paper_vectors(table.num_exits, samples, rng)
-    else:
-        cand = quantile_vectors(table, samples, rng)
+    cand = paper_vectors(table.num_exits, samples, rng) if mode == "paper" else quantile_vectors(table, samples, rng)
     cand = np.vstack([np.full((1, m1), DISABLED), cand])  # the full network is always a candidate
     thresholds = torch.from_numpy(cand.astype(np.float32))
     flops, acc = table.evaluate(thresholds, costs)

@@ -61,7 +61,7 @@ class LabelledImages:
         hold = []
         for k in range(len(self.classes)):
             idx_k = perm[self.labels[perm] == k]
-            take = int(round(holdout * len(idx_k) / n))
+            take = round(holdout * len(idx_k) / n)
             hold.append(idx_k[:take])
         hold_idx = np.sort(np.concatenate(hold)) if hold else np.zeros(0, dtype=np.int64)
         mask = np.ones(n, dtype=bool)

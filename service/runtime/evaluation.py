@@ -8,6 +8,7 @@ this data is the same mix of the two profiles' accuracies here.
 from __future__ import annotations
 
 import io
+import itertools
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,7 @@ def smallest_fraction_within(curve: list[dict[str, Any]], full_acc: float, point
     target = full_acc - points
     pts = sorted((c["flops_fraction"], c["accuracy"]) for c in curve)
     best = None
-    for (f0, a0), (f1, a1) in zip(pts, pts[1:], strict=False):
+    for (f0, a0), (f1, a1) in itertools.pairwise(pts):
         if a0 >= target:
             best = f0 if best is None else min(best, f0)
         elif a1 >= target and a1 != a0:

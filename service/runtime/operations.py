@@ -34,7 +34,7 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
     """
     spec, net = loaded or load_model(model_dir)
     data = data.remap_to(spec.classes)
-    n_hold = int(round(holdout * len(data))) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    n_hold = round(holdout * len(data)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
     if cfg.selection == "means":
         means_set, selection = data, None
     else:
