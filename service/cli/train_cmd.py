@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                      mean=CIFAR10_MEAN, std=CIFAR10_STD)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                      schedule=args.schedule, bf16={'auto': None, 'on': True, 'off': False}[args.bf16], channels_last=not args.no_channels_last,
+                      schedule=args.schedule, bf16={'auto': None, 'on': True, 'off': False}[args.bf16],
+                      channels_last=not args.no_channels_last,
                       seed=args.seed, threads=args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else out.parent.parent / "checkpoints" / f"{name}.ckpt"
     bar = tqdm(total=cfg.epochs, desc="epochs", file=sys.stderr)

@@ -1,0 +1,137 @@
+"""Prometheus metrics of one serving process, in a registry of its own (one per app, so tests stay apart).
+
+Names are ``classmeans_*`` in base units (seconds, FLOPs); labels are bounded: model, endpoint (the route
+template, or ``unmatched``), HTTP status, profile (names from the bundle), exit index, job kind and outcome,
+rejection reason. The exit-depth histogram has one bucket per exit index, so ``le="j"`` counts samples that
+left at exit ``j`` or earlier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# One series per counter, without the ``*_created`` companions (a process-wide prometheus_client switch).
+prometheus_client.disable_created_metrics()
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+FLOPS_BUCKETS = tuple(float(2 ** k) for k in range(16, 41))  # 65 kFLOPs .. 1.1 TFLOPs, factor 2
+JOB_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+REJECT_REASONS = ("overloaded", "queue_timeout", "deadline")
+
+
+class Metrics:
+    """All collectors of one app. Thread-safe (prometheus_client is); the worker thread observes too."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("classmeans_requests", "HTTP requests answered, by route template and status.",
+                                ["model", "endpoint", "status"], registry=r)
+        self.latency = Histogram("classmeans_request_latency_seconds",
+                                 "Wall time from request start to the end of the response.",
+                                 ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("classmeans_queue_wait_seconds",
+                                    "Time an inference request waited in the batch queue.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("classmeans_inference_seconds",
+                                   "Compute time of one batch through the exit runner.",
+                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("classmeans_batch_size", "Samples per batch run through the network.",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.exit_depth: Histogram | None = None
+        self.samples = Counter("classmeans_samples", "Classified samples by the profile that served them and "
+                               "the exit index they left at.", ["model", "profile", "exit"], registry=r)
+        self.flops_per_sample = Histogram("classmeans_flops_per_sample",
+                                          "FLOPs spent on one sample (2 per multiply-add).",
+                                          ["model", "profile"], buckets=FLOPS_BUCKETS, registry=r)
+        self.flops_spent = Counter("classmeans_flops_spent", "FLOPs spent on classified samples.", ["model"],
+                                   registry=r)
+        self.flops_full = Counter("classmeans_flops_full", "FLOPs the full network would have spent on the "
+                                  "same samples.", ["model"], registry=r)
+        self.flops_saved = Counter("classmeans_flops_saved", "FLOPs saved by early exits (per sample, "
+                                   "max(0, full - spent)).", ["model"], registry=r)
+        self.flops_overhead = Counter("classmeans_flops_overhead", "FLOPs spent beyond the full network by "
+                                      "samples that consulted exits and left at the last one.", ["model"],
+                                      registry=r)
+        self.rejected = Counter("classmeans_rejected", "Inference requests refused or dropped, by reason "
+                                "(overloaded, queue_timeout, deadline).", ["model", "reason"], registry=r)
+        self.inflight = Gauge("classmeans_inflight_requests", "HTTP requests being handled (probes and "
+                              "/metrics excluded).", ["model"], registry=r)
+        self.queue_depth = Gauge("classmeans_queue_depth", "Samples waiting in the batch queue.", ["model"],
+                                 registry=r)
+        self.active_info = Gauge("classmeans_active_info", "1 for the bundle and profile (operating point) that "
+                                 "serve now.", ["model", "bundle", "profile"], registry=r)
+        self.active_version = Gauge("classmeans_active_version", "Version of the active state (active.json).",
+                                    ["model"], registry=r)
+        self.profile_switches = Counter("classmeans_profile_switches", "Operating point changes.", ["model"],
+                                        registry=r)
+        self.bundle_activations = Counter("classmeans_bundle_activations", "Bundle activations (new bundles "
+                                          "and roll-backs).", ["model"], registry=r)
+        self.jobs = Counter("classmeans_admin_jobs", "Finished admin jobs by kind and outcome.",
+                            ["kind", "outcome"], registry=r)
+        self.job_duration = Histogram("classmeans_admin_job_duration_seconds", "Wall time of admin jobs.",
+                                      ["kind"], buckets=JOB_BUCKETS, registry=r)
+        self.up = Gauge("classmeans_up", "1 when the model is loaded, warmed up and ready.", ["model"], registry=r)
+        self._active_labels: tuple[str, str] | None = None
+        self.up.labels(model).set(0)
+        self.inflight.labels(model).set(0)
+        self.queue_depth.labels(model).set(0)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        for c in (self.flops_spent, self.flops_full, self.flops_saved, self.flops_overhead,
+                  self.profile_switches, self.bundle_activations):
+            c.labels(model)
+
+    def configure_exits(self, num_exits: int) -> None:
+        """Create the exit-depth histogram (buckets ``0 .. M-1``) once the network's exit count is known."""
+        if self.exit_depth is None:
+            self.exit_depth = Histogram("classmeans_exit_depth", "Exit index each sample left at (one bucket "
+                                        "per exit; the last is the network's own classifier).",
+                                        ["model", "profile"], buckets=[float(j) for j in range(num_exits)],
+                                        registry=self.registry)
+
+    def set_active(self, bundle: str, profile: str, version: int) -> None:
+        """Point the info gauge at the new (bundle, profile); the old label set is removed."""
+        new = (bundle, profile)
+        if self._active_labels is not None and self._active_labels != new:
+            try:
+                self.active_info.remove(self.model, *self._active_labels)
+            except KeyError:
+                pass
+        self.active_info.labels(self.model, bundle, profile).set(1)
+        self._active_labels = new
+        self.active_version.labels(self.model).set(version)
+
+    def observe_samples(self, profiles: Sequence[str], exits: Sequence[int], flops: Sequence[float],
+                        flops_full: float) -> None:
+        """Record one classified sample per entry (called from the inference worker thread)."""
+        m = self.model
+        spent = 0.0
+        saved = 0.0
+        overhead = 0.0
+        for prof, j, f in zip(profiles, exits, flops, strict=True):
+            if self.exit_depth is not None:
+                self.exit_depth.labels(m, prof).observe(j)
+            self.samples.labels(m, prof, str(j)).inc()
+            self.flops_per_sample.labels(m, prof).observe(f)
+            spent += f
+            diff = flops_full - f
+            if diff >= 0:
+                saved += diff
+            else:
+                overhead -= diff
+        self.flops_spent.labels(m).inc(spent)
+        self.flops_full.labels(m).inc(flops_full * len(flops))
+        self.flops_saved.labels(m).inc(saved)
+        self.flops_overhead.labels(m).inc(overhead)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(self.model, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
