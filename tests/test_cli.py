@@ -26,7 +26,7 @@ def test_train_writes_weights_and_resumes(tmp_path, capsys):
             "--batch-size", "32", "--checkpoint", str(ckpt)]
     assert main(args) == 0
     assert ckpt.is_file() and (out / "weights.safetensors").is_file()
-    spec, net = load_model(out)
+    spec, _net = load_model(out)
     assert spec.architecture == {"family": "cifar_resnet", "depth": 20} and spec.num_classes == 10
     # Resuming a finished run trains no further epoch and reproduces the same weights.
     before = (out / "weights.safetensors").read_bytes()

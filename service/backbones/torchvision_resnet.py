@@ -7,7 +7,6 @@ bottleneck/basic block of ``layer1..layer4`` is an exit; the head is avgpool + f
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from service.backbones.staged import FlattenLinearHead, Sequence_, StagedNetwork
@@ -21,6 +20,8 @@ NAMES = (
 def torchvision_resnet(name: str, num_classes: int = 10, input_size: int = 32) -> StagedNetwork:
     if name not in NAMES:
         raise ValueError(f"unknown torchvision ResNet {name!r}; choose one of {', '.join(NAMES)}")
+    import torchvision  # here, not at module level: it costs ~170 MB of RSS in processes that never use it
+
     net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     blocks = [(f"layer{li}.{bi}", blk) for li in range(1, 5)
               for bi, blk in enumerate(getattr(net, f"layer{li}"))]

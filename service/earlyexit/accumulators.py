@@ -82,11 +82,12 @@ class ClassStatsAccumulator:
 
     def within_class_variance(self) -> torch.Tensor:
         """Pooled within-class variance per dimension ``(D,)``: ``(sum x^2 - sum_k N_k c_k^2) / (N - K)``."""
-        if self.sq is None:
-            raise ValueError("accumulated without diag second moments")
+        if self.sq is None and self.xtx is None:
+            raise ValueError("accumulated without second moments")
+        sq = self.sq if self.sq is not None else self.xtx.diagonal()  # type: ignore[union-attr]
         mu = self.means()
         n = int(self.counts.sum())
-        ss = self.sq - (self.counts.unsqueeze(1).to(torch.float64) * mu * mu).sum(0)
+        ss = sq - (self.counts.unsqueeze(1).to(torch.float64) * mu * mu).sum(0)
         return (ss / max(1, n - self.num_classes)).clamp_min(0.0)
 
     def within_class_covariance(self) -> torch.Tensor:

@@ -8,6 +8,7 @@ left at exit ``j`` or earlier.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import prometheus_client
@@ -83,6 +84,8 @@ class Metrics:
         self.queue_depth.labels(model).set(0)
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
+        for outcome in ("succeeded", "failed"):
+            self.jobs.labels("class_means", outcome)
         for c in (self.flops_spent, self.flops_full, self.flops_saved, self.flops_overhead,
                   self.profile_switches, self.bundle_activations):
             c.labels(model)
@@ -99,10 +102,8 @@ class Metrics:
         """Point the info gauge at the new (bundle, profile); the old label set is removed."""
         new = (bundle, profile)
         if self._active_labels is not None and self._active_labels != new:
-            try:
+            with contextlib.suppress(KeyError):
                 self.active_info.remove(self.model, *self._active_labels)
-            except KeyError:
-                pass
         self.active_info.labels(self.model, bundle, profile).set(1)
         self._active_labels = new
         self.active_version.labels(self.model).set(version)

@@ -1,0 +1,88 @@
+"""The app factory: ``create_app(settings)`` and the lifespan that loads, warms up, then reports ready."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import torch
+from fastapi import FastAPI
+
+from service import __version__
+from service.api.auth import resolve_admin_token
+from service.api.errors import install_error_handlers
+from service.api.limits import BodyLimitMiddleware
+from service.api.middleware import MetricsMiddleware
+from service.api.routes import admin, classify, health, profiles, v2
+from service.api.state import AppState
+from service.runtime.batcher import Batcher
+from service.runtime.engine import Engine, EngineLoadError
+from service.runtime.jobs import JobManager
+from service.runtime.metrics import Metrics
+from service.runtime.settings import Settings
+
+log = logging.getLogger("classmeans.api")
+
+
+def _load(settings: Settings, metrics: Metrics) -> Engine:
+    """Load and warm up (in a worker thread: torch never runs on the event loop)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    engine = Engine.load(settings.model_dir, metrics)
+    if settings.warmup:
+        engine.warm_up(batch_sizes=(1, min(8, settings.max_batch_size)))
+    return engine
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: AppState = app.state.classmeans
+    s = state.settings
+    state.token = await anyio.to_thread.run_sync(resolve_admin_token, s)
+    try:
+        engine = await anyio.to_thread.run_sync(_load, s, state.metrics)
+    except EngineLoadError as exc:
+        state.not_ready_reason = str(exc)
+        log.error("NOT READY: %s", exc)
+    else:
+        m = state.metrics
+        batcher = Batcher(engine.run_batch, max_batch_size=s.max_batch_size, max_delay_s=s.max_delay_s,
+                          queue_size=s.queue_size,
+                          on_depth=lambda n: m.queue_depth.labels(m.model).set(n),
+                          on_wait=lambda sec: m.queue_wait.labels(m.model).observe(sec))
+        await batcher.start()
+        state.engine, state.batcher = engine, batcher
+        state.mark_ready()
+        snap = engine.snapshot
+        log.info("ready: model %s, bundle %s, profile %s (version %d)", engine.spec.name, snap.bundle_id,
+                 snap.profile_name, snap.version)
+    try:
+        yield
+    finally:
+        state.begin_shutdown()
+        if state.batcher is not None:
+            await state.batcher.stop(timeout=s.graceful_timeout_s)
+        active = state.jobs.active
+        if active is not None:
+            log.warning("job %s is still running at shutdown; it is abandoned (the store stays consistent)",
+                        active.id)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the ASGI app; nothing is loaded until the lifespan starts."""
+    settings = settings or Settings()
+    metrics = Metrics(settings.model)
+    app = FastAPI(title="classmeans-serve", version=__version__, lifespan=lifespan,
+                  description="Image classification with training-free early exit (E2CM class means).")
+    app.state.classmeans = AppState(settings=settings, metrics=metrics, jobs=JobManager(metrics),
+                                    decode_limiter=anyio.CapacityLimiter(settings.decode_threads))
+    install_error_handlers(app)
+    for r in (health.router, classify.router, profiles.router, v2.router, admin.router):
+        app.include_router(r)
+    static = frozenset(getattr(r, "path", "") for r in app.routes if "{" not in getattr(r, "path", "{"))
+    app.add_middleware(BodyLimitMiddleware, default=settings.max_body_bytes,
+                       limits={"/admin/class-means": settings.max_upload_bytes})
+    app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static)
+    return app

@@ -1,0 +1,110 @@
+"""What /classify and the v2 infer route share: decode off the loop, admit, batch, shape the answer."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import numpy as np
+from starlette.requests import Request
+
+from service.api import schemas
+from service.api.state import AppState
+from service.ingest.images import ImageError, decode_image
+from service.runtime.batcher import DeadlineExceeded, Overloaded, QueueTimeout, Submitted
+from service.runtime.engine import Engine, InferenceOutcome, InferenceRequest, Snapshot
+from service.store.bundles import BundleError
+
+
+def check_profile(snapshot: Snapshot, profile: str | None) -> None:
+    """404 ``profile_not_found`` for a per-request profile the serving bundle does not have."""
+    if profile is not None and not snapshot.has_profile(profile):
+        names = ", ".join(sorted(snapshot.thresholds))
+        raise BundleError(f"profile {profile!r} is not in bundle {snapshot.bundle_id} (have: {names})",
+                          code="profile_not_found")
+
+
+def admit(state: AppState, n: int) -> None:
+    """Fast 503 ``overloaded`` before any decoding when the queue cannot take ``n`` more samples."""
+    assert state.batcher is not None
+    if not state.batcher.has_room(n):
+        state.metrics.reject("overloaded")
+        raise Overloaded()
+
+
+async def decode_all(state: AppState, engine: Engine, blobs: list[tuple[str | None, bytes]]) -> np.ndarray:
+    """Decode every image in a worker thread into ``uint8 (n, H, W, 3)`` at the model's input size."""
+    size = engine.spec.input_size
+    max_pixels = state.settings.max_image_pixels
+
+    def work() -> np.ndarray:
+        arrays = []
+        for i, (name, data) in enumerate(blobs):
+            try:
+                arrays.append(decode_image(data, size=size, max_pixels=max_pixels))
+            except ImageError as exc:
+                if len(blobs) == 1 and name is None:
+                    raise
+                where = f"file {i}" + (f" ({name!r})" if name else "")
+                raise ImageError(f"{where}: {exc}", code=exc.code) from None
+        return np.stack(arrays)
+
+    return await anyio.to_thread.run_sync(work, limiter=state.decode_limiter)
+
+
+def deadline_for(state: AppState, timeout_s: float | None = None) -> float:
+    budget = state.settings.request_deadline_s
+    if timeout_s is not None and timeout_s > 0:
+        budget = min(budget, timeout_s)
+    return time.monotonic() + budget
+
+
+async def run_inference(state: AppState, req: InferenceRequest, deadline: float
+                        ) -> tuple[InferenceOutcome, Submitted]:
+    """Submit to the batcher; rejections are counted by reason and re-raised for the error handlers."""
+    assert state.batcher is not None
+    try:
+        sub = await state.batcher.submit(req, req.size, deadline)
+    except Overloaded:
+        state.metrics.reject("overloaded")
+        raise
+    except QueueTimeout:
+        state.metrics.reject("queue_timeout")
+        raise
+    except DeadlineExceeded:
+        state.metrics.reject("deadline")
+        raise
+    outcome = sub.result
+    assert isinstance(outcome, InferenceOutcome)
+    return outcome, sub
+
+
+def operating_info(snapshot: Snapshot) -> schemas.Operating:
+    op = snapshot.operating
+    return schemas.Operating(name=op.name, a=op.a, b=op.b, lam=op.lam, flops_fraction=op.flops_fraction,
+                             accuracy=op.accuracy)
+
+
+def classify_response(engine: Engine, req: InferenceRequest, outcome: InferenceOutcome, sub: Submitted,
+                      filenames: list[str | None], request: Request) -> schemas.ClassifyResponse:
+    snap = req.snapshot
+    full = snap.bundle.costs.full
+    m = snap.bundle.num_exits
+    preds = [schemas.Prediction(
+        filename=filenames[i] if i < len(filenames) else None, label=p.label, class_index=p.class_index,
+        confidence=p.confidence, top_k=[schemas.TopK(index=i_, label=l_, probability=pr) for i_, l_, pr in p.top_k],
+        exit_index=p.exit_index, exit_name=p.exit_name, num_exits=m, flops=p.flops, flops_full=full,
+        flops_fraction=p.flops / full, profile=p.profile) for i, p in enumerate(outcome.predictions)]
+    mixed = req.profile is None and not req.exits_off and snap.operating.b is not None
+    t0 = request.scope.get("state", {}).get("t0", time.perf_counter())
+    return schemas.ClassifyResponse(
+        model=engine.spec.name, bundle=snap.bundle_id, profile=req.served_as, version=snap.version,
+        operating=operating_info(snap) if mixed else None, exits="off" if req.exits_off else "on",
+        predictions=preds, latency_seconds=time.perf_counter() - t0, queue_seconds=sub.queue_seconds,
+        inference_seconds=outcome.inference_seconds, batch_samples=sub.batch_samples)
+
+
+def state_headers(snap: Snapshot, profile: str) -> dict[str, str]:
+    """Response headers naming what served (handy for curl -i and load generators)."""
+    return {"X-Classmeans-Bundle": snap.bundle_id, "X-Classmeans-Profile": profile,
+            "X-Classmeans-Version": str(snap.version)}

@@ -1,0 +1,75 @@
+"""``GET /profiles`` (public) and ``POST /profiles`` (admin): list and switch the operating point."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+
+from service.api import schemas
+from service.api.auth import require_admin
+from service.api.deps import EngineDep
+from service.api.errors import ApiError
+from service.api.inference import operating_info
+from service.api.limits import read_body_capped, require_json_object
+from service.runtime.engine import Engine, Snapshot
+
+router = APIRouter(tags=["data plane"])
+
+SWITCH_ERRORS = {401: {"model": schemas.ErrorBody, "description": "unauthorized"},
+                 404: {"model": schemas.ErrorBody, "description": "profile_not_found"},
+                 422: {"model": schemas.ErrorBody, "description": "invalid_target, target_unreachable"}}
+
+
+def _share(snap: Snapshot, name: str) -> float:
+    op = snap.operating
+    if op.b is None:
+        return 1.0 if name == op.a else 0.0
+    return op.lam if name == op.a else (1.0 - op.lam if name == op.b else 0.0)
+
+
+def active_state(snap: Snapshot) -> schemas.ActiveState:
+    return schemas.ActiveState(bundle=snap.bundle_id, profile=snap.profile_name, version=snap.version)
+
+
+def switch_response(engine: Engine, new: Snapshot, old: Snapshot) -> schemas.SwitchResponse:
+    return schemas.SwitchResponse(model=engine.spec.name, bundle=new.bundle_id, version=new.version,
+                                  active=operating_info(new), previous=active_state(old))
+
+
+@router.get("/profiles", response_model=schemas.ProfilesResponse)
+async def list_profiles(engine: EngineDep) -> schemas.ProfilesResponse:
+    """Every profile of the serving bundle with its held-out accuracy and FLOPs fraction."""
+    snap = engine.snapshot
+    b = snap.bundle
+    rows = [schemas.ProfileInfo(name=p.name, accuracy=p.accuracy, flops=p.flops, flops_fraction=p.flops_fraction,
+                                thresholds=list(p.thresholds), default=p.name == b.default_profile,
+                                active=p.name in (snap.operating.a, snap.operating.b),
+                                share=_share(snap, p.name)) for p in b.profiles]
+    return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
+                                    active=operating_info(snap), default_profile=b.default_profile, profiles=rows)
+
+
+SWITCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": schemas.ProfileSwitch.model_json_schema()}}}}
+
+
+@router.post("/profiles", response_model=schemas.SwitchResponse, responses=SWITCH_ERRORS,
+             dependencies=[Depends(require_admin)], openapi_extra=SWITCH_BODY)
+async def switch_profile(request: Request, engine: EngineDep) -> schemas.SwitchResponse:
+    """Switch by name, or by target (maybe a time-shared mix); persisted, atomic for in-flight requests."""
+    raw = require_json_object(await read_body_capped(request, 64 * 1024, "body"))
+    try:
+        target = schemas.ProfileSwitch.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(422, "invalid_target", f"{where}: {first.get('msg', 'invalid target')}") from None
+    old = engine.snapshot
+    if target.name is not None:
+        new = await anyio.to_thread.run_sync(engine.switch_profile, target.name)
+    else:
+        new = await anyio.to_thread.run_sync(
+            lambda: engine.switch_target(min_accuracy=target.min_accuracy,
+                                         max_flops_fraction=target.max_flops_fraction))
+    return switch_response(engine, new, old)

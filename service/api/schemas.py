@@ -1,0 +1,240 @@
+"""Pydantic models of every JSON body the API reads or writes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code")
+    message: str = Field(description="what went wrong, for humans")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# -- health and index ----------------------------------------------------------------------------------
+
+class Live(BaseModel):
+    live: bool = True
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class Index(BaseModel):
+    service: str
+    version: str
+    model: str
+    ready: bool
+    reason: str | None = None
+    endpoints: dict[str, str]
+
+
+# -- profiles ------------------------------------------------------------------------------------------
+
+class Operating(BaseModel):
+    """The operating point: one profile (``b`` null), or profile ``a`` with probability ``lam`` else ``b``."""
+
+    name: str
+    a: str
+    b: str | None = None
+    lam: float = 1.0
+    flops_fraction: float
+    accuracy: float
+
+
+class ProfileInfo(BaseModel):
+    name: str
+    accuracy: float = Field(description="held-out accuracy on the calibration selection split")
+    flops: float = Field(description="mean FLOPs per sample (2 per multiply-add)")
+    flops_fraction: float = Field(description="flops / FLOPs of the full network")
+    thresholds: list[float]
+    default: bool
+    active: bool = Field(description="serves now (alone or as one side of a time-shared mix)")
+    share: float = Field(description="fraction of traffic this profile gets under the active operating point")
+
+
+class ProfilesResponse(BaseModel):
+    model: str
+    bundle: str
+    version: int
+    active: Operating
+    default_profile: str
+    profiles: list[ProfileInfo]
+
+
+class ProfileSwitch(BaseModel):
+    """Exactly one of: a profile ``name``; ``min_accuracy`` (cheapest point at least this accurate);
+    ``max_flops_fraction`` (most accurate point at most this costly)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    max_flops_fraction: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ProfileSwitch:
+        given = [k for k in ("name", "min_accuracy", "max_flops_fraction") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of name, min_accuracy, max_flops_fraction")
+        return self
+
+
+class ActiveState(BaseModel):
+    bundle: str
+    profile: str
+    version: int
+
+
+class SwitchResponse(BaseModel):
+    model: str
+    bundle: str
+    version: int
+    active: Operating
+    previous: ActiveState
+
+
+# -- classify ------------------------------------------------------------------------------------------
+
+class TopK(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    filename: str | None = None
+    label: str
+    class_index: int
+    confidence: float
+    top_k: list[TopK]
+    exit_index: int
+    exit_name: str
+    num_exits: int
+    flops: float
+    flops_full: float
+    flops_fraction: float
+    profile: str = Field(description="the profile that served this sample (a mix's vertex, or the override)")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    bundle: str
+    profile: str = Field(description="the operating point, per-request override, or 'full' with exits=off")
+    version: int
+    operating: Operating | None = Field(None, description="the time-shared mix, when one served")
+    exits: Literal["on", "off"]
+    predictions: list[Prediction]
+    latency_seconds: float
+    queue_seconds: float
+    inference_seconds: float
+    batch_samples: int = Field(description="samples in the network batch this request ran in")
+
+
+# -- admin ---------------------------------------------------------------------------------------------
+
+class JobInfo(BaseModel):
+    id: str
+    kind: str
+    state: Literal["receiving", "running", "succeeded", "failed"]
+    options: dict[str, Any]
+    created: str | None
+    started: str | None
+    finished: str | None
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: dict[str, str] | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+
+
+class BundleInfo(BaseModel):
+    id: str
+    active: bool
+    readable: bool = True
+    default_profile: str | None = None
+    profiles: list[str] = []
+    heads: dict[str, Any] | None = None
+    num_means: int | None = None
+    num_selection: int | None = None
+    headline: dict[str, Any] | None = None
+
+
+class BundlesResponse(BaseModel):
+    model: str
+    active: ActiveState
+    bundles: list[BundleInfo]
+
+
+# -- Open Inference Protocol v2 ------------------------------------------------------------------------
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInput] = Field(min_length=1)
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any]
+    outputs: list[InferOutput]
+
+
+class TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    parameters: dict[str, Any]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]

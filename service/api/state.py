@@ -1,0 +1,40 @@
+"""The per-app holder of everything the routes share. Routes read attributes; only the lifespan and the
+engine's own swaps write them, so a request never sees a half-built state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+
+from service.runtime.batcher import Batcher
+from service.runtime.engine import Engine
+from service.runtime.jobs import JobManager
+from service.runtime.metrics import Metrics
+from service.runtime.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    jobs: JobManager
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    token: str = ""
+    ready: bool = False
+    not_ready_reason: str = "the model is still loading"
+    shutting_down: bool = False
+    decode_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2))
+
+    def mark_ready(self) -> None:
+        self.ready = True
+        self.not_ready_reason = ""
+        self.metrics.up.labels(self.metrics.model).set(1)
+
+    def begin_shutdown(self) -> None:
+        """Readiness flips to 503 at once; in-flight requests still finish."""
+        self.shutting_down = True
+        self.ready = False
+        self.not_ready_reason = "the server is shutting down"
+        self.metrics.up.labels(self.metrics.model).set(0)

@@ -1,0 +1,404 @@
+"""The loaded serving state and its atomic swaps.
+
+An :class:`Engine` owns the network (loaded once) and a :class:`Snapshot`: the active bundle, its exit
+runner, the operating point (one profile, or a time-shared mix of two) and the version of ``active.json``.
+A snapshot is immutable. A request reads ``engine.snapshot`` once when it is admitted and is served
+entirely by it, so every response names exactly one (bundle, profile, version) even while an operator
+switches. Writers (profile switch, bundle activation) take a lock, validate everything, persist
+``active.json`` atomically with a bumped version, and only then publish the new snapshot with one
+attribute assignment. A failed switch changes nothing.
+
+The same methods serve the HTTP admin plane and any other caller; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.backbones import StagedNetwork
+from service.earlyexit import Operating, TimeSharingRouter, select_by_target
+from service.runtime.bundle import Bundle, load_bundle
+from service.runtime.metrics import Metrics
+from service.runtime.preprocess import Normalizer
+from service.runtime.runner import ExitRunner
+from service.store.atomic import sweep_tmp
+from service.store.bundles import BundleError, bundle_path, list_bundle_ids, read_active, write_active
+from service.store.model_dir import ModelSpec, load_model
+
+log = logging.getLogger("classmeans.engine")
+
+FULL = "full"  # the profile name reported when exits are switched off for a request
+
+
+class EngineLoadError(RuntimeError):
+    """The model or every bundle failed to load: the process must not report ready."""
+
+
+def read_active_or_none(model_dir: Path) -> dict[str, Any] | None:
+    """``active.json``, or None when it is missing or unreadable (the caller decides what that means)."""
+    try:
+        return read_active(model_dir)
+    except BundleError:
+        return None
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What serves now. Never mutated: a switch publishes a new one."""
+
+    bundle: Bundle
+    runner: ExitRunner
+    operating: Operating
+    router: TimeSharingRouter | None
+    version: int
+    updated: str
+    thresholds: dict[str, torch.Tensor] = field(repr=False)
+    fallback_from: str | None = None
+
+    @property
+    def bundle_id(self) -> str:
+        return self.bundle.bundle_id
+
+    @property
+    def profile_name(self) -> str:
+        """The operating point's name: a profile, or ``a~b@lam`` for a time-shared mix."""
+        return self.operating.name
+
+    def has_profile(self, name: str) -> bool:
+        return name in self.thresholds
+
+    def operating_json(self) -> dict[str, Any]:
+        op = self.operating
+        out: dict[str, Any] = {"a": op.a}
+        if op.b is not None:
+            out.update({"b": op.b, "lam": op.lam})
+        return out
+
+
+def _thresholds(bundle: Bundle) -> dict[str, torch.Tensor]:
+    t = {p.name: torch.tensor(p.thresholds, dtype=torch.float32) for p in bundle.profiles}
+    t.setdefault(FULL, torch.ones(bundle.num_exits - 1, dtype=torch.float32))
+    return t
+
+
+def _single(bundle: Bundle, name: str) -> Operating:
+    p = bundle.profile(name)
+    return Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy)
+
+
+def operating_from_json(bundle: Bundle, obj: Any) -> Operating:
+    """``{"a": name}`` or ``{"a": name, "b": name, "lam": x}`` -> :class:`Operating` (validated)."""
+    if not isinstance(obj, dict) or "a" not in obj:
+        raise BundleError("operating point must name profile 'a'", code="invalid_active")
+    names = set(bundle.profile_names())
+    a, b = str(obj["a"]), obj.get("b")
+    if a not in names or (b is not None and str(b) not in names):
+        raise BundleError(f"operating point {obj!r} names a profile not in bundle {bundle.bundle_id}",
+                          code="profile_not_found")
+    if b is None:
+        return _single(bundle, a)
+    lam = float(obj.get("lam", 1.0))
+    if not 0.0 <= lam <= 1.0:
+        raise BundleError(f"operating point lam {lam} is outside [0, 1]", code="invalid_active")
+    pa, pb = bundle.profile(a), bundle.profile(str(b))
+    return Operating(a, str(b), lam, lam * pa.flops_fraction + (1 - lam) * pb.flops_fraction,
+                     lam * pa.accuracy + (1 - lam) * pb.accuracy)
+
+
+@dataclass
+class InferenceRequest:
+    """One request's samples for the batcher: uint8 ``pixels (n, H, W, 3)`` or a normalised
+    ``tensor (n, 3, H, W)``; ``profile`` overrides the operating point, ``exits_off`` forces the full net."""
+
+    snapshot: Snapshot
+    pixels: np.ndarray | None = None
+    tensor: torch.Tensor | None = None
+    profile: str | None = None
+    exits_off: bool = False
+    top_k: int = 5
+
+    @property
+    def size(self) -> int:
+        return int(self.pixels.shape[0] if self.pixels is not None else self.tensor.shape[0])  # type: ignore[union-attr]
+
+    @property
+    def served_as(self) -> str:
+        """The profile name this request reports: the override, ``full``, or the operating point."""
+        if self.exits_off:
+            return FULL
+        return self.profile or self.snapshot.profile_name
+
+
+@dataclass
+class SamplePrediction:
+    class_index: int
+    label: str
+    confidence: float
+    top_k: list[tuple[int, str, float]]
+    exit_index: int
+    exit_name: str
+    flops: float
+    profile: str
+
+
+@dataclass
+class InferenceOutcome:
+    predictions: list[SamplePrediction]
+    inference_seconds: float
+
+
+class Engine:
+    """The network, the current :class:`Snapshot`, and the operations that replace it."""
+
+    def __init__(self, model_dir: Path, spec: ModelSpec, net: StagedNetwork, snapshot: Snapshot,
+                 metrics: Metrics | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.spec = spec
+        self.net = net
+        self.normalizer = Normalizer(spec.mean, spec.std)
+        self.metrics = metrics
+        self._snapshot = snapshot
+        self._lock = threading.Lock()
+        if metrics is not None:
+            metrics.configure_exits(net.num_exits)
+            metrics.set_active(snapshot.bundle_id, snapshot.profile_name, snapshot.version)
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model_dir: Path, metrics: Metrics | None = None) -> Engine:
+        """Sweep temp leftovers, load the model, then the active bundle and operating point.
+
+        A corrupt active bundle falls back to the newest loadable one (logged as an error); with no
+        loadable bundle at all, raises :class:`EngineLoadError`.
+        """
+        model_dir = Path(model_dir)
+        if not (model_dir / "model.json").is_file():
+            raise EngineLoadError(f"model {model_dir.name!r} not found in {model_dir.parent}")
+        removed = sweep_tmp(model_dir)
+        if removed:
+            log.warning("removed %d leftover temporary file(s) under %s", len(removed), model_dir)
+        try:
+            spec, net = load_model(model_dir)
+        except Exception as exc:
+            raise EngineLoadError(f"cannot load model {model_dir.name!r}: {exc}") from exc
+        snapshot = cls._initial_snapshot(model_dir, spec, net)
+        return cls(model_dir, spec, net, snapshot, metrics)
+
+    @staticmethod
+    def _initial_snapshot(model_dir: Path, spec: ModelSpec, net: StagedNetwork) -> Snapshot:
+        m = net.num_exits
+        active = read_active_or_none(model_dir)
+        if active is None and (model_dir / "active.json").exists():
+            log.error("ACTIVE STATE UNREADABLE: %s/active.json is corrupt; falling back", model_dir)
+        version = int(active.get("version", 0)) if active else 0
+        failed: str | None = None
+        if active is not None:
+            try:
+                bundle = load_bundle(model_dir, str(active["bundle"]), spec, m)
+                try:
+                    operating = operating_from_json(bundle, active.get("operating", {"a": bundle.default_profile}))
+                except BundleError as exc:
+                    log.error("active operating point is invalid (%s); using profile %s", exc,
+                              bundle.default_profile)
+                    operating = _single(bundle, bundle.default_profile)
+                return _make_snapshot(net, bundle, operating, version, str(active.get("updated", "")))
+            except BundleError as exc:
+                failed = str(active["bundle"])
+                log.error("ACTIVE BUNDLE %s DOES NOT LOAD (%s); falling back to the newest loadable bundle",
+                          failed, exc)
+        for bid in reversed(list_bundle_ids(model_dir)):
+            if bid == failed:
+                continue
+            try:
+                bundle = load_bundle(model_dir, bid, spec, m)
+            except BundleError as exc:
+                log.error("bundle %s does not load either: %s", bid, exc)
+                continue
+            if failed:
+                log.error("SERVING FALLBACK BUNDLE %s instead of %s", bid, failed)
+            return _make_snapshot(net, bundle, _single(bundle, bundle.default_profile), version, _now_iso(),
+                                  fallback_from=failed)
+        why = f"active bundle {failed} is corrupt and no other bundle loads" if failed else "no bundle found"
+        raise EngineLoadError(f"model {model_dir.name!r}: {why}; run `classmeans calibrate`")
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current snapshot; read it once per request."""
+        return self._snapshot
+
+    # -- switching (admin) -------------------------------------------------------------------------------
+
+    def switch_profile(self, name: str) -> Snapshot:
+        """Serve profile ``name`` of the active bundle from now on (persisted)."""
+        with self._lock:
+            snap = self._snapshot
+            if name not in snap.bundle.profile_names():
+                raise BundleError(f"profile {name!r} is not in bundle {snap.bundle_id} "
+                                  f"(have: {', '.join(snap.bundle.profile_names())})", code="profile_not_found")
+            return self._publish(snap.bundle, snap.runner, _single(snap.bundle, name), profile_switch=True)
+
+    def switch_target(self, min_accuracy: float | None = None,
+                      max_flops_fraction: float | None = None) -> Snapshot:
+        """Serve the hull point for a target (maybe a time-shared mix of two profiles); raises
+        :class:`~service.earlyexit.hull.TargetUnreachable` when no point meets it."""
+        with self._lock:
+            snap = self._snapshot
+            op = select_by_target(snap.bundle.profiles, min_accuracy=min_accuracy,
+                                  max_flops_fraction=max_flops_fraction)
+            return self._publish(snap.bundle, snap.runner, op, profile_switch=True)
+
+    def activate_bundle(self, bundle_id: str, profile: str | None = None) -> Snapshot:
+        """Load and validate bundle ``bundle_id`` fully, then serve it (its default profile unless named)."""
+        bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
+        name = profile or bundle.default_profile
+        if name not in bundle.profile_names():
+            raise BundleError(f"profile {name!r} is not in bundle {bundle_id}", code="profile_not_found")
+        runner = ExitRunner(self.net, bundle.heads, bundle.costs)
+        with self._lock:
+            return self._publish(bundle, runner, _single(bundle, name), bundle_activation=True)
+
+    def _publish(self, bundle: Bundle, runner: ExitRunner, op: Operating, profile_switch: bool = False,
+                 bundle_activation: bool = False) -> Snapshot:
+        """Persist ``active.json`` (version + 1), then swap the snapshot. Caller holds the lock."""
+        old = self._snapshot
+        prev = read_active_or_none(self.model_dir) or {}
+        version = max(int(prev.get("version", 0)), old.version) + 1
+        new = _make_snapshot(self.net, bundle, op, version, _now_iso(), runner=runner,
+                             thresholds=old.thresholds if bundle is old.bundle else None)
+        write_active(self.model_dir, {"bundle": bundle.bundle_id, "operating": new.operating_json(),
+                                      "version": version, "updated": new.updated})
+        self._snapshot = new
+        log.info("now serving bundle %s, profile %s (version %d)", new.bundle_id, new.profile_name, version)
+        if self.metrics is not None:
+            self.metrics.set_active(new.bundle_id, new.profile_name, version)
+            if profile_switch:
+                self.metrics.profile_switches.labels(self.metrics.model).inc()
+            if bundle_activation:
+                self.metrics.bundle_activations.labels(self.metrics.model).inc()
+        return new
+
+    # -- inference (worker thread) -----------------------------------------------------------------------
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Run every profile of the active bundle once on blank images so the first request is not slow."""
+        snap = self._snapshot
+        h, w = self.spec.input_size
+        for b in batch_sizes:
+            blank = np.zeros((b, h, w, 3), dtype=np.uint8)
+            for name in snap.thresholds:
+                snap.runner.run(self.normalizer(blank), snap.thresholds[name])
+
+    def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome | Exception]:
+        """Run the requests of one batch; requests admitted under different snapshots run separately."""
+        out: list[InferenceOutcome | Exception | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(id(r.snapshot), []).append(i)
+        for idx in groups.values():
+            try:
+                results = self._run_group([requests[i] for i in idx])
+            except Exception as exc:
+                log.exception("inference failed for %d request(s)", len(idx))
+                results = [exc] * len(idx)
+            for i, res in zip(idx, results, strict=True):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _run_group(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
+        snap = requests[0].snapshot
+        parts, rows, served = [], [], []
+        for r in requests:
+            n = r.size
+            parts.append(self.normalizer(r.pixels) if r.pixels is not None else r.tensor)
+            names = self._row_profiles(r, n)
+            served.extend(names)
+            rows.extend(snap.thresholds[name] for name in names)
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        t0 = time.perf_counter()
+        res = snap.runner.run(x, torch.stack(rows))
+        seconds = time.perf_counter() - t0
+        full = snap.bundle.costs.full
+        exits = res.exit_index.tolist()
+        flops = res.flops.tolist()
+        if self.metrics is not None:
+            self.metrics.inference.labels(self.metrics.model).observe(seconds)
+            self.metrics.batch_size.labels(self.metrics.model).observe(len(exits))
+            self.metrics.observe_samples(served, exits, flops, full)
+        k_max = max(min(r.top_k, self.spec.num_classes) for r in requests)
+        top_p, top_i = torch.topk(res.probs, k_max, dim=1)
+        preds, confs = res.pred.tolist(), res.confidence.tolist()
+        top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
+        classes, names = self.spec.classes, snap.bundle.exit_names
+        outcomes, lo = [], 0
+        for r in requests:
+            k = min(r.top_k, self.spec.num_classes)
+            samples = []
+            for j in range(lo, lo + r.size):
+                samples.append(SamplePrediction(
+                    preds[j], classes[preds[j]], confs[j],
+                    [(top_i_l[j][q], classes[top_i_l[j][q]], top_p_l[j][q]) for q in range(k)],
+                    exits[j], names[exits[j]], flops[j], served[j]))
+            outcomes.append(InferenceOutcome(samples, seconds))
+            lo += r.size
+        return outcomes
+
+    @staticmethod
+    def _row_profiles(r: InferenceRequest, n: int) -> list[str]:
+        if r.exits_off:
+            return [FULL] * n
+        if r.profile is not None:
+            return [r.profile] * n
+        op, router = r.snapshot.operating, r.snapshot.router
+        if op.b is None or router is None:
+            return [op.a] * n
+        to_a = router.route(n)
+        return [op.a if a else op.b for a in to_a]
+
+    # -- listing -----------------------------------------------------------------------------------------
+
+    def bundle_summaries(self) -> list[dict[str, Any]]:
+        """Every bundle in the store (oldest first) with its headline numbers; the serving one marked."""
+        snap = self._snapshot
+        out = []
+        for bid in list_bundle_ids(self.model_dir):
+            path = bundle_path(self.model_dir, bid)
+            entry: dict[str, Any] = {"id": bid, "active": bid == snap.bundle_id}
+            try:
+                meta = json.loads((path / "bundle.json").read_text())
+                profiles = json.loads((path / "profiles.json").read_text())
+                heads = (meta.get("config") or {}).get("heads") or [{}]
+                entry.update({"default_profile": profiles.get("default"),
+                              "profiles": [p.get("name") for p in profiles.get("profiles", [])],
+                              "heads": heads[0], "num_means": (meta.get("config") or {}).get("num_means"),
+                              "num_selection": (meta.get("config") or {}).get("num_selection"),
+                              "readable": True})
+                report = path / "report.json"
+                if report.is_file():
+                    entry["headline"] = json.loads(report.read_text()).get("headline")
+            except (OSError, ValueError, AttributeError, TypeError):
+                entry["readable"] = False
+            out.append(entry)
+        return out
+
+
+def _make_snapshot(net: StagedNetwork, bundle: Bundle, op: Operating, version: int, updated: str,
+                   runner: ExitRunner | None = None, thresholds: dict[str, torch.Tensor] | None = None,
+                   fallback_from: str | None = None) -> Snapshot:
+    router = TimeSharingRouter(op.lam) if op.b is not None else None
+    return Snapshot(bundle, runner or ExitRunner(net, bundle.heads, bundle.costs), op, router, version, updated,
+                    thresholds if thresholds is not None else _thresholds(bundle), fallback_from)
+

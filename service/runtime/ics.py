@@ -1,0 +1,711 @@
+"""Internal classifiers (ICs) on a frozen backbone: feature cache, training, IC decision tables, store.
+
+Training follows SDN's IC-only mode (Kaya et al. 2019): the backbone is frozen, the ICs are trained with
+Adam (lr 1e-3) on the sum of their cross-entropies (equal weights). Unlike SDN's code, the backbone is
+put in ``eval()`` (its BatchNorm uses and keeps its running statistics) and ``requires_grad_(False)``, so
+the backbone the class means were computed on is left bit-for-bit unchanged.
+
+Two feature sources:
+
+* ``cached`` (default): one inference pass stores, for every training image and every IC exit, the
+  max-pooled and the average-pooled ``4 x 4`` maps (SDN's reduction kernel); the learnable mix
+  ``alpha * max + (1 - alpha) * avg`` is linear in them, so training on the cache is exactly training
+  the IC on the backbone's features, at a fraction of the cost (no backbone pass per epoch). Images are
+  un-augmented (``flip_views=True`` adds horizontally flipped copies, used on alternate epochs).
+* ``online``: every batch is augmented (random crop + flip) and run through the frozen backbone.
+
+On disk: ``model_store/<model>/ics/<id>/`` with ``ics.safetensors`` (``ic{i}.alpha``,
+``ic{i}.linear.weight``, ``ic{i}.linear.bias``, float32), ``ics.json`` (format, backbone weights sha256,
+classes, IC exits with their input shapes and FLOPs, training configuration and history, the tensors'
+sha256) and, when thresholds were searched, ``profiles.json`` (one list of profiles per decision mode, with
+the bundle whose class means the ``cm``/``combined`` modes used). Written into a ``.tmp`` sibling and
+published with one ``os.replace``, like bundles; bundles themselves are left untouched (immutable), and a
+set of ICs names the bundle it was calibrated against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from service.backbones import StagedNetwork, StageProfile
+from service.backbones.internal_classifiers import SDN_TARGETS, ICSet, place_ics, pool_pair, pooling_kernel
+from service.earlyexit import ExitHead
+from service.earlyexit.ic_rules import MODES, ICCosts, ICDecisionTable, combined_seeds, search_mode
+from service.ingest.labelled import LabelledImages
+from service.runtime.preprocess import Normalizer
+from service.runtime.training import augment_batch
+from service.store.atomic import TMP_SUFFIX, publish_dir_atomic
+from service.store.bundles import BUNDLE_ID_RE, BundleError, new_bundle_id
+from service.store.model_dir import ModelSpec
+
+ICS_DIR = "ics"
+ICS_TENSORS = "ics.safetensors"
+ICS_JSON = "ics.json"
+ICS_PROFILES = "profiles.json"
+ICS_FORMAT = 1
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class ICError(BundleError):
+    """A set of ICs is missing, corrupt, or does not belong to this model."""
+
+    code = "invalid_ics"
+
+
+# --------------------------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class FeatureCache:
+    """Per image, what the exit heads read, computed once with the backbone in eval mode.
+
+    ``pooled_max[i]``, ``pooled_avg[i]``: ``(N, D_i)`` flattened SDN-pooled maps at IC exit ``exits[i]``
+    (``D_i = C * 4 * 4``; equal when no pooling applies). ``logits (N, K)`` float32: the network's own.
+    ``labels (N,)`` int64. ``cm_top``, ``cm_pred`` ``(N, E)``: class-means top probability and nearest
+    mean at each IC exit (absent without heads). ``maps[j]``: full ``(N, C, H, W)`` stage-``j`` outputs
+    (for conv branches). Arrays are numpy (memory, or ``.npy`` memory maps when a directory is given).
+    ``views``: 1, or 2 when the second half holds horizontally flipped copies of the first.
+    """
+
+    exits: tuple[int, ...]
+    pooled_max: list[np.ndarray]
+    pooled_avg: list[np.ndarray]
+    logits: np.ndarray
+    labels: np.ndarray
+    cm_top: np.ndarray | None = None
+    cm_pred: np.ndarray | None = None
+    maps: dict[int, np.ndarray] = field(default_factory=dict)
+    views: int = 1
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _alloc(out_dir: Path | None, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    if out_dir is None:
+        return np.empty(shape, dtype=dtype)
+    return np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
+def _open(out_dir: Path, name: str) -> np.ndarray:
+    return np.load(out_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+
+
+def cache_key(spec_sha: str, images: np.ndarray, exits: Sequence[int], map_exits: Sequence[int],
+              bundle_id: str | None, dtype: str, flip: bool) -> str:
+    """Identifies a cache: backbone weights, images (their sha256), exits, bundle, dtype, views."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images).data)
+    return hashlib.sha256(json.dumps([spec_sha, h.hexdigest(), list(exits), list(map_exits), bundle_id, dtype,
+                                      flip, 1]).encode()).hexdigest()[:20]
+
+
+@torch.inference_mode()
+def extract_cache(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, norm: Normalizer,
+                  exits: Sequence[int], cm_heads: dict[int, ExitHead] | None = None,
+                  map_exits: Sequence[int] = (), batch_size: int = 250, dtype: np.dtype | type = np.float32,
+                  flip_views: bool = False, progress: Callable[[int, int], None] | None = None,
+                  out_dir: Path | None = None, key: str | None = None) -> FeatureCache:
+    """One pass (two with ``flip_views``) of the frozen backbone over ``images`` ``(N, H, W, 3)`` uint8.
+
+    With ``out_dir`` and ``key``: a finished cache with the same key there is reopened (memory-mapped)
+    instead of recomputed; a new one is written there as ``.npy`` files plus ``meta.json`` (last).
+    """
+    exits = tuple(int(e) for e in exits)
+    map_exits = tuple(int(e) for e in map_exits)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        meta_path = out_dir / "meta.json"
+        if key is not None and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key and meta.get("complete"):
+                return _reopen(out_dir, meta)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta_path.unlink(missing_ok=True)
+    net.eval()
+    n0 = images.shape[0]
+    views = 2 if flip_views else 1
+    n = n0 * views
+    x0 = norm(images[:1])
+    feats = net.run_stages(x0)
+    shapes = [tuple(f.shape[1:]) for f in feats]
+    k = int(net.head(feats[-1]).shape[1])
+    dims = []
+    for e in exits:
+        kern = pooling_kernel(shapes[e])
+        c, h, w = shapes[e]
+        dims.append(c * (h // kern) * (w // kern))
+    pmax = [_alloc(out_dir, f"max{i}", (n, d), dtype) for i, d in enumerate(dims)]
+    pavg = [_alloc(out_dir, f"avg{i}", (n, d), dtype) for i, d in enumerate(dims)]
+    logits_a = _alloc(out_dir, "logits", (n, k), np.float32)
+    labels_a = _alloc(out_dir, "labels", (n,), np.int64)
+    has_cm = cm_heads is not None
+    cm_top = _alloc(out_dir, "cm_top", (n, len(exits)), np.float32) if has_cm else None
+    cm_pred = _alloc(out_dir, "cm_pred", (n, len(exits)), np.int64) if has_cm else None
+    maps = {j: _alloc(out_dir, f"map{j}", (n, *shapes[j]), np.float16) for j in map_exits}
+    done = 0
+    for v in range(views):
+        for lo in range(0, n0, batch_size):
+            hi = min(n0, lo + batch_size)
+            x = norm(images[lo:hi])
+            if v == 1:
+                x = x.flip(3)
+            rlo, rhi = v * n0 + lo, v * n0 + hi
+            f = x
+            for j, stage in enumerate(net.stages):  # all of them: the network's own logits are needed too
+                f = stage(f)
+                if j in map_exits:
+                    maps[j][rlo:rhi] = f.to(torch.float16).numpy()
+                if j in exits:
+                    i = exits.index(j)
+                    mx, av = pool_pair(f, pooling_kernel(shapes[j]))
+                    pmax[i][rlo:rhi] = torch.flatten(mx, 1).numpy().astype(dtype, copy=False)
+                    pavg[i][rlo:rhi] = torch.flatten(av, 1).numpy().astype(dtype, copy=False)
+                    if has_cm:
+                        assert cm_top is not None and cm_pred is not None and cm_heads is not None
+                        head = cm_heads.get(j)
+                        if head is None:
+                            cm_top[rlo:rhi, i], cm_pred[rlo:rhi, i] = 0.0, 0
+                        else:
+                            c_, p_ = head.probabilities(f).max(1)
+                            cm_top[rlo:rhi, i], cm_pred[rlo:rhi, i] = c_.numpy(), p_.numpy()
+            logits_a[rlo:rhi] = net.head(f).float().numpy()
+            labels_a[rlo:rhi] = labels[lo:hi]
+            done += hi - lo
+            if progress is not None:
+                progress(done, n)
+    cache = FeatureCache(exits, pmax, pavg, logits_a, labels_a, cm_top, cm_pred, maps, views)
+    if out_dir is not None:
+        for arr in [*pmax, *pavg, logits_a, labels_a, *maps.values(), *(a for a in (cm_top, cm_pred) if a is not None)]:
+            if isinstance(arr, np.memmap):
+                arr.flush()
+        meta = {"key": key, "complete": True, "exits": list(exits), "map_exits": list(map_exits), "views": views,
+                "num_pooled": len(exits), "cm": has_cm}
+        (out_dir / "meta.json").write_text(json.dumps(meta) + "\n")
+    return cache
+
+
+def _reopen(out_dir: Path, meta: dict[str, Any]) -> FeatureCache:
+    e = int(meta["num_pooled"])
+    cm = bool(meta["cm"])
+    return FeatureCache(tuple(int(v) for v in meta["exits"]), [_open(out_dir, f"max{i}") for i in range(e)],
+                        [_open(out_dir, f"avg{i}") for i in range(e)], _open(out_dir, "logits"),
+                        _open(out_dir, "labels"), _open(out_dir, "cm_top") if cm else None,
+                        _open(out_dir, "cm_pred") if cm else None,
+                        {int(j): _open(out_dir, f"map{j}") for j in meta["map_exits"]}, int(meta["views"]))
+
+
+# ------------------------------------------------------------------------------------------ the training
+
+
+@dataclass
+class ICTrainConfig:
+    """``epochs``: the fixed budget (passes over the training images). Adam, lr ``lr``, multiplied by
+    ``gamma`` after each epoch listed in ``milestones`` (SDN's IC-only recipe: 25 epochs, ``(15,)``)."""
+
+    epochs: int = 25
+    lr: float = 1e-3
+    batch_size: int = 128
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    source: str = "cached"  # or "online"
+    flip_views: bool = False
+    targets: tuple[float, ...] = SDN_TARGETS
+    snapshot_epochs: tuple[int, ...] = ()  # also return copies of the ICs after these epochs
+
+
+@dataclass
+class ICTrainResult:
+    ics: ICSet
+    history: list[dict[str, Any]]
+    seconds: float
+    extract_seconds: float
+    snapshots: dict[int, ICSet] = field(default_factory=dict)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0
+
+
+def lr_at(cfg: ICTrainConfig, epoch: int) -> float:
+    """lr for 0-based ``epoch``."""
+    return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+
+
+def _clone(ics: ICSet) -> ICSet:
+    out = ICSet(ics.exits, [ic.in_shape for ic in ics.ics], ics.num_classes, seed=None)  # type: ignore[union-attr]
+    out.load_state_dict(ics.state_dict())
+    return out.eval()
+
+
+def _batch_tensor(a: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a[idx])).float()
+
+
+def train_on_cache(ics: ICSet, cache: FeatureCache, cfg: ICTrainConfig, val: FeatureCache | None = None,
+                   progress: ProgressFn | None = None) -> ICTrainResult:
+    """Train ``ics`` (in place) on a pooled cache; returns the history (loss, accuracy per IC, seconds)."""
+    if tuple(cache.exits) != tuple(ics.exits):
+        raise ValueError(f"cache exits {cache.exits} differ from IC exits {ics.exits}")
+    torch.manual_seed(cfg.seed)
+    gen = np.random.default_rng(cfg.seed)
+    opt = torch.optim.Adam(ics.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_view = len(cache) // cache.views
+    labels = np.asarray(cache.labels)
+    # Into memory once: a random batch from a memory map would touch the disk every step.
+    pmax = [np.asarray(a) for a in cache.pooled_max]
+    pavg = [np.asarray(a) for a in cache.pooled_avg]
+    history: list[dict[str, Any]] = []
+    snapshots: dict[int, ICSet] = {}
+    steps = math.ceil(n_view / cfg.batch_size)
+    t_all = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, epoch)
+        ics.train()
+        t0 = time.perf_counter()
+        offset = (epoch % cache.views) * n_view
+        perm = gen.permutation(n_view) + offset
+        loss_sum, seen = 0.0, 0
+        for s in range(steps):
+            idx = np.sort(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+            y = torch.from_numpy(labels[idx])
+            loss = sum(F.cross_entropy(ic.forward_pooled(_batch_tensor(pmax[i], idx), _batch_tensor(pavg[i], idx)), y)
+                       for i, ic in enumerate(ics.ics))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            opt.step()
+            with torch.no_grad():
+                for ic in ics.ics:
+                    ic.alpha.clamp_(0.0, 1.0)  # type: ignore[union-attr]
+            loss_sum += float(loss.detach()) * len(idx)  # type: ignore[union-attr]
+            seen += len(idx)
+            if progress is not None and s % 50 == 0:
+                progress(f"epoch {epoch + 1}/{cfg.epochs}", s, steps)
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "lr": lr_at(cfg, epoch),
+                                  "seconds": time.perf_counter() - t0}
+        if val is not None:
+            record["val_accuracy"] = ic_accuracy(ics, val)
+        history.append(record)
+        if epoch + 1 in cfg.snapshot_epochs:
+            snapshots[epoch + 1] = _clone(ics)
+    ics.eval()
+    return ICTrainResult(ics, history, time.perf_counter() - t_all, 0.0, snapshots)
+
+
+@torch.inference_mode()
+def ic_outputs(ics: ICSet, cache: FeatureCache, batch_size: int = 2048) -> list[torch.Tensor]:
+    """Softmax of every IC on a cache: ``E`` tensors ``(N, K)`` float32."""
+    ics.eval()
+    outs: list[list[torch.Tensor]] = [[] for _ in ics.ics]
+    for lo in range(0, len(cache), batch_size):
+        idx = np.arange(lo, min(len(cache), lo + batch_size))
+        for i, ic in enumerate(ics.ics):
+            logits = ic.forward_pooled(torch.from_numpy(np.asarray(cache.pooled_max[i][idx])).float(),
+                                       torch.from_numpy(np.asarray(cache.pooled_avg[i][idx])).float())
+            outs[i].append(torch.softmax(logits, 1))
+    return [torch.cat(o) for o in outs]
+
+
+def ic_accuracy(ics: ICSet, cache: FeatureCache) -> list[float]:
+    y = torch.from_numpy(np.asarray(cache.labels))
+    return [float((p.argmax(1) == y).double().mean()) for p in ic_outputs(ics, cache)]
+
+
+def ic_table_from_cache(ics: ICSet, cache: FeatureCache) -> ICDecisionTable:
+    """The decision table of ``ics`` (+ class means when the cache has them) on a cached split."""
+    final = torch.softmax(torch.from_numpy(np.asarray(cache.logits)).float(), 1)
+    labels = torch.from_numpy(np.asarray(cache.labels))
+    table = ICDecisionTable.from_outputs(ic_outputs(ics, cache), final, labels)
+    if cache.cm_top is not None and cache.cm_pred is not None:
+        table.cm_prob = torch.from_numpy(np.array(cache.cm_top)).float()
+        table.cm_pred = torch.from_numpy(np.array(cache.cm_pred)).long()
+    return table
+
+
+class _FrozenBackbone:
+    """Context: backbone in ``eval()`` with ``requires_grad_(False)``; restores the flags on exit."""
+
+    def __init__(self, net: StagedNetwork) -> None:
+        self.net = net
+
+    def __enter__(self) -> StagedNetwork:
+        self.flags = [p.requires_grad for p in self.net.module.parameters()]
+        self.was_training = self.net.module.training
+        self.net.module.eval()
+        self.net.module.requires_grad_(False)
+        return self.net
+
+    def __exit__(self, *exc: object) -> None:
+        for p, f in zip(self.net.module.parameters(), self.flags, strict=True):
+            p.requires_grad_(f)
+        self.net.module.train(self.was_training)
+
+
+def train_online(net: StagedNetwork, ics: ICSet, data: LabelledImages, norm: Normalizer, cfg: ICTrainConfig,
+                 progress: ProgressFn | None = None) -> ICTrainResult:
+    """Augmented batches (random crop + flip) through the frozen backbone (BN in eval mode), ICs trained."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(ics.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels)
+    n = len(data)
+    steps = math.ceil(n / cfg.batch_size)
+    last = max(ics.exits)
+    history: list[dict[str, Any]] = []
+    snapshots: dict[int, ICSet] = {}
+    t_all = time.perf_counter()
+    with _FrozenBackbone(net):
+        for epoch in range(cfg.epochs):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, epoch)
+            ics.train()
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=gen)
+            loss_sum = 0.0
+            for s in range(steps):
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                x = norm(augment_batch(images[idx], gen))
+                with torch.no_grad():
+                    feats = net.run_stages(x, upto=last)
+                y = labels[idx]
+                loss = sum(F.cross_entropy(ic(feats[e]), y) for ic, e in zip(ics.ics, ics.exits, strict=True))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[union-attr]
+                opt.step()
+                with torch.no_grad():
+                    for ic in ics.ics:
+                        ic.alpha.clamp_(0.0, 1.0)  # type: ignore[union-attr]
+                loss_sum += float(loss.detach()) * len(idx)  # type: ignore[union-attr]
+                if progress is not None and s % 20 == 0:
+                    progress(f"epoch {epoch + 1}/{cfg.epochs}", s, steps)
+            history.append({"epoch": epoch + 1, "loss": loss_sum / n, "lr": lr_at(cfg, epoch),
+                            "seconds": time.perf_counter() - t0})
+            if epoch + 1 in cfg.snapshot_epochs:
+                snapshots[epoch + 1] = _clone(ics)
+    ics.eval()
+    return ICTrainResult(ics, history, time.perf_counter() - t_all, 0.0, snapshots)
+
+
+def new_ics(net: StagedNetwork, stage_profile: StageProfile, num_classes: int, cfg: ICTrainConfig) -> ICSet:
+    placement = place_ics(stage_profile, cfg.targets)
+    return ICSet(placement.exits, [stage_profile.shapes[j] for j in placement.exits], num_classes, cfg.seed)
+
+
+def train_ics(net: StagedNetwork, stage_profile: StageProfile, data: LabelledImages, norm: Normalizer,
+              cfg: ICTrainConfig, val: LabelledImages | None = None, progress: ProgressFn | None = None,
+              cache: FeatureCache | None = None) -> ICTrainResult:
+    """Place fresh ICs (seeded) and train them for ``cfg.epochs`` on the frozen backbone."""
+    ics = new_ics(net, stage_profile, len(data.classes), cfg)
+    if cfg.source == "online":
+        return train_online(net, ics, data, norm, cfg, progress)
+    if cfg.source != "cached":
+        raise ValueError(f"unknown IC training source {cfg.source!r}")
+    t0 = time.perf_counter()
+    with _FrozenBackbone(net):
+        if cache is None:
+            cache = extract_cache(net, data.images, data.labels, norm, ics.exits, flip_views=cfg.flip_views,
+                                  dtype=np.float16,
+                                  progress=(lambda i, n: progress("features", i, n)) if progress else None)
+        val_cache = extract_cache(net, val.images, val.labels, norm, ics.exits) if val is not None and len(val) \
+            else None
+    extract = time.perf_counter() - t0
+    result = train_on_cache(ics, cache, cfg, val_cache, progress)
+    result.extract_seconds = extract
+    return result
+
+
+# ------------------------------------------------------------------------------------- costs and profiles
+
+
+def ic_costs(stage_profile: StageProfile, ics: ICSet, cm_heads: dict[int, ExitHead] | None = None) -> ICCosts:
+    """FLOPs table of the IC exits: cumulative backbone FLOPs at each IC exit and the full network, each IC's
+    FLOPs, and the class-means head's FLOPs at the same exit (0 where there is none)."""
+    cum = stage_profile.cumulative
+    shapes = stage_profile.shapes
+    heads = cm_heads or {}
+    return ICCosts((*(float(cum[e]) for e in ics.exits), float(stage_profile.total)),
+                   tuple(float(f) for f in ics.flops()),
+                   tuple(float(heads[e].flops(shapes[e])) if e in heads else 0.0 for e in ics.exits))
+
+
+def search_profiles(table: ICDecisionTable, costs: ICCosts, modes: Sequence[str] = MODES, samples: int = 10_000,
+                    seed: int = 0, refine_rounds: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """Hull profiles per decision mode on a selection table. ``combined`` is seeded with the SDN hull.
+
+    Each profile: ``name`` (``<mode>-NN``, cheapest first, or ``full``), ``mode``, ``thresholds`` (a list,
+    or ``{"ic": [...], "cm": [...]}`` for ``combined``), mean ``flops``, ``flops_fraction``, ``accuracy``.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    found = {}
+    order = [m for m in ("ic_prob", "cm", "ic_entropy", "combined") if m in modes]
+    for mode in order:
+        if mode in ("cm", "combined") and not table.has_cm:
+            continue
+        extra = None
+        if mode == "combined":
+            sdn = found.get("ic_prob")
+            cm = found.get("cm")
+            extra = combined_seeds(sdn.thresholds[sdn.hull] if sdn else None, cm.thresholds[cm.hull] if cm else None,
+                                   table.num_exits - 1)
+        res = search_mode(table, costs, mode, samples, seed, refine_rounds, extra)
+        found[mode] = res
+        out[mode] = profiles_of(res, costs.full)
+    return out
+
+
+def profiles_of(res, full_flops: float) -> list[dict[str, Any]]:
+    profiles = []
+    for i, idx in enumerate(res.hull):
+        t = res.thresholds[idx]
+        thr: Any = t.tolist() if res.mode != "combined" else {"ic": t[0].tolist(), "cm": t[1].tolist()}
+        f, a = float(res.flops[idx]), float(res.accuracy[idx])
+        name = "full" if idx == 0 else f"{res.mode}-{i:02d}"
+        profiles.append({"name": name, "mode": res.mode, "thresholds": thr, "flops": f,
+                         "flops_fraction": f / full_flops, "accuracy": a})
+    if not any(p["name"] == "full" for p in profiles):
+        t = res.thresholds[0]
+        thr = t.tolist() if res.mode != "combined" else {"ic": t[0].tolist(), "cm": t[1].tolist()}
+        profiles.append({"name": "full", "mode": res.mode, "thresholds": thr, "flops": float(res.flops[0]),
+                         "flops_fraction": float(res.flops[0]) / full_flops, "accuracy": float(res.accuracy[0]),
+                         "on_hull": False})
+    return profiles
+
+
+def profile_thresholds(profile: dict[str, Any]) -> torch.Tensor:
+    """A stored profile's thresholds as the tensor :mod:`service.earlyexit.ic_rules` takes."""
+    t = profile["thresholds"]
+    if isinstance(t, dict):
+        return torch.tensor([t["ic"], t["cm"]], dtype=torch.float32)
+    return torch.tensor(t, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- the store
+
+
+def ics_root(model_dir: Path) -> Path:
+    return Path(model_dir) / ICS_DIR
+
+
+def list_ics_ids(model_dir: Path) -> list[str]:
+    root = ics_root(model_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and BUNDLE_ID_RE.match(p.name))
+
+
+def save_ics(model_dir: Path, spec: ModelSpec, ics: ICSet, stage_profile: StageProfile, info: dict[str, Any],
+             profiles: dict[str, Any] | None = None, tag: str = "") -> tuple[str, Path]:
+    """Write ``ics/<id>/`` atomically; returns ``(id, path)``."""
+    ics_id = new_bundle_id(tag)
+    final = ics_root(model_dir) / ics_id
+    staging = final.parent / f".{ics_id}{TMP_SUFFIX}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        blob = save(ics.tensors())
+        flops = ics.flops()
+        meta = {
+            "format": ICS_FORMAT, "id": ics_id, "model": spec.name, "weights_sha256": spec.weights_sha256,
+            "classes": list(spec.classes), "kind": "sdn_internal_classifiers",
+            "architecture": "mixed max/avg pooling to 4x4 (learnable alpha) + Linear",
+            "flops_unit": "FLOPs, 2 per multiply-add; IC = linear (FlopCounterMode) + pooling 2CHW + mix 3C16",
+            "flops_full": float(stage_profile.total),
+            "ics": [{"index": i, "exit": e, "in_shape": list(ic.in_shape), "kernel": ic.kernel,
+                     "feature_dim": ic.feature_dim, "flops": int(f),
+                     "backbone_flops_fraction": stage_profile.cumulative[e] / stage_profile.total}
+                    for i, (ic, e, f) in enumerate(zip(ics.ics, ics.exits, flops, strict=True))],
+            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+            **info,
+        }
+        (staging / ICS_TENSORS).write_bytes(blob)
+        (staging / ICS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        if profiles is not None:
+            (staging / ICS_PROFILES).write_text(json.dumps(profiles, indent=2) + "\n")
+        publish_dir_atomic(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ics_id, final
+
+
+def load_ics(model_dir: Path, spec: ModelSpec, stage_profile: StageProfile, ics_id: str | None = None
+             ) -> tuple[ICSet, dict[str, Any], dict[str, Any] | None]:
+    """Read and validate ``ics/<id>/`` (the newest when ``ics_id`` is None) -> (ICs, meta, profiles or None).
+
+    Checks: format, the backbone weights' sha256 and classes, the tensors' checksum, exits strictly
+    increasing and inside the backbone, input shapes equal to the backbone's, tensor shapes, float32,
+    finite values, ``0 <= alpha <= 1``.
+    """
+    if ics_id is None:
+        ids = list_ics_ids(model_dir)
+        if not ids:
+            raise ICError(f"{model_dir} has no internal classifiers; run classmeans train-ics", code="ics_not_found")
+        ics_id = ids[-1]
+    if not BUNDLE_ID_RE.match(ics_id):
+        raise ICError(f"invalid IC set id {ics_id!r}", code="ics_not_found")
+    path = ics_root(model_dir) / ics_id
+    if not path.is_dir():
+        raise ICError(f"IC set {ics_id!r} not found", code="ics_not_found")
+    try:
+        meta = json.loads((path / ICS_JSON).read_text())
+        blob = (path / ICS_TENSORS).read_bytes()
+        profiles = json.loads((path / ICS_PROFILES).read_text()) if (path / ICS_PROFILES).is_file() else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ICError(f"IC set {ics_id!r} is unreadable: {exc}") from exc
+    try:
+        if meta.get("format") != ICS_FORMAT:
+            raise ICError(f"IC set {ics_id}: unsupported format {meta.get('format')!r}")
+        if meta.get("tensors_sha256") != hashlib.sha256(blob).hexdigest():
+            raise ICError(f"IC set {ics_id}: {ICS_TENSORS} does not match its checksum")
+        if spec.weights_sha256 and meta.get("weights_sha256") != spec.weights_sha256:
+            raise ICError(f"IC set {ics_id} was trained on other weights than {spec.name}'s",
+                          code="ics_model_mismatch")
+        if list(meta.get("classes", [])) != list(spec.classes):
+            raise ICError(f"IC set {ics_id}: classes differ from the model's", code="ics_model_mismatch")
+        entries = meta["ics"]
+        exits = [int(e["exit"]) for e in entries]
+        n_early = len(stage_profile.shapes) - 1
+        if not exits or exits != sorted(set(exits)) or exits[0] < 0 or exits[-1] >= n_early:
+            raise ICError(f"IC set {ics_id}: exits {exits} must be increasing early exits of the backbone")
+        shapes = [tuple(int(v) for v in e["in_shape"]) for e in entries]
+        for e, s in zip(exits, shapes, strict=True):
+            if tuple(stage_profile.shapes[e]) != s:
+                raise ICError(f"IC set {ics_id}: exit {e} reads {s}, the backbone gives {stage_profile.shapes[e]}",
+                              code="ics_model_mismatch")
+        try:
+            tensors = load_file(str(path / ICS_TENSORS))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ICError(f"IC set {ics_id}: cannot read tensors: {exc}") from exc
+        ics = ICSet(exits, shapes, spec.num_classes, seed=None)
+        expected = ics.state_dict()
+        state = {}
+        for i in range(len(exits)):
+            for k in ("alpha", "linear.weight", "linear.bias"):
+                name = f"ic{i}.{k}"
+                t = tensors.get(name)
+                want = expected[f"ics.{i}.{k}"]
+                if t is None or t.dtype != torch.float32 or t.shape != want.shape:
+                    raise ICError(f"IC set {ics_id}: tensor {name} missing or not float32 {tuple(want.shape)}")
+                if not torch.isfinite(t).all():
+                    raise ICError(f"IC set {ics_id}: tensor {name} has non-finite values")
+                state[f"ics.{i}.{k}"] = t
+            if not 0.0 <= float(state[f"ics.{i}.alpha"]) <= 1.0:
+                raise ICError(f"IC set {ics_id}: alpha of IC {i} outside [0, 1]")
+        extra = set(tensors) - {f"ic{i}.{k}" for i in range(len(exits)) for k in ("alpha", "linear.weight",
+                                                                                  "linear.bias")}
+        if extra:
+            raise ICError(f"IC set {ics_id}: unexpected tensors {sorted(extra)}")
+        ics.load_state_dict(state, strict=True)
+    except ICError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ICError(f"IC set {ics_id} is malformed: {exc!r}") from exc
+    return ics.eval(), meta, profiles
+
+
+def train_config_json(cfg: ICTrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["optimizer"] = "Adam"
+    return d
+
+
+# ------------------------------------------------------------------------------- the whole operation
+
+
+def train_ics_for_model(model_dir: Path, data: LabelledImages, cfg: ICTrainConfig, holdout: int = 5000,
+                        bundle_id: str | None = None, samples: int = 10_000, search: bool = True,
+                        progress: ProgressFn | None = None, tag: str = "") -> dict[str, Any]:
+    """Train ICs for the model in ``model_dir`` and store them; shared by the CLI (and any HTTP route).
+
+    ``holdout`` samples (stratified, seed ``cfg.seed``: the split ``classmeans calibrate`` uses) are kept out
+    of training; thresholds for every decision mode are searched on them (``cm``/``combined`` with the class
+    means of ``bundle_id``, or the active bundle, when there is one). Returns a JSON-able summary.
+    """
+    from service.runtime.operations import resolve_bundle
+    from service.store.model_dir import load_model
+
+    spec, net = load_model(model_dir)
+    data = data.remap_to(spec.classes)
+    train_set, selection = data.split_holdout(int(holdout), seed=cfg.seed)
+    norm = Normalizer(spec.mean, spec.std)
+    stage_profile = profile_from(net)
+    bundle = None
+    try:
+        bundle = resolve_bundle(model_dir, spec, net.num_exits, bundle_id)
+    except BundleError:
+        if bundle_id is not None:
+            raise
+    result = train_ics(net, stage_profile, train_set, norm, cfg, progress=progress)
+    summary: dict[str, Any] = {
+        "model": spec.name, "epochs": cfg.epochs, "train_samples": len(train_set),
+        "selection_samples": len(selection), "exits": list(result.ics.exits),
+        "exit_names": [net.exit_names[e] for e in result.ics.exits],
+        "ic_flops": result.ics.flops(),
+        "backbone_flops_fraction": [stage_profile.cumulative[e] / stage_profile.total for e in result.ics.exits],
+        "feature_pass_seconds": round(result.extract_seconds, 2),
+        "seconds_per_epoch": round(result.seconds_per_epoch, 3),
+        "train_seconds": round(result.seconds, 2), "final_loss": result.history[-1]["loss"] if result.history
+        else None, "bundle": bundle.bundle_id if bundle else None,
+    }
+    profiles = None
+    if len(selection):
+        with _FrozenBackbone(net):
+            sel_cache = extract_cache(net, selection.images, selection.labels, norm, result.ics.exits,
+                                      cm_heads=bundle.heads if bundle else None)
+        table = ic_table_from_cache(result.ics, sel_cache)
+        acc = table.per_exit_accuracy()
+        summary["heldout_ic_accuracy"] = acc["ic"][:-1]
+        summary["heldout_full_accuracy"] = acc["ic"][-1]
+        if "cm" in acc:
+            summary["heldout_cm_accuracy"] = acc["cm"]
+        if search:
+            costs = ic_costs(stage_profile, result.ics, bundle.heads if bundle else None)
+            modes = search_profiles(table, costs, samples=samples, seed=cfg.seed)
+            profiles = {"bundle": bundle.bundle_id if bundle else None, "selection_samples": len(selection),
+                        "flops_full": costs.full, "modes": modes}
+            summary["profiles"] = {m: len(ps) for m, ps in modes.items()}
+            summary["cheapest_within_0.5_points"] = {
+                m: _cheapest_within(ps, summary["heldout_full_accuracy"], 0.005) for m, ps in modes.items()}
+    info = {"training": {**train_config_json(cfg), "history": result.history,
+                         "seconds_per_epoch": result.seconds_per_epoch, "feature_pass_seconds": result.extract_seconds},
+            "holdout": len(selection), "bundle": summary["bundle"],
+            **({"heldout_ic_accuracy": summary["heldout_ic_accuracy"]} if "heldout_ic_accuracy" in summary else {})}
+    ics_id, path = save_ics(model_dir, spec, result.ics, stage_profile, info, profiles, tag)
+    summary["ics_id"], summary["path"] = ics_id, str(path)
+    return summary
+
+
+def _cheapest_within(profiles: list[dict[str, Any]], full_acc: float, points: float) -> dict[str, Any] | None:
+    ok = [p for p in profiles if p["accuracy"] >= full_acc - points]
+    if not ok:
+        return None
+    p = min(ok, key=lambda q: q["flops"])
+    return {"name": p["name"], "accuracy": p["accuracy"], "flops_fraction": p["flops_fraction"]}
+
+
+def profile_from(net: StagedNetwork) -> StageProfile:
+    from service.backbones import profile_stages
+
+    return profile_stages(net)

@@ -1,0 +1,125 @@
+"""The class-means recompute job: an uploaded ImageFolder archive -> a new bundle, activated or staged.
+
+Two steps, both off the event loop: :func:`read_dataset_upload` reads and checks the archive (bad uploads
+are refused before any job runs), then :func:`recompute_class_means` calibrates with the network that is
+already loaded and, when asked, activates the new bundle through the engine (an atomic snapshot swap). A
+failure at any point removes the bundle it wrote, so the store and the serving state are as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from service.ingest.archives import ArchiveLimits, read_image_folder_archive
+from service.ingest.labelled import LabelledImages
+from service.runtime.bundle import load_bundle
+from service.runtime.calibration import CalibrationConfig, HeadConfig
+from service.runtime.engine import Engine
+from service.runtime.jobs import Job, JobFailure
+from service.store.bundles import bundle_path, list_bundle_ids
+
+log = logging.getLogger("classmeans.recompute")
+
+KIND = "class_means"
+
+
+@dataclass(frozen=True)
+class ClassMeansOptions:
+    """How to calibrate: held-out fraction for threshold selection, search mode and size, and whether
+    to activate the new bundle or only stage it. Head settings default to the active bundle's."""
+
+    holdout: float = 0.1
+    search: str = "quantile"
+    samples: int = 10_000
+    seed: int = 0
+    activate: bool = True
+    reduction: str | None = None
+    metric: str | None = None
+    temperature: float | None = None
+    tag: str = "upload"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_dataset_upload(fileobj: BinaryIO, filename: str, engine: Engine,
+                        limits: ArchiveLimits | None = None) -> LabelledImages:
+    """Read an uploaded archive into memory, resized to the model's input, with exactly its classes.
+
+    Raises :class:`~service.ingest.labelled.DatasetError` (with its ``code``) for any bad archive.
+    """
+    return read_image_folder_archive(fileobj, filename, image_size=engine.spec.input_size,
+                                     limits=limits or ArchiveLimits.for_upload(),
+                                     allowed_classes=list(engine.spec.classes))
+
+
+def check_split(data: LabelledImages, holdout: float) -> None:
+    """Refuse (``too_few_samples``) a dataset whose stratified split would leave a class without
+    class-means samples, or select thresholds on no sample at all (same arithmetic as ``split_holdout``)."""
+    n = len(data)
+    counts = np.bincount(data.labels, minlength=len(data.classes))
+    n_hold = round(holdout * n)
+    take = [round(n_hold * int(c) / n) for c in counts] if n else []
+    starved = [data.classes[k] for k, c in enumerate(counts) if int(c) - take[k] < 1]
+    if starved:
+        raise JobFailure(f"too few images for the held-out split: class(es) {', '.join(starved)} would keep "
+                         "no image for the class means; upload more images or lower holdout",
+                         code="too_few_samples")
+    if sum(take) < 1:
+        raise JobFailure(f"holdout {holdout} of {n} images selects no image for threshold selection; upload "
+                         "more images or raise holdout", code="too_few_samples")
+
+
+def head_config(engine: Engine, opts: ClassMeansOptions) -> HeadConfig:
+    """The options' head settings, defaulting to those of the bundle that serves now."""
+    heads = engine.snapshot.bundle.config.get("heads") or [{}]
+    base = heads[0] if isinstance(heads[0], dict) else {}
+    return HeadConfig(opts.reduction or str(base.get("reduction", "full")),
+                      opts.metric or str(base.get("metric", "euclidean")),
+                      float(opts.temperature if opts.temperature is not None else base.get("temperature", 1.0)))
+
+
+def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeansOptions, job: Job) -> dict[str, Any]:
+    """Calibrate a new bundle from ``data``; activate it if asked. Leaves no trace when it fails."""
+    from service.runtime.operations import calibrate_model  # report and plot code: jobs only
+
+    check_split(data, opts.holdout)
+    head = head_config(engine, opts)
+    cfg = CalibrationConfig(heads=[head], search=opts.search, samples=opts.samples, seed=opts.seed,
+                            batch_size=100)
+    before = set(list_bundle_ids(engine.model_dir))
+    try:
+        ids, summary = calibrate_model(engine.model_dir, data, cfg, holdout=opts.holdout, activate=False,
+                                       status=job.set_progress, tag=opts.tag,
+                                       loaded=(engine.spec, engine.net))
+        if not ids:
+            raise JobFailure("calibration produced no bundle", code="calibration_failed")
+        bid = ids[0]
+        job.set_progress("activating" if opts.activate else "validating")
+        if opts.activate:
+            snap = engine.activate_bundle(bid)
+            active = {"bundle": snap.bundle_id, "profile": snap.profile_name, "version": snap.version}
+        else:
+            load_bundle(engine.model_dir, bid, engine.spec, engine.net.num_exits)
+            active = None
+    except BaseException:
+        _remove_new_bundles(engine, before)
+        raise
+    headline = (summary.get("bundles") or [{}])[0]
+    return {"bundle": bid, "activated": opts.activate, "active": active, "heads": asdict(head),
+            "num_images": len(data), "num_means": summary.get("num_means"),
+            "num_selection": summary.get("num_selection"), "seconds": summary.get("seconds"),
+            "headline": headline}
+
+
+def _remove_new_bundles(engine: Engine, before: set[str]) -> None:
+    for bid in set(list_bundle_ids(engine.model_dir)) - before:
+        if bid == engine.snapshot.bundle_id:  # pragma: no cover - activation is the last step
+            continue
+        log.warning("removing bundle %s written by a failed job", bid)
+        shutil.rmtree(bundle_path(engine.model_dir, bid), ignore_errors=True)

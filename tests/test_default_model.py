@@ -1,0 +1,41 @@
+"""Regression: the committed default model and bundle still give the numbers docs/results.json reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from service.ingest.npz import load_npz
+from service.runtime.operations import evaluate_model, resolve_bundle
+from service.store.model_dir import load_model
+from tests.factories import CIFAR_DIR, REPO
+
+MODEL_DIR = REPO / "model_store" / "cifar10-resnet20"
+RESULTS = REPO / "docs" / "results.json"
+
+
+def test_default_model_and_bundle_load():
+    """The embedded default loads with its active bundle: no data needed."""
+    spec, net = load_model(MODEL_DIR)
+    bundle = resolve_bundle(MODEL_DIR, spec, net.num_exits, None)
+    assert bundle.num_exits == net.num_exits
+    assert (MODEL_DIR / "weights.safetensors").stat().st_size <= 4_000_000
+    total = sum(f.stat().st_size for f in (MODEL_DIR / "bundles" / bundle.bundle_id).iterdir())
+    assert total <= 10_000_000
+    assert any(p.flops_fraction < 1.0 for p in bundle.profiles)
+
+
+@pytest.mark.cifar
+def test_default_bundle_reproduces_the_report():
+    expected = json.loads(RESULTS.read_text())["regression"]
+    test = load_npz(CIFAR_DIR / "test.npz")
+    n = expected["num_samples"]
+    report, _ = evaluate_model(MODEL_DIR, test.subset(np.arange(n)))
+    assert report["bundle"] == expected["bundle"]
+    assert report["full_network_accuracy"] == pytest.approx(expected["full_network_accuracy"], abs=0.002)
+    measured = report["default_profile_measured"]
+    assert report["default_profile"] == expected["profile"]
+    assert measured["accuracy"] == pytest.approx(expected["default_accuracy"], abs=0.002)
+    assert measured["flops_fraction"] == pytest.approx(expected["default_flops_fraction"], abs=0.002)
