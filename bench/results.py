@@ -49,13 +49,13 @@ def held_out_score(profiles: list[dict[str, Any]]) -> float:
 
 
 def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
-    limit = 6000 if quick else None
+    limit = 1500 if quick else None
     train = load_npz(CIFAR / "train.npz", limit=limit)
-    test = load_npz(CIFAR / "test.npz", limit=2000 if quick else None)
+    test = load_npz(CIFAR / "test.npz", limit=500 if quick else None)
     loaded = load_model(model_dir)
     spec, net = loaded
-    samples = 2000 if quick else 10_000
-    holdout = 1000 if quick else 5000
+    samples = 300 if quick else 10_000
+    holdout = 300 if quick else 5000
     env = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "python": platform.python_version()}
     results: dict[str, Any] = {"model": spec.name, "architecture": spec.architecture, "environment": env,
@@ -64,7 +64,8 @@ def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     ours_cfg = CalibrationConfig(heads=VARIANTS, search="refine", samples=samples, seed=0)
     ours_ids, ours_summary = calibrate_model(model_dir, train, ours_cfg, holdout=holdout, activate=False,
-                                             tag="ours", loaded=loaded, measure_forward=2000)
+                                             tag="ours", loaded=loaded,
+                                             measure_forward=200 if quick else 2000)
     results["calibration_ours"] = {**ours_summary, "wall_seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     paper_cfg = CalibrationConfig(heads=[HeadConfig("full", "euclidean", 1.0)], search="paper", samples=samples,
@@ -95,6 +96,7 @@ def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
     results["paper_rule_bundle"] = paper_rule_heldout["bundle"]
     results["paper_mode_bundle"] = paper_ids[0]
     activate_bundle(model_dir, best["bundle"], spec=spec, num_exits=net.num_exits)
+    prune_bundles(model_dir, keep={best["bundle"], paper_rule_heldout["bundle"], paper_ids[0]})
     results["regression"] = regression_numbers(model_dir, test)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,17 @@ def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(render_markdown(results))
     return results
+
+
+def prune_bundles(model_dir: Path, keep: set[str]) -> None:
+    """Keep the default, the paper-rule and the paper-mode bundles; the other variants live on in the JSON."""
+    import shutil
+
+    from service.store.bundles import bundle_path, list_bundle_ids
+
+    for bid in list_bundle_ids(model_dir):
+        if bid not in keep:
+            shutil.rmtree(bundle_path(model_dir, bid))
 
 
 def regression_numbers(model_dir: Path, test, n: int = 2000) -> dict[str, Any]:
@@ -190,7 +203,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         f"Default bundle: `{r['default_bundle']}` ({r['chosen']['heads']}). The paper-rule bundle "
         f"(`{r['paper_rule_bundle']}`, full maps, Euclidean, held-out selection) and the paper-mode bundle "
-        f"(`{r['paper_mode_bundle']}`, chosen on the training set) are kept for comparison.",
+        f"(`{r['paper_mode_bundle']}`, chosen on the training set) are kept in `model_store/` for comparison; the "
+        "other variants' bundles are removed after the report (the command recreates them).",
         "",
         "## Calibration cost (this machine, measured in the same run)",
         "",
@@ -209,8 +223,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default=str(REPO / "model_store" / "cifar10-resnet20"))
     ap.add_argument("--out", default=str(REPO / "docs"))
+    ap.add_argument("--render-only", action="store_true", help="re-render results.md from results.json")
     ap.add_argument("--quick", action="store_true", help="small subsets (a smoke run, not a result)")
     args = ap.parse_args()
+    if args.render_only:
+        out = Path(args.out)
+        (out / "results.md").write_text(render_markdown(json.loads((out / "results.json").read_text())))
+        return
     res = run(Path(args.model_dir), Path(args.out), args.quick)
     print(json.dumps({"default_bundle": res["default_bundle"], "chosen": res["chosen"]}, indent=2))
 

@@ -217,7 +217,7 @@ def test_vectorised_equals_plain_reference(mode):
 
 
 def test_bitset_handles_more_samples_than_one_chunk():
-    table, costs = _random_table(300, 3, seed=3)
+    table, _ = _random_table(300, 3, seed=3)
     cas = table.cascade("combined")
     t = to_score_thresholds("combined", torch.rand(40, 2, 3, generator=torch.Generator().manual_seed(0)))
     c1, h1 = cas.exit_counts(t, sample_chunk=64)

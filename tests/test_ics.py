@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.backbones import profile_stages
-from service.backbones.internal_classifiers import InternalClassifier, ICSet, place_ics, pool_pair
+from service.backbones.internal_classifiers import ICSet, InternalClassifier, place_ics, pool_pair
 from service.cli.main import main
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.runtime.baselines import (
@@ -26,6 +26,7 @@ from service.runtime.baselines import (
     train_bwds_policies,
 )
 from service.runtime.bundle import load_bundle
+from service.runtime.evaluation import decision_table_for
 from service.runtime.ic_runner import ICExitRunner, row_thresholds
 from service.runtime.ics import (
     ICError,
@@ -160,6 +161,11 @@ def test_runner_equals_offline_table_in_every_mode(tiny):
     res = train_ics(net, prof, train, norm, ICTrainConfig(epochs=2, batch_size=64))
     cache = extract_cache(net, sel.images, sel.labels, norm, res.ics.exits, cm_heads=bundle.heads)
     table = ic_table_from_cache(res.ics, cache)
+    # The cache's class-means columns are the bundle's own decision table (every exit).
+    ref = decision_table_for(net, bundle, sel, norm)
+    assert torch.allclose(torch.from_numpy(cache.cm_all_top), ref.top_prob[:, :-1], atol=1e-6)
+    assert torch.equal(torch.from_numpy(cache.cm_all_pred), ref.pred[:, :-1])
+    assert torch.equal(table.cm_pred, ref.pred[:, list(res.ics.exits)])
     costs = ic_costs(prof, res.ics, bundle.heads)
     assert costs.ic_cost == tuple(float(f) for f in res.ics.flops()) and all(c > 0 for c in costs.cm_cost)
     profiles = search_profiles(table, costs, samples=300, seed=0, refine_rounds=1)

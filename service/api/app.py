@@ -46,6 +46,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except EngineLoadError as exc:
         state.not_ready_reason = str(exc)
         log.error("NOT READY: %s", exc)
+    except Exception:
+        state.not_ready_reason = "the model failed to load (unexpected error; see the server log)"
+        log.exception("NOT READY: unexpected error while loading the model")
     else:
         m = state.metrics
         batcher = Batcher(engine.run_batch, max_batch_size=s.max_batch_size, max_delay_s=s.max_delay_s,

@@ -51,8 +51,8 @@ def resolve_admin_token(settings: Settings) -> str:
     return token
 
 
-def require_admin(state: StateDep,
-                  creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def require_admin(state: StateDep,
+                        creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
     """401 ``unauthorized`` unless ``Authorization: Bearer <token>`` carries the admin token."""
     expected = state.token
     given = creds.credentials if creds is not None else ""

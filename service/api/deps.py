@@ -1,4 +1,5 @@
-"""FastAPI dependencies, declared once as ``Annotated`` aliases."""
+"""FastAPI dependencies, declared once as ``Annotated`` aliases. All ``async``: FastAPI would run plain
+``def`` dependencies in its thread pool, a thread hop per request for a trivial lookup."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ from service.api.state import AppState
 from service.runtime.engine import Engine
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.app.state.classmeans
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_engine(state: StateDep) -> Engine:
-    """The engine, or 503 ``not_ready`` while loading, after a failed load, or while shutting down."""
-    if not state.ready or state.engine is None:
+async def get_engine(state: StateDep) -> Engine:
+    """The engine, or 503 ``not_ready`` while loading or after a failed load.
+
+    While shutting down, readiness is already 503 but requests that reach the app (on connections opened
+    before the signal) are still served until the batcher has drained; after that they get 503 too.
+    """
+    if state.engine is None or state.batcher is None:
         raise not_ready(state.not_ready_reason or "not ready")
     return state.engine
 

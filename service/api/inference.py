@@ -11,8 +11,9 @@ from starlette.requests import Request
 from service.api import schemas
 from service.api.state import AppState
 from service.ingest.images import ImageError, decode_image
-from service.runtime.batcher import DeadlineExceeded, Overloaded, QueueTimeout, Submitted
-from service.runtime.engine import Engine, InferenceOutcome, InferenceRequest, Snapshot
+from service.runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout, Submitted
+from service.runtime.engine import Engine
+from service.runtime.snapshot import InferenceOutcome, InferenceRequest, Snapshot
 from service.store.bundles import BundleError
 
 
@@ -27,6 +28,8 @@ def check_profile(snapshot: Snapshot, profile: str | None) -> None:
 def admit(state: AppState, n: int) -> None:
     """Fast 503 ``overloaded`` before any decoding when the queue cannot take ``n`` more samples."""
     assert state.batcher is not None
+    if state.batcher.closing:
+        raise BatcherClosed("the server is shutting down")
     if not state.batcher.has_room(n):
         state.metrics.reject("overloaded")
         raise Overloaded()

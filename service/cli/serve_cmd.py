@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, lifespan="on",
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.graceful_timeout_s,
-                            proxy_headers=False, server_header=False)
+                            timeout_keep_alive=settings.keep_alive_s, proxy_headers=False, server_header=False)
     _make_server(config, app.state.classmeans).run()
     return 0
 

@@ -17,7 +17,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,26 @@ import numpy as np
 import torch
 
 from service.backbones import StagedNetwork
-from service.earlyexit import Operating, TimeSharingRouter, select_by_target
+from service.earlyexit import Operating, select_by_target
 from service.runtime.bundle import Bundle, load_bundle
 from service.runtime.metrics import Metrics
 from service.runtime.preprocess import Normalizer
 from service.runtime.runner import ExitRunner
+from service.runtime.snapshot import (
+    FULL,
+    InferenceOutcome,
+    InferenceRequest,
+    SamplePrediction,
+    Snapshot,
+    make_snapshot,
+    operating_from_json,
+    single_operating,
+)
 from service.store.atomic import sweep_tmp
 from service.store.bundles import BundleError, bundle_path, list_bundle_ids, read_active, write_active
 from service.store.model_dir import ModelSpec, load_model
 
 log = logging.getLogger("classmeans.engine")
-
-FULL = "full"  # the profile name reported when exits are switched off for a request
-
 
 class EngineLoadError(RuntimeError):
     """The model or every bundle failed to load: the process must not report ready."""
@@ -51,113 +57,16 @@ def read_active_or_none(model_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _version(active: dict[str, Any] | None) -> int:
+    try:
+        return max(0, int((active or {}).get("version", 0)))
+    except (TypeError, ValueError):
+        log.error("active.json has a malformed version %r; counting from 0", (active or {}).get("version"))
+        return 0
+
+
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What serves now. Never mutated: a switch publishes a new one."""
-
-    bundle: Bundle
-    runner: ExitRunner
-    operating: Operating
-    router: TimeSharingRouter | None
-    version: int
-    updated: str
-    thresholds: dict[str, torch.Tensor] = field(repr=False)
-    fallback_from: str | None = None
-
-    @property
-    def bundle_id(self) -> str:
-        return self.bundle.bundle_id
-
-    @property
-    def profile_name(self) -> str:
-        """The operating point's name: a profile, or ``a~b@lam`` for a time-shared mix."""
-        return self.operating.name
-
-    def has_profile(self, name: str) -> bool:
-        return name in self.thresholds
-
-    def operating_json(self) -> dict[str, Any]:
-        op = self.operating
-        out: dict[str, Any] = {"a": op.a}
-        if op.b is not None:
-            out.update({"b": op.b, "lam": op.lam})
-        return out
-
-
-def _thresholds(bundle: Bundle) -> dict[str, torch.Tensor]:
-    t = {p.name: torch.tensor(p.thresholds, dtype=torch.float32) for p in bundle.profiles}
-    t.setdefault(FULL, torch.ones(bundle.num_exits - 1, dtype=torch.float32))
-    return t
-
-
-def _single(bundle: Bundle, name: str) -> Operating:
-    p = bundle.profile(name)
-    return Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy)
-
-
-def operating_from_json(bundle: Bundle, obj: Any) -> Operating:
-    """``{"a": name}`` or ``{"a": name, "b": name, "lam": x}`` -> :class:`Operating` (validated)."""
-    if not isinstance(obj, dict) or "a" not in obj:
-        raise BundleError("operating point must name profile 'a'", code="invalid_active")
-    names = set(bundle.profile_names())
-    a, b = str(obj["a"]), obj.get("b")
-    if a not in names or (b is not None and str(b) not in names):
-        raise BundleError(f"operating point {obj!r} names a profile not in bundle {bundle.bundle_id}",
-                          code="profile_not_found")
-    if b is None:
-        return _single(bundle, a)
-    lam = float(obj.get("lam", 1.0))
-    if not 0.0 <= lam <= 1.0:
-        raise BundleError(f"operating point lam {lam} is outside [0, 1]", code="invalid_active")
-    pa, pb = bundle.profile(a), bundle.profile(str(b))
-    return Operating(a, str(b), lam, lam * pa.flops_fraction + (1 - lam) * pb.flops_fraction,
-                     lam * pa.accuracy + (1 - lam) * pb.accuracy)
-
-
-@dataclass
-class InferenceRequest:
-    """One request's samples for the batcher: uint8 ``pixels (n, H, W, 3)`` or a normalised
-    ``tensor (n, 3, H, W)``; ``profile`` overrides the operating point, ``exits_off`` forces the full net."""
-
-    snapshot: Snapshot
-    pixels: np.ndarray | None = None
-    tensor: torch.Tensor | None = None
-    profile: str | None = None
-    exits_off: bool = False
-    top_k: int = 5
-
-    @property
-    def size(self) -> int:
-        return int(self.pixels.shape[0] if self.pixels is not None else self.tensor.shape[0])  # type: ignore[union-attr]
-
-    @property
-    def served_as(self) -> str:
-        """The profile name this request reports: the override, ``full``, or the operating point."""
-        if self.exits_off:
-            return FULL
-        return self.profile or self.snapshot.profile_name
-
-
-@dataclass
-class SamplePrediction:
-    class_index: int
-    label: str
-    confidence: float
-    top_k: list[tuple[int, str, float]]
-    exit_index: int
-    exit_name: str
-    flops: float
-    profile: str
-
-
-@dataclass
-class InferenceOutcome:
-    predictions: list[SamplePrediction]
-    inference_seconds: float
 
 
 class Engine:
@@ -204,7 +113,7 @@ class Engine:
         active = read_active_or_none(model_dir)
         if active is None and (model_dir / "active.json").exists():
             log.error("ACTIVE STATE UNREADABLE: %s/active.json is corrupt; falling back", model_dir)
-        version = int(active.get("version", 0)) if active else 0
+        version = _version(active)
         failed: str | None = None
         if active is not None:
             try:
@@ -214,8 +123,8 @@ class Engine:
                 except BundleError as exc:
                     log.error("active operating point is invalid (%s); using profile %s", exc,
                               bundle.default_profile)
-                    operating = _single(bundle, bundle.default_profile)
-                return _make_snapshot(net, bundle, operating, version, str(active.get("updated", "")))
+                    operating = single_operating(bundle, bundle.default_profile)
+                return make_snapshot(net, bundle, operating, version, str(active.get("updated", "")))
             except BundleError as exc:
                 failed = str(active["bundle"])
                 log.error("ACTIVE BUNDLE %s DOES NOT LOAD (%s); falling back to the newest loadable bundle",
@@ -230,7 +139,7 @@ class Engine:
                 continue
             if failed:
                 log.error("SERVING FALLBACK BUNDLE %s instead of %s", bid, failed)
-            return _make_snapshot(net, bundle, _single(bundle, bundle.default_profile), version, _now_iso(),
+            return make_snapshot(net, bundle, single_operating(bundle, bundle.default_profile), version, _now_iso(),
                                   fallback_from=failed)
         why = f"active bundle {failed} is corrupt and no other bundle loads" if failed else "no bundle found"
         raise EngineLoadError(f"model {model_dir.name!r}: {why}; run `classmeans calibrate`")
@@ -249,7 +158,7 @@ class Engine:
             if name not in snap.bundle.profile_names():
                 raise BundleError(f"profile {name!r} is not in bundle {snap.bundle_id} "
                                   f"(have: {', '.join(snap.bundle.profile_names())})", code="profile_not_found")
-            return self._publish(snap.bundle, snap.runner, _single(snap.bundle, name), profile_switch=True)
+            return self._publish(snap.bundle, snap.runner, single_operating(snap.bundle, name), profile_switch=True)
 
     def switch_target(self, min_accuracy: float | None = None,
                       max_flops_fraction: float | None = None) -> Snapshot:
@@ -269,15 +178,14 @@ class Engine:
             raise BundleError(f"profile {name!r} is not in bundle {bundle_id}", code="profile_not_found")
         runner = ExitRunner(self.net, bundle.heads, bundle.costs)
         with self._lock:
-            return self._publish(bundle, runner, _single(bundle, name), bundle_activation=True)
+            return self._publish(bundle, runner, single_operating(bundle, name), bundle_activation=True)
 
     def _publish(self, bundle: Bundle, runner: ExitRunner, op: Operating, profile_switch: bool = False,
                  bundle_activation: bool = False) -> Snapshot:
         """Persist ``active.json`` (version + 1), then swap the snapshot. Caller holds the lock."""
         old = self._snapshot
-        prev = read_active_or_none(self.model_dir) or {}
-        version = max(int(prev.get("version", 0)), old.version) + 1
-        new = _make_snapshot(self.net, bundle, op, version, _now_iso(), runner=runner,
+        version = max(_version(read_active_or_none(self.model_dir)), old.version) + 1
+        new = make_snapshot(self.net, bundle, op, version, _now_iso(), runner=runner,
                              thresholds=old.thresholds if bundle is old.bundle else None)
         write_active(self.model_dir, {"bundle": bundle.bundle_id, "operating": new.operating_json(),
                                       "version": version, "updated": new.updated})
@@ -393,12 +301,3 @@ class Engine:
                 entry["readable"] = False
             out.append(entry)
         return out
-
-
-def _make_snapshot(net: StagedNetwork, bundle: Bundle, op: Operating, version: int, updated: str,
-                   runner: ExitRunner | None = None, thresholds: dict[str, torch.Tensor] | None = None,
-                   fallback_from: str | None = None) -> Snapshot:
-    router = TimeSharingRouter(op.lam) if op.b is not None else None
-    return Snapshot(bundle, runner or ExitRunner(net, bundle.heads, bundle.costs), op, router, version, updated,
-                    thresholds if thresholds is not None else _thresholds(bundle), fallback_from)
-

@@ -77,7 +77,8 @@ class FeatureCache:
     ``pooled_max[i]``, ``pooled_avg[i]``: ``(N, D_i)`` flattened SDN-pooled maps at IC exit ``exits[i]``
     (``D_i = C * 4 * 4``; equal when no pooling applies). ``logits (N, K)`` float32: the network's own.
     ``labels (N,)`` int64. ``cm_top``, ``cm_pred`` ``(N, E)``: class-means top probability and nearest
-    mean at each IC exit (absent without heads). ``maps[j]``: full ``(N, C, H, W)`` stage-``j`` outputs
+    mean at each IC exit (absent without heads); ``cm_all_top``, ``cm_all_pred`` ``(N, M - 1)``: the same at
+    every early exit of the backbone (0 where there is no head). ``maps[j]``: full ``(N, C, H, W)`` stage-``j`` outputs
     (for conv branches). Arrays are numpy (memory, or ``.npy`` memory maps when a directory is given).
     ``views``: 1, or 2 when the second half holds horizontally flipped copies of the first.
     """
@@ -91,6 +92,8 @@ class FeatureCache:
     cm_pred: np.ndarray | None = None
     maps: dict[int, np.ndarray] = field(default_factory=dict)
     views: int = 1
+    cm_all_top: np.ndarray | None = None
+    cm_all_pred: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -157,6 +160,8 @@ def extract_cache(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, no
     has_cm = cm_heads is not None
     cm_top = _alloc(out_dir, "cm_top", (n, len(exits)), np.float32) if has_cm else None
     cm_pred = _alloc(out_dir, "cm_pred", (n, len(exits)), np.int64) if has_cm else None
+    cm_all_top = _alloc(out_dir, "cm_all_top", (n, len(shapes)), np.float32) if has_cm else None
+    cm_all_pred = _alloc(out_dir, "cm_all_pred", (n, len(shapes)), np.int64) if has_cm else None
     maps = {j: _alloc(out_dir, f"map{j}", (n, *shapes[j]), np.float16) for j in map_exits}
     done = 0
     for v in range(views):
@@ -171,27 +176,31 @@ def extract_cache(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, no
                 f = stage(f)
                 if j in map_exits:
                     maps[j][rlo:rhi] = f.to(torch.float16).numpy()
+                if has_cm:
+                    assert cm_all_top is not None and cm_all_pred is not None and cm_heads is not None
+                    head = cm_heads.get(j)
+                    if head is None:
+                        cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j] = 0.0, 0
+                    else:
+                        c_, p_ = head.probabilities(f).max(1)
+                        cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j] = c_.numpy(), p_.numpy()
                 if j in exits:
                     i = exits.index(j)
                     mx, av = pool_pair(f, pooling_kernel(shapes[j]))
                     pmax[i][rlo:rhi] = torch.flatten(mx, 1).numpy().astype(dtype, copy=False)
                     pavg[i][rlo:rhi] = torch.flatten(av, 1).numpy().astype(dtype, copy=False)
                     if has_cm:
-                        assert cm_top is not None and cm_pred is not None and cm_heads is not None
-                        head = cm_heads.get(j)
-                        if head is None:
-                            cm_top[rlo:rhi, i], cm_pred[rlo:rhi, i] = 0.0, 0
-                        else:
-                            c_, p_ = head.probabilities(f).max(1)
-                            cm_top[rlo:rhi, i], cm_pred[rlo:rhi, i] = c_.numpy(), p_.numpy()
+                        assert cm_top is not None and cm_pred is not None
+                        cm_top[rlo:rhi, i], cm_pred[rlo:rhi, i] = cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j]
             logits_a[rlo:rhi] = net.head(f).float().numpy()
             labels_a[rlo:rhi] = labels[lo:hi]
             done += hi - lo
             if progress is not None:
                 progress(done, n)
-    cache = FeatureCache(exits, pmax, pavg, logits_a, labels_a, cm_top, cm_pred, maps, views)
+    cache = FeatureCache(exits, pmax, pavg, logits_a, labels_a, cm_top, cm_pred, maps, views, cm_all_top, cm_all_pred)
     if out_dir is not None:
-        for arr in [*pmax, *pavg, logits_a, labels_a, *maps.values(), *(a for a in (cm_top, cm_pred) if a is not None)]:
+        for arr in [*pmax, *pavg, logits_a, labels_a, *maps.values(),
+                    *(a for a in (cm_top, cm_pred, cm_all_top, cm_all_pred) if a is not None)]:
             if isinstance(arr, np.memmap):
                 arr.flush()
         meta = {"key": key, "complete": True, "exits": list(exits), "map_exits": list(map_exits), "views": views,
@@ -207,7 +216,8 @@ def _reopen(out_dir: Path, meta: dict[str, Any]) -> FeatureCache:
                         [_open(out_dir, f"avg{i}") for i in range(e)], _open(out_dir, "logits"),
                         _open(out_dir, "labels"), _open(out_dir, "cm_top") if cm else None,
                         _open(out_dir, "cm_pred") if cm else None,
-                        {int(j): _open(out_dir, f"map{j}") for j in meta["map_exits"]}, int(meta["views"]))
+                        {int(j): _open(out_dir, f"map{j}") for j in meta["map_exits"]}, int(meta["views"]),
+                        _open(out_dir, "cm_all_top") if cm else None, _open(out_dir, "cm_all_pred") if cm else None)
 
 
 # ------------------------------------------------------------------------------------------ the training

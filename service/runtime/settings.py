@@ -43,6 +43,7 @@ class Settings(BaseSettings):
 
     admin_token: SecretStr | None = Field(None, description="admin bearer token; generated and stored if unset")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
+    keep_alive_s: int = Field(65, ge=1, description="idle keep-alive timeout; above a proxy's (often 60 s)")
     warmup: bool = Field(True, description="run the network once per exit mode before reporting ready")
     log_level: str = Field("info", description="log level of `classmeans serve`")
 

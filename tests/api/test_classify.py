@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from tests.api.conftest import (
@@ -221,6 +220,3 @@ async def test_concurrent_requests_are_batched(served):
     assert all(r.status_code == 200 for r in rs)
     assert sum(served.state.batcher.stats.history) == 8
 
-
-def test_client_helper_types():
-    assert httpx.Response(200).status_code == 200

@@ -84,7 +84,14 @@ async def test_warm_up_then_ready(tiny_store):
         assert (await s.client.get("/readyz")).status_code == 200
 
 
-async def test_shutdown_flips_readiness(served):
+async def test_shutdown_flips_readiness_but_serves_until_drained(served):
     served.state.begin_shutdown()
     assert_envelope(await served.client.get("/readyz"), 503, "not_ready")
     assert (await served.client.get("/livez")).status_code == 200
+    assert served.state.metrics.up.labels(MODEL)._value.get() == 0
+    png = sample_pngs(1)[0]
+    r = await served.client.post("/classify", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200  # a request that reached the app before the drain ended is still served
+    await served.state.batcher.stop()
+    r = await served.client.post("/classify", content=png, headers={"content-type": "image/png"})
+    assert_envelope(r, 503, "not_ready")

@@ -112,7 +112,8 @@ async def test_unreachable_accuracy_target(served):
 
 
 async def test_not_json_is_refused(served):
-    r = await served.client.post("/profiles", content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    headers = {**AUTH, "content-type": "application/json"}
+    r = await served.client.post("/profiles", content=b"{not json", headers=headers)
     assert_envelope(r, 422, "validation_error")
 
 

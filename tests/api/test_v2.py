@@ -106,5 +106,6 @@ async def test_infer_errors(served, body, status, code):
 async def test_infer_unknown_model_and_bad_json(served):
     r = await served.client.post("/v2/models/other/infer", json={"inputs": [_fp32([1, 3, 32, 32])]})
     assert_envelope(r, 404, "model_not_found")
-    r = await served.client.post(f"/v2/models/{MODEL}/infer", content=b"{", headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    r = await served.client.post(f"/v2/models/{MODEL}/infer", content=b"{", headers=headers)
     assert_envelope(r, 422, "validation_error")

@@ -21,7 +21,7 @@ from service.api.inference import (
     state_headers,
 )
 from service.api.limits import read_body_capped
-from service.runtime.engine import InferenceRequest
+from service.runtime.snapshot import InferenceRequest
 
 router = APIRouter(tags=["data plane"])
 

@@ -12,7 +12,8 @@ from service.api.deps import EngineDep
 from service.api.errors import ApiError
 from service.api.inference import operating_info
 from service.api.limits import read_body_capped, require_json_object
-from service.runtime.engine import Engine, Snapshot
+from service.runtime.engine import Engine
+from service.runtime.snapshot import Snapshot
 
 router = APIRouter(tags=["data plane"])
 

@@ -26,7 +26,8 @@ from service.api import schemas
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
 from service.api.inference import admit, check_profile, deadline_for, decode_all, run_inference, state_headers
-from service.runtime.engine import Engine, InferenceOutcome, InferenceRequest
+from service.runtime.engine import Engine
+from service.runtime.snapshot import InferenceOutcome, InferenceRequest
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 

@@ -1,0 +1,276 @@
+"""A bounded loopback load generator (httpx, asyncio) that checks every answer and reports the 2g schema.
+
+``N`` concurrent clients, each with its own keep-alive connection, send requests until a fixed count is
+reached: first ``warmup`` requests (excluded from every figure), then ``requests`` measured ones. Request
+``i`` of the measured phase carries image ``i mod n`` of the payload set, so with ``requests <= n`` every
+answer is about a different image and the accuracy is over distinct images.
+
+A :class:`Target` knows how to build a request for one image and how to read the answer (one per server
+kind). The report (:func:`run_load`) follows ``shared/research/style-and-reliability.md`` section 2g: load
+shape, counts by outcome, throughput, client and server latency percentiles, early-exit figures, accuracy,
+resources of the server's process tree, and the (bundle, profile, version) triples that answered.
+
+Only 127.0.0.1 / localhost / ::1 URLs are accepted; every loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+
+from bench import procstat
+from bench.images import ImageSet
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_loopback(url: str) -> None:
+    """Refuse any URL that is not on this machine's loopback interface."""
+    host = urlsplit(url).hostname or ""
+    if host not in LOOPBACK and not host.startswith("127."):
+        raise ValueError(f"the load generator only talks to loopback addresses, not {host!r}")
+
+
+@dataclass
+class Answer:
+    """What one answer said, as far as the benchmark cares (missing fields are ``None``)."""
+
+    class_index: int | None = None
+    exit_index: int | None = None
+    flops_fraction: float | None = None
+    bundle: str | None = None
+    profile: str | None = None
+    version: int | None = None
+    queue_s: float | None = None
+    inference_s: float | None = None
+    batch_samples: int | None = None
+    consistent: bool = True  # headers, body and per-sample fields name the same state
+
+
+class Target(Protocol):
+    """One server kind: how to ask about image ``i`` and how to read the answer."""
+
+    name: str
+
+    def request(self, images: ImageSet, i: int) -> dict[str, Any]:
+        """Keyword arguments for ``httpx.AsyncClient.request`` (``method``, ``url``, ...)."""
+
+    def parse(self, response: httpx.Response) -> Answer:
+        """Read a 2xx answer; raise ``ValueError`` if it is malformed."""
+
+
+@dataclass
+class ClassmeansTarget:
+    """``POST /classify`` with a raw ``image/png`` body; ``exits="off"`` runs the full network."""
+
+    exits: str = "on"
+    profile: str | None = None
+    name: str = "classmeans"
+
+    def request(self, images: ImageSet, i: int) -> dict[str, Any]:
+        params: dict[str, str] = {"top_k": "1"}
+        if self.exits == "off":
+            params["exits"] = "off"
+        if self.profile is not None:
+            params["profile"] = self.profile
+        return {"method": "POST", "url": "/classify", "params": params, "content": images.pngs[i],
+                "headers": {"Content-Type": "image/png"}}
+
+    def parse(self, response: httpx.Response) -> Answer:
+        body = response.json()
+        pred = body["predictions"][0]
+        h = response.headers
+        consistent = (h.get("x-classmeans-bundle") == body["bundle"]
+                      and h.get("x-classmeans-profile") == body["profile"]
+                      and h.get("x-classmeans-version") == str(body["version"])
+                      and (body["operating"] is not None or all(p["profile"] == body["profile"]
+                                                                for p in body["predictions"])))
+        return Answer(int(pred["class_index"]), int(pred["exit_index"]), float(pred["flops_fraction"]),
+                      body["bundle"], body["profile"], int(body["version"]), float(body["queue_seconds"]),
+                      float(body["inference_seconds"]), int(body["batch_samples"]), consistent)
+
+
+@dataclass
+class LitServeTarget:
+    """LitServe's documented image pattern: ``POST /predict`` with JSON ``{"image": <base64 PNG>}``."""
+
+    name: str = "litserve"
+    _cache: dict[int, bytes] = field(default_factory=dict, repr=False)
+
+    def request(self, images: ImageSet, i: int) -> dict[str, Any]:
+        body = self._cache.get(i)
+        if body is None:
+            body = json.dumps({"image": base64.b64encode(images.pngs[i]).decode()}).encode()
+            self._cache[i] = body
+        return {"method": "POST", "url": "/predict", "content": body,
+                "headers": {"Content-Type": "application/json"}}
+
+    def parse(self, response: httpx.Response) -> Answer:
+        body = response.json()
+        return Answer(class_index=int(body["class_index"]), flops_fraction=1.0)
+
+
+@dataclass
+class _Record:
+    i: int
+    start: float
+    end: float
+    status: int | None  # None: no HTTP answer (see ``failure``)
+    code: str = ""
+    failure: str = ""
+    retry_after: bool = False
+    answer: Answer | None = None
+
+
+def _pct(values: list[float] | np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def latency_summary(values: list[float]) -> dict[str, float | None]:
+    """p50/p90/p95/p99/max/mean of a list of seconds (``None`` when empty)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"p50": _pct(arr, 50), "p90": _pct(arr, 90), "p95": _pct(arr, 95), "p99": _pct(arr, 99),
+            "max": float(arr.max()) if arr.size else None, "mean": float(arr.mean()) if arr.size else None}
+
+
+async def _one(client: httpx.AsyncClient, target: Target, images: ImageSet, i: int) -> _Record:
+    start = time.perf_counter()
+    try:
+        r = await client.request(**target.request(images, i % len(images)))
+    except httpx.TimeoutException:
+        return _Record(i, start, time.perf_counter(), None, failure="timeout")
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        return _Record(i, start, time.perf_counter(), None, failure=f"reset: {type(exc).__name__}")
+    except httpx.ConnectError:
+        return _Record(i, start, time.perf_counter(), None, failure="connect_error")
+    end = time.perf_counter()
+    rec = _Record(i, start, end, r.status_code, retry_after="retry-after" in r.headers)
+    if 200 <= r.status_code < 300:
+        try:
+            rec.answer = target.parse(r)
+        except (ValueError, KeyError, TypeError, IndexError):
+            rec.code = "malformed_answer"
+    else:
+        try:
+            rec.code = str(r.json()["error"]["code"])
+        except (ValueError, KeyError, TypeError):
+            rec.code = f"http_{r.status_code}"
+    return rec
+
+
+async def _phase(base_url: str, target: Target, images: ImageSet, concurrency: int, count: int, offset: int,
+                 timeout_s: float, time_limit_s: float) -> tuple[list[_Record], float]:
+    """Send ``count`` requests from ``concurrency`` clients; returns the records and the wall time."""
+    next_i = 0
+    records: list[_Record] = []
+    stop_at = time.perf_counter() + time_limit_s
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_i
+        while next_i < count and time.perf_counter() < stop_at:
+            i = next_i
+            next_i += 1
+            records.append(await _one(client, target, images, offset + i))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return records, wall
+
+
+def _counts(records: list[_Record]) -> dict[str, Any]:
+    status = Counter(r.status for r in records if r.status is not None)
+    codes = Counter(r.code for r in records if r.code)
+    failures = Counter(r.failure.split(":")[0] for r in records if r.failure)
+    return {"sent": len(records), "completed": sum(1 for r in records if r.status is not None),
+            "ok_2xx": sum(n for s, n in status.items() if 200 <= s < 300),
+            "by_status": {str(k): v for k, v in sorted(status.items())},
+            "by_code": dict(sorted(codes.items())),
+            "overloaded_503": codes.get("overloaded", 0), "queue_timeout_503": codes.get("queue_timeout", 0),
+            "deadline_504": status.get(504, 0),
+            "other_5xx": sum(n for s, n in status.items() if s >= 500 and s not in (503, 504)),
+            "rejections_without_retry_after": sum(1 for r in records if r.status == 503 and not r.retry_after),
+            "client_timeouts": failures.get("timeout", 0), "resets": failures.get("reset", 0),
+            "connect_errors": failures.get("connect_error", 0)}
+
+
+def _early_exit(answers: list[tuple[int, Answer]], images: ImageSet) -> dict[str, Any]:
+    labelled = [(i, a) for i, a in answers if a.class_index is not None]
+    correct = sum(1 for i, a in labelled if a.class_index == int(images.labels[i % len(images)]))
+    exits = Counter(a.exit_index for _, a in answers if a.exit_index is not None)
+    fracs = [a.flops_fraction for _, a in answers if a.flops_fraction is not None]
+    n_exit = sum(exits.values())
+    mean_frac = float(np.mean(fracs)) if fracs else None
+    return {"answers": len(answers), "accuracy": correct / len(labelled) if labelled else None,
+            "correct": correct,
+            "exit_share": {str(k): v / n_exit for k, v in sorted(exits.items())} if n_exit else {},
+            "mean_flops_fraction": mean_frac,
+            "flops_saving": (1.0 - mean_frac) if mean_frac is not None else None}
+
+
+def _states(answers: list[Answer]) -> dict[str, Any]:
+    triples = Counter(f"{a.bundle}|{a.profile}|{a.version}" for a in answers if a.bundle is not None)
+    return {"responses_per_state": dict(sorted(triples.items())),
+            "mixed_state_responses": sum(1 for a in answers if not a.consistent)}
+
+
+def _server_side(answers: list[Answer]) -> dict[str, Any]:
+    q = [a.queue_s for a in answers if a.queue_s is not None]
+    c = [a.inference_s for a in answers if a.inference_s is not None]
+    b = [a.batch_samples for a in answers if a.batch_samples is not None]
+    return {"source": "per-response queue_seconds / inference_seconds" if q else "not reported by this server",
+            "queue_p50": _pct(q, 50), "queue_p99": _pct(q, 99), "compute_p50": _pct(c, 50),
+            "compute_p99": _pct(c, 99), "mean_batch_samples": float(np.mean(b)) if b else None}
+
+
+def run_load(base_url: str, target: Target, images: ImageSet, *, concurrency: int, requests: int,
+             warmup: int = 0, offset: int = 0, timeout_s: float = 60.0, time_limit_s: float = 300.0,
+             server_pid: int | None = None) -> dict[str, Any]:
+    """Warm up, then measure; returns the 2g report of the measured phase (a JSON-able dict)."""
+    check_loopback(base_url)
+    if warmup:
+        asyncio.run(_phase(base_url, target, images, concurrency, warmup, offset + requests, timeout_s,
+                           time_limit_s))
+    before = procstat.sample(server_pid)
+    client_cpu0 = sum(os.times()[:2])
+    records, wall = asyncio.run(_phase(base_url, target, images, concurrency, requests, offset, timeout_s,
+                                       time_limit_s))
+    client_cpu = sum(os.times()[:2]) - client_cpu0
+    after = procstat.sample(server_pid)
+    ok = [r for r in records if r.answer is not None]
+    answers = [(r.i, r.answer) for r in ok if r.answer is not None]
+    counts = _counts(records)
+    resources: dict[str, Any] = {"client_cpu_percent": 100 * client_cpu / wall if wall else None}
+    if before is not None and after is not None:
+        resources.update({"server_processes": after.processes, "rss_mib_before": round(before.rss_mib, 1),
+                          "rss_mib_after": round(after.rss_mib, 1),
+                          "rss_change_percent": 100 * (after.rss_mib - before.rss_mib) / before.rss_mib
+                          if before.rss_mib else None,
+                          "peak_rss_mib": round(after.peak_rss_mib, 1),
+                          "server_cpu_percent": 100 * (after.cpu_seconds - before.cpu_seconds) / wall})
+    return {
+        "target": target.name,
+        "load": {"concurrency": concurrency, "warmup_requests": warmup, "requests": requests,
+                 "payload": "one CIFAR-10 test PNG per request", "timeout_s": timeout_s},
+        "counts": counts,
+        "window_seconds": wall,
+        "throughput_rps": counts["completed"] / wall if wall else None,
+        "ok_rps": len(ok) / wall if wall else None,
+        "latency_seconds": latency_summary([r.end - r.start for r in ok]),
+        "server": _server_side([a for _, a in answers]),
+        "early_exit": _early_exit(answers, images),
+        "swap": _states([a for _, a in answers]),
+        "resources": resources,
+    }

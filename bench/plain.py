@@ -1,0 +1,96 @@
+"""The physical reference: the network called directly from Python, no HTTP, no decoding.
+
+Two things are timed in this process, on the same images as the servers (already decoded):
+
+- plain PyTorch: ``net.module(x)`` (the full network) at batch 1 and at batch 32, in ``inference_mode``;
+- the exit runner (``service.runtime.runner.ExitRunner``) at each profile of the active bundle, at batch 1
+  and 32: the compute the service does per request, without the service around it.
+
+Both use the torch thread count given, the same as the servers get.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.images import ImageSet
+from bench.loadgen import latency_summary
+
+
+def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [x[i:i + size] for i in range(0, x.shape[0], size)]
+
+
+def _time_calls(fn: Any, batches: list[torch.Tensor], warmup: int = 3) -> tuple[list[float], list[Any]]:
+    for b in batches[:warmup]:
+        fn(b)
+    times, outs = [], []
+    for b in batches:
+        t0 = time.perf_counter()
+        outs.append(fn(b))
+        times.append(time.perf_counter() - t0)
+    return times, outs
+
+
+def _summary(times: list[float], n_images: int, batch: int) -> dict[str, Any]:
+    total = sum(times)
+    return {"batch": batch, "images": n_images, "seconds": total, "images_per_second": n_images / total,
+            "latency_per_call_seconds": latency_summary(times)}
+
+
+def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, threads: int) -> dict[str, Any]:
+    """Plain forward and exit runner timings; returns a JSON-able dict."""
+    from service.runtime.bundle import load_bundle
+    from service.runtime.preprocess import Normalizer
+    from service.runtime.runner import ExitRunner
+    from service.store.bundles import read_active
+    from service.store.model_dir import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec, net = load_model(model_dir)
+    net.eval()
+    x = Normalizer(spec.mean, spec.std)(images.pixels)
+    labels = torch.from_numpy(images.labels)
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+
+    @torch.inference_mode()
+    def forward(b: torch.Tensor) -> torch.Tensor:
+        return net.module(b).argmax(dim=1)
+
+    t1, p1 = _time_calls(forward, _batches(x[:n_batch1], 1))
+    t32, p32 = _time_calls(forward, _batches(x[:n_batch32], 32))
+    pred32 = torch.cat(p32)
+    out["plain_batch1"] = {**_summary(t1, n_batch1, 1),
+                           "accuracy": float((torch.cat(p1) == labels[:n_batch1]).float().mean())}
+    out["plain_batch32"] = {**_summary(t32, n_batch32, 32),
+                            "accuracy": float((pred32 == labels[:n_batch32]).float().mean())}
+
+    active = read_active(model_dir) or {}
+    bundle = load_bundle(model_dir, str(active["bundle"]), spec, net.num_exits)
+    runner = ExitRunner(net, bundle.heads, bundle.costs)
+    full = bundle.costs.full
+    profiles: dict[str, Any] = {}
+    names = ["full", *[p.name for p in bundle.profiles if p.name != "full"]]
+    for name in names:
+        thr = (torch.ones(net.num_exits - 1) if name == "full" and name not in bundle.profile_names()
+               else torch.tensor(bundle.profile(name).thresholds, dtype=torch.float32))
+        row: dict[str, Any] = {}
+        for batch, n in ((1, n_batch1), (32, n_batch32)):
+            times, res = _time_calls(lambda b, t=thr: runner.run(b, t), _batches(x[:n], batch))
+            pred = torch.cat([r.pred for r in res])
+            flops = torch.cat([r.flops for r in res])
+            row[f"batch{batch}"] = {**_summary(times, n, batch),
+                                    "accuracy": float((pred == labels[:n]).float().mean()),
+                                    "mean_flops_fraction": float(flops.mean()) / full}
+        profiles[name] = row
+    out["runner"] = {"bundle": bundle.bundle_id, "profiles": profiles, "flops_full": full,
+                     "note": "ExitRunner.run on normalised tensors; 'full' = every exit disabled"}
+    out["images_source"] = images.source
+    out["labels_checksum"] = int(np.asarray(images.labels[:max(n_batch1, n_batch32)]).sum())
+    return out

@@ -1,0 +1,211 @@
+"""The serving benchmark, one command: plain PyTorch, LitServe, and our service (exits off, every profile).
+
+    python -m bench.serving [--model-dir model_store/cifar10-resnet20] [--out docs] [--quick]
+
+In one run on this machine, with the same real CIFAR-10 test PNGs sent by the same load generator
+(``bench/loadgen.py``), each server started as a child process on 127.0.0.1 and stopped afterwards:
+
+1. plain PyTorch forward of the full network, batch 1 and batch 32 (the physical reference, in process);
+2. LitServe (PyPI) serving the same network with dynamic batching (``bench/litserve_server.py``);
+3. ``classmeans serve`` with early exit disabled (``exits=off`` on every request);
+4. ``classmeans serve`` at each profile of the active bundle (switched with ``POST /profiles``).
+
+Each server configuration gets a warm-up (excluded), then 1 client and 32 clients. Writes
+``docs/benchmarks.json``, ``docs/img/bench_*.png`` and ``docs/benchmarks.md`` (generated, not hand-typed).
+The model store is copied to a temporary directory first: profile switches never touch the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from bench import plain, procstat, profiling
+from bench.images import ImageSet, load_images
+from bench.loadgen import ClassmeansTarget, LitServeTarget, run_load
+from bench.servers import REPO, Server, classmeans_server, litserve_server
+from bench.serving_report import render_markdown, render_plots, summarise, target_profile
+
+DEFAULT_MODEL = REPO / "model_store" / "cifar10-resnet20"
+PACKAGES = ("torch", "torchvision", "pillow", "numpy", "fastapi", "starlette", "uvicorn", "pydantic", "httpx",
+            "litserve", "uvloop", "httptools")
+
+
+def environment(threads: int) -> dict[str, Any]:
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = None, None
+    import os
+
+    return {"git_sha": sha, "git_dirty": dirty, "cpu": procstat.cpu_model(), "cpu_count": os.cpu_count(),
+            "ram_gib": procstat.mem_total_gib(), "python": platform.python_version(),
+            "torch_threads_default": torch.get_num_threads(), "torch_threads_used": threads,
+            "packages": {p: version(p) for p in PACKAGES},
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _loads(srv: Server, target: Any, images: ImageSet, plan: dict[str, int]) -> dict[str, Any]:
+    """1 client then 32 clients against ``srv``; each with its own warm-up."""
+    out = {}
+    for clients in (1, 32):
+        out[f"c{clients}"] = run_load(srv.url, target, images, concurrency=clients,
+                                      requests=plan[f"requests_c{clients}"], warmup=plan[f"warmup_c{clients}"],
+                                      server_pid=srv.pid, time_limit_s=plan["time_limit_s"])
+    return out
+
+
+def bench_litserve(model_dir: Path, images: ImageSet, plan: dict[str, int], work: Path,
+                   threads: int, max_delay_ms: float) -> dict[str, Any]:
+    with litserve_server(model_dir, work / "litserve.log", 32, max_delay_ms / 1000.0, threads) as srv:
+        res = _loads(srv, LitServeTarget(), images, plan)
+    res["settings"] = {"max_batch_size": 32, "batch_timeout_s": max_delay_ms / 1000.0, "workers_per_device": 1,
+                       "torch_threads": threads, "request": "JSON {image: base64 PNG}"}
+    return res
+
+
+def switch(srv: Server, name: str) -> dict[str, Any]:
+    with srv.client() as c:
+        r = c.post("/profiles", json={"name": name})
+    r.raise_for_status()
+    return r.json()
+
+
+def bench_classmeans(model_dir: Path, images: ImageSet, plan: dict[str, int], work: Path, threads: int,
+                     max_delay_ms: float, max_profiles: int, profile_run: bool,
+                     results_json: dict[str, Any] | None) -> dict[str, Any]:
+    store = work / "store"
+    shutil.copytree(model_dir, store / model_dir.name, ignore=shutil.ignore_patterns("*.tmp"))
+    settings = {"torch_threads": threads, "max_batch_size": 32, "max_delay_ms": max_delay_ms}
+    out: dict[str, Any] = {"settings": settings, "configs": {}}
+    with classmeans_server(store, model_dir.name, work / "classmeans.log", **settings) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
+            listing = c.get("/profiles").json()
+        out["profiles"] = listing
+        target_name, _ = target_profile(listing, results_json)
+        out["configs"]["exits off"] = {"profile": None, **_loads(srv, ClassmeansTarget(exits="off"), images, plan)}
+        for name in pick_profiles(listing, max_profiles, target_name):
+            switch(srv, name)
+            out["configs"][name] = {"profile": name, **_loads(srv, ClassmeansTarget(), images, plan)}
+        if profile_run:
+            switch(srv, target_name)
+            out["py_spy"] = {"profile": target_name, **run_profiled(srv, images, plan, work)}
+    return out
+
+
+def pick_profiles(listing: dict[str, Any], limit: int, target: str) -> list[str]:
+    """Every profile but ``full`` (served as 'exits off' already), thinned evenly by FLOPs to ``limit``;
+    the default profile and the ``target`` profile are always kept."""
+    rows = sorted((p for p in listing["profiles"] if p["name"] != "full"), key=lambda p: p["flops_fraction"])
+    names = [p["name"] for p in rows]
+    if len(names) <= limit:
+        return names
+    keep = {listing["default_profile"], target}
+    step = (len(names) - 1) / max(1, limit - len(keep) - 1)
+    keep.update(names[round(i * step)] for i in range(limit - len(keep)))
+    return [n for n in names if n in keep]
+
+
+def run_profiled(srv: Server, images: ImageSet, plan: dict[str, int], work: Path) -> dict[str, Any]:
+    """An extra, unmeasured 32-client load with py-spy attached; returns the summary."""
+    raw = work / "py-spy.txt"
+    duration = 8
+    proc = profiling.start(srv.pid, raw, duration)
+    if proc is None:
+        return {"skipped": "py-spy not installed (pip install -e '.[bench]')"}
+    time.sleep(0.5)
+    run_load(srv.url, ClassmeansTarget(), images, concurrency=32, requests=plan["requests_c32"] * 4, warmup=0,
+             time_limit_s=duration)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return {"skipped": "py-spy did not finish"}
+    if proc.returncode != 0 or not raw.is_file():
+        return {"skipped": f"py-spy failed: {err.decode(errors='replace')[-300:]}"}
+    return {"duration_s": duration, **profiling.summarise(raw)}
+
+
+def read_results_json(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--out", type=Path, default=REPO / "docs")
+    ap.add_argument("--images", type=int, default=2000, help="distinct test images loaded (PNG-encoded in memory)")
+    ap.add_argument("--requests-c1", type=int, default=200)
+    ap.add_argument("--requests-c32", type=int, default=1000)
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of every server and the reference")
+    ap.add_argument("--max-delay-ms", type=float, default=2.0, help="batching wait of both servers")
+    ap.add_argument("--max-profiles", type=int, default=10)
+    ap.add_argument("--no-litserve", action="store_true", help="skip LitServe (e.g. not installed)")
+    ap.add_argument("--no-py-spy", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny counts: a smoke run, not a result")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.requests_c1, args.requests_c32, args.max_profiles = 300, 30, 120, 3
+    plan = {"requests_c1": args.requests_c1, "requests_c32": args.requests_c32,
+            "warmup_c1": max(10, args.requests_c1 // 10), "warmup_c32": max(64, args.requests_c32 // 10),
+            "time_limit_s": 240}
+    t0 = time.perf_counter()
+    results_json = read_results_json(args.out)
+    images = load_images(args.images)
+    results: dict[str, Any] = {"model_dir": str(args.model_dir.relative_to(REPO) if args.model_dir.is_relative_to(REPO)
+                                                else args.model_dir),
+                               "environment": environment(args.torch_threads), "plan": plan,
+                               "images": {"count": len(images), "source": images.source,
+                                          "png_bytes_mean": sum(map(len, images.pngs)) / len(images)}}
+    print(f"[bench] plain PyTorch and exit runner ({args.torch_threads} thread(s))", flush=True)
+    results["plain"] = plain.measure(args.model_dir, images, min(args.requests_c1, len(images)),
+                                     min(args.requests_c32, len(images)), args.torch_threads)
+    torch.set_num_threads(1)  # the orchestrator itself only runs the load generator from here on
+    with tempfile.TemporaryDirectory(prefix="classmeans-bench-") as tmp:
+        work = Path(tmp)
+        if not args.no_litserve:
+            print("[bench] LitServe", flush=True)
+            results["litserve"] = bench_litserve(args.model_dir, images, plan, work, args.torch_threads,
+                                                 args.max_delay_ms)
+        print("[bench] classmeans serve: exits off, then each profile", flush=True)
+        results["classmeans"] = bench_classmeans(args.model_dir, images, plan, work, args.torch_threads,
+                                                 args.max_delay_ms, args.max_profiles, not args.no_py_spy,
+                                                 results_json)
+    results["results_json"] = results_json is not None
+    results["summary"] = summarise(results, results_json)
+    results["wall_seconds"] = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "img").mkdir(exist_ok=True)
+    render_plots(results, args.out / "img")
+    (args.out / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "benchmarks.md").write_text(render_markdown(results))
+    print(json.dumps(results["summary"]["targets"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
