@@ -50,6 +50,7 @@ from service.earlyexit.ic_rules import (
 )
 from service.ingest.npz import load_npz
 from service.runtime.baselines import (
+    BRANCH_GRID,
     BRANCH_WEIGHTS,
     BWDS_LAMBDAS,
     BranchSet,
@@ -256,7 +257,7 @@ def class_means_table(cache: FeatureCache) -> DecisionTable:
 
 
 def run(model_dir: Path, out_dir: Path, cache_dir: Path, quick: bool, samples: int, unlimited: int,
-        measure_online: bool) -> dict[str, Any]:
+        measure_online: bool, threads: int = 1) -> dict[str, Any]:
     t_start = time.perf_counter()
     spec, net = load_model(model_dir)
     bundle = resolve_bundle(model_dir, spec, net.num_exits, None)
@@ -268,6 +269,7 @@ def run(model_dir: Path, out_dir: Path, cache_dir: Path, quick: bool, samples: i
     sp = profile_stages(net)
     exits = place_ics(sp).exits
     bexits = place_branches(sp)
+    torch.set_num_threads(threads)
     env = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "python": platform.python_version(),
            "note": "2 shared CPU cores; other jobs ran at the same time, so seconds are upper bounds"}
@@ -288,9 +290,11 @@ def run(model_dir: Path, out_dir: Path, cache_dir: Path, quick: bool, samples: i
     caches: dict[str, FeatureCache] = {}
     for split, data, dtype in (("train", train, np.float16), ("sel", sel, np.float32), ("test", test, np.float32)):
         t0 = time.perf_counter()
-        key = cache_key(spec.weights_sha256, data.images, exits, bexits, bundle.bundle_id, np.dtype(dtype).name, False)
+        key = cache_key(spec.weights_sha256, data.images, exits, bexits, bundle.bundle_id, np.dtype(dtype).name,
+                        False, BRANCH_GRID)
         caches[split] = extract_cache(net, data.images, data.labels, norm, exits,
                                       cm_heads=bundle.heads if split != "train" else None, map_exits=bexits,
+                                      map_grid=BRANCH_GRID,
                                       dtype=dtype, out_dir=cache_dir / f"{split}-{key}", key=key,
                                       progress=_progress(f"features {split}"))
         timings[f"feature_pass_{split}_seconds"] = time.perf_counter() - t0
@@ -655,12 +659,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10_000, help="threshold vectors per rule")
     ap.add_argument("--unlimited-epochs", type=int, default=UNLIMITED_EPOCHS)
     ap.add_argument("--no-online-estimate", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core CPU two OpenMP threads mostly wait for each other)")
     ap.add_argument("--quick", action="store_true", help="small subsets (a smoke run, not a result)")
     args = ap.parse_args()
     samples = min(args.samples, 1500) if args.quick else args.samples
     unlimited = min(args.unlimited_epochs, 8) if args.quick else args.unlimited_epochs
     res = run(Path(args.model_dir), Path(args.out), Path(args.cache_dir), args.quick, samples, unlimited,
-              not args.no_online_estimate)
+              not args.no_online_estimate, args.threads)
     comb = res["budgets"]["unlimited"]["methods"]["E2CM+SDN (combined)"]
     print(json.dumps({"full": res["full_network_test_accuracy"], "combined_budgets": comb["budgets"],
                       "combined_fraction_within_0.5": comb["fraction_within_0.5_points"]}, indent=2))

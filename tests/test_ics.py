@@ -13,6 +13,7 @@ from service.backbones.internal_classifiers import ICSet, InternalClassifier, pl
 from service.cli.main import main
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.runtime.baselines import (
+    BRANCH_GRID,
     BranchSet,
     branch_costs,
     branch_table,
@@ -221,14 +222,20 @@ def test_branchynet_and_bwds_baselines(tiny):
     norm = Normalizer(spec.mean, spec.std)
     exits = place_ics(prof).exits
     bexits = place_branches(prof)
-    tr = extract_cache(net, train.images, train.labels, norm, exits, map_exits=bexits, dtype=np.float16)
-    se = extract_cache(net, sel.images, sel.labels, norm, exits, map_exits=bexits)
+    tr = extract_cache(net, train.images, train.labels, norm, exits, map_exits=bexits, dtype=np.float16,
+                       map_grid=BRANCH_GRID)
+    se = extract_cache(net, sel.images, sel.labels, norm, exits, map_exits=bexits, map_grid=BRANCH_GRID)
+    assert se.maps[0].shape == (len(sel), 16, 8, 8)
     branches = BranchSet(bexits, [prof.shapes[e] for e in bexits], 10)
+    x = torch.randn(2, 16, 32, 32)
+    b0 = branches.branches[0].eval()
+    assert torch.allclose(b0(x), b0.forward_pooled(torch.nn.functional.max_pool2d(x, 4)))
     log = train_branches(branches, tr, ICTrainConfig(epochs=1, batch_size=64))
     assert len(log.history) == 1
     table = branch_table(branches, se)
     costs = branch_costs(prof, branches)
-    assert costs.ic_cost[0] > 2 * 16 * 32 * 9 * 16 * 16  # at least the block's first conv
+    # conv 3x3 16->32 at 8x8 + linear 32->10 + max-pool compares (16*32*32) + global-pool adds (32*8*8)
+    assert costs.ic_cost[0] == 2 * 16 * 32 * 9 * 64 + 2 * 32 * 10 + 16 * 32 * 32 + 32 * 64
     f, a = table.evaluate("ic_entropy", torch.tensor([[2.3, 2.3]]), costs)  # everything exits at branch 1
     assert f.item() == costs.backbone_cum[0] + costs.ic_cost[0]
     assert a.item() == table.per_exit_accuracy()["ic"][0]
