@@ -27,6 +27,7 @@ from service.backbones import StagedNetwork
 from service.earlyexit import Operating, select_by_target
 from service.runtime.bundle import Bundle, load_bundle
 from service.runtime.metrics import Metrics
+from service.runtime.operations import read_active_or_none
 from service.runtime.preprocess import Normalizer
 from service.runtime.runner import ExitRunner
 from service.runtime.snapshot import (
@@ -40,21 +41,13 @@ from service.runtime.snapshot import (
     single_operating,
 )
 from service.store.atomic import sweep_tmp
-from service.store.bundles import BundleError, bundle_path, list_bundle_ids, read_active, write_active
+from service.store.bundles import BundleError, bundle_path, list_bundle_ids, write_active
 from service.store.model_dir import ModelSpec, load_model
 
 log = logging.getLogger("classmeans.engine")
 
 class EngineLoadError(RuntimeError):
     """The model or every bundle failed to load: the process must not report ready."""
-
-
-def read_active_or_none(model_dir: Path) -> dict[str, Any] | None:
-    """``active.json``, or None when it is missing or unreadable (the caller decides what that means)."""
-    try:
-        return read_active(model_dir)
-    except BundleError:
-        return None
 
 
 def _version(active: dict[str, Any] | None) -> int:
