@@ -1,6 +1,7 @@
-"""A bounded loopback load generator (httpx, asyncio) that checks every answer and reports the 2g schema.
+"""A bounded loopback load generator (asyncio) that checks every answer and reports the 2g schema.
 
-``N`` concurrent clients, each with its own keep-alive connection, send requests until a fixed count is
+``N`` concurrent clients, each with its own keep-alive connection (:mod:`bench.rawhttp` by default, which
+costs the shared CPU far less than httpx; ``client="httpx"`` is kept), send requests until a fixed count is
 reached: first ``warmup`` requests (excluded from every figure), then ``requests`` measured ones. Request
 ``i`` of the measured phase carries image ``i mod n`` of the payload set, so with ``requests <= n`` every
 answer is about a different image and the accuracy is over distinct images.
@@ -30,8 +31,10 @@ import numpy as np
 
 from bench import procstat
 from bench.images import ImageSet
+from bench.rawhttp import RawClient, RawConnectionError, RawResponse
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AnyResponse = httpx.Response | RawResponse
 
 
 def check_loopback(url: str) -> None:
@@ -65,7 +68,7 @@ class Target(Protocol):
     def request(self, images: ImageSet, i: int) -> dict[str, Any]:
         """Keyword arguments for ``httpx.AsyncClient.request`` (``method``, ``url``, ...)."""
 
-    def parse(self, response: httpx.Response) -> Answer:
+    def parse(self, response: AnyResponse) -> Answer:
         """Read a 2xx answer; raise ``ValueError`` if it is malformed."""
 
 
@@ -86,7 +89,7 @@ class ClassmeansTarget:
         return {"method": "POST", "url": "/classify", "params": params, "content": images.pngs[i],
                 "headers": {"Content-Type": "image/png"}}
 
-    def parse(self, response: httpx.Response) -> Answer:
+    def parse(self, response: AnyResponse) -> Answer:
         body = response.json()
         pred = body["predictions"][0]
         h = response.headers
@@ -115,7 +118,7 @@ class LitServeTarget:
         return {"method": "POST", "url": "/predict", "content": body,
                 "headers": {"Content-Type": "application/json"}}
 
-    def parse(self, response: httpx.Response) -> Answer:
+    def parse(self, response: AnyResponse) -> Answer:
         body = response.json()
         return Answer(class_index=int(body["class_index"]), flops_fraction=1.0)
 
@@ -143,16 +146,19 @@ def latency_summary(values: list[float]) -> dict[str, float | None]:
             "max": float(arr.max()) if arr.size else None, "mean": float(arr.mean()) if arr.size else None}
 
 
-async def _one(client: httpx.AsyncClient, target: Target, images: ImageSet, i: int) -> _Record:
+async def _one(client: httpx.AsyncClient | RawClient, target: Target, images: ImageSet, i: int) -> _Record:
     start = time.perf_counter()
     try:
         r = await client.request(**target.request(images, i % len(images)))
-    except httpx.TimeoutException:
+    except (httpx.TimeoutException, TimeoutError):
         return _Record(i, start, time.perf_counter(), None, failure="timeout")
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
         return _Record(i, start, time.perf_counter(), None, failure=f"reset: {type(exc).__name__}")
     except httpx.ConnectError:
         return _Record(i, start, time.perf_counter(), None, failure="connect_error")
+    except RawConnectionError as exc:
+        kind = "connect_error" if str(exc).startswith("connect") else f"reset: {exc}"
+        return _Record(i, start, time.perf_counter(), None, failure=kind)
     end = time.perf_counter()
     rec = _Record(i, start, end, r.status_code, retry_after="retry-after" in r.headers)
     if 200 <= r.status_code < 300:
@@ -169,25 +175,42 @@ async def _one(client: httpx.AsyncClient, target: Target, images: ImageSet, i: i
 
 
 async def _phase(base_url: str, target: Target, images: ImageSet, concurrency: int, count: int, offset: int,
-                 timeout_s: float, time_limit_s: float) -> tuple[list[_Record], float]:
+                 timeout_s: float, time_limit_s: float, client_kind: str) -> tuple[list[_Record], float]:
     """Send ``count`` requests from ``concurrency`` clients; returns the records and the wall time."""
     next_i = 0
     records: list[_Record] = []
     stop_at = time.perf_counter() + time_limit_s
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(client: httpx.AsyncClient | RawClient) -> None:
         nonlocal next_i
         while next_i < count and time.perf_counter() < stop_at:
             i = next_i
             next_i += 1
             records.append(await _one(client, target, images, offset + i))
 
+    if client_kind == "raw":
+        clients = [RawClient(base_url, timeout_s) for _ in range(concurrency)]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in clients))
+        wall = time.perf_counter() - t0
+        await asyncio.gather(*(c.close() for c in clients))
+        return records, wall
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return records, wall
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed (a cheaper client), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def _counts(records: list[_Record]) -> dict[str, Any]:
@@ -237,16 +260,21 @@ def _server_side(answers: list[Answer]) -> dict[str, Any]:
 
 def run_load(base_url: str, target: Target, images: ImageSet, *, concurrency: int, requests: int,
              warmup: int = 0, offset: int = 0, timeout_s: float = 60.0, time_limit_s: float = 300.0,
-             server_pid: int | None = None) -> dict[str, Any]:
-    """Warm up, then measure; returns the 2g report of the measured phase (a JSON-able dict)."""
+             server_pid: int | None = None, client: str = "raw") -> dict[str, Any]:
+    """Warm up, then measure; returns the 2g report of the measured phase (a JSON-able dict).
+
+    ``client``: ``"raw"`` (:mod:`bench.rawhttp`, cheap) or ``"httpx"``.
+    """
     check_loopback(base_url)
+    if client not in ("raw", "httpx"):
+        raise ValueError(f"unknown client {client!r}")
     if warmup:
-        asyncio.run(_phase(base_url, target, images, concurrency, warmup, offset + requests, timeout_s,
-                           time_limit_s))
+        _run(_phase(base_url, target, images, concurrency, warmup, offset + requests, timeout_s, time_limit_s,
+                    client))
     before = procstat.sample(server_pid)
     client_cpu0 = sum(os.times()[:2])
-    records, wall = asyncio.run(_phase(base_url, target, images, concurrency, requests, offset, timeout_s,
-                                       time_limit_s))
+    records, wall = _run(_phase(base_url, target, images, concurrency, requests, offset, timeout_s, time_limit_s,
+                                client))
     client_cpu = sum(os.times()[:2]) - client_cpu0
     after = procstat.sample(server_pid)
     ok = [r for r in records if r.answer is not None]
@@ -262,7 +290,7 @@ def run_load(base_url: str, target: Target, images: ImageSet, *, concurrency: in
                           "server_cpu_percent": 100 * (after.cpu_seconds - before.cpu_seconds) / wall})
     return {
         "target": target.name,
-        "load": {"concurrency": concurrency, "warmup_requests": warmup, "requests": requests,
+        "load": {"concurrency": concurrency, "warmup_requests": warmup, "requests": requests, "client": client,
                  "payload": "one CIFAR-10 test PNG per request", "timeout_s": timeout_s},
         "counts": counts,
         "window_seconds": wall,

@@ -108,6 +108,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._last_batch_requests = 0
         self.stats = BatcherStats()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -213,6 +214,7 @@ class Batcher:
             if not batch:
                 continue
             samples = sum(p.size for p in batch)
+            self._last_batch_requests = len(batch)
             self.stats.batches += 1
             self.stats.samples += samples
             self.stats.history.append(samples)
@@ -241,9 +243,15 @@ class Batcher:
             self._drop(p)
 
     async def _wait_for_batch(self) -> None:
-        """Wait until a full batch is queued, the oldest request's delay is over, or we are stopping."""
+        """Wait until a full batch is queued, the oldest request's delay is over, or we are stopping.
+
+        Sequential traffic does not wait: when the previous batch held a single request and this one is
+        alone in the queue, nothing suggests another is on its way, and the delay would only add latency.
+        """
         assert self._wakeup is not None
         first = self._queue[0]
+        if self._last_batch_requests == 1 and len(self._queue) == 1:
+            return
         while not self._closing and self._queued < self.max_batch_size:
             left = first.enqueued + self.max_delay_s - time.monotonic()
             if left <= 0:

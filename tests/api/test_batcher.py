@@ -174,3 +174,17 @@ async def test_stop_drains_queued_work_then_refuses():
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError):
         Batcher(lambda p: p, max_batch_size=0, max_delay_s=0.0, queue_size=1)
+
+
+async def test_sequential_requests_do_not_wait_for_the_delay():
+    """After a batch of one request, a lone request runs at once (the delay only helps concurrent traffic)."""
+    rec = Recorder()
+    b = Batcher(rec, max_batch_size=2, max_delay_s=30.0, queue_size=64)
+    await b.start()
+    try:
+        await asyncio.wait_for(b.submit("a", 2, far()), 10)  # a full batch: no wait, one request
+        for x in ("b", "c"):
+            await asyncio.wait_for(b.submit(x, 1, far()), 10)  # would take 30 s if it waited
+    finally:
+        await b.stop()
+    assert rec.batches == [["a"], ["b"], ["c"]]
