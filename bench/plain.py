@@ -43,8 +43,61 @@ def _summary(times: list[float], n_images: int, batch: int) -> dict[str, Any]:
             "latency_per_call_seconds": latency_summary(times)}
 
 
-def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, threads: int) -> dict[str, Any]:
-    """Plain forward and exit runner timings; returns a JSON-able dict."""
+def _cpu_us(fn: Any, arg: Any, n: int = 100, rounds: int = 3) -> float:
+    """Thread CPU time of ``fn(arg)`` in microseconds: the best of ``rounds`` means (robust to other
+    processes taking the core away, which wall time is not)."""
+    for _ in range(5):
+        fn(arg)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn(arg)
+        best = min(best, (time.thread_time() - t0) / n)
+    return 1e6 * best
+
+
+@torch.inference_mode()
+def batch1_costs(net: Any, bundle: Any, runner: Any, x: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Where batch-1 time goes: CPU time of each stage and of each class-means head at batch 1, and per
+    profile the time its exit distribution predicts with heads (as served) and without (their FLOPs are
+    negligible, their per-operation overhead is not), against the FLOPs fraction."""
+    feats = net.run_stages(x[:1])
+    inputs = [x[:1], *feats[:-1]]
+    stage_us = [_cpu_us(stage, inp) for stage, inp in zip(net.stages, inputs, strict=True)]
+    head_us = [(_cpu_us(bundle.heads[j].probabilities, feats[j]) if j in bundle.heads else None)
+               for j in range(len(net.stages))]
+    final_us = _cpu_us(lambda f: torch.softmax(net.head(f), dim=1), feats[-1])
+    cum = []
+    acc = 0.0
+    for us in stage_us:
+        acc += us
+        cum.append(acc)
+    cum.append(acc + final_us)
+    full_us = cum[-1]
+    rows = {}
+    for name in names:
+        if name == "full":
+            continue
+        t = bundle.profile(name).thresholds
+        res = runner.run(x, torch.tensor(t, dtype=torch.float32))
+        exits = res.exit_index.tolist()
+        no_heads = sum(cum[e] for e in exits) / len(exits)
+        with_heads = sum(cum[e] + sum(head_us[i] or 0.0 for i in range(min(e, len(t) - 1) + 1) if t[i] < 1)
+                         for e in exits) / len(exits)
+        frac = float(res.flops.mean()) / bundle.costs.full
+        rows[name] = {"flops_fraction": frac, "flops_speedup": 1 / frac,
+                      "stage_time_speedup_if_heads_were_free": full_us / no_heads,
+                      "predicted_speedup_with_heads": full_us / with_heads,
+                      "heads_consulted_mean": sum(sum(1 for i in range(min(e, len(t) - 1) + 1) if t[i] < 1)
+                                                  for e in exits) / len(exits)}
+    return {"stage_us": stage_us, "head_us": head_us, "final_head_us": final_us, "full_us": full_us,
+            "stage_names": list(net.stage_names), "profiles": rows}
+
+
+def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, threads: int,
+            profiles: list[str] | None = None) -> dict[str, Any]:
+    """Plain forward and exit runner timings (``full`` and ``profiles``, default all); a JSON-able dict."""
     from service.runtime.bundle import load_bundle
     from service.runtime.preprocess import Normalizer
     from service.runtime.runner import ExitRunner
@@ -76,7 +129,8 @@ def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, th
     runner = ExitRunner(net, bundle.heads, bundle.costs)
     full = bundle.costs.full
     profiles: dict[str, Any] = {}
-    names = ["full", *[p.name for p in bundle.profiles if p.name != "full"]]
+    names = ["full", *[p.name for p in bundle.profiles
+                       if p.name != "full" and (profiles is None or p.name in profiles)]]
     for name in names:
         thr = (torch.ones(net.num_exits - 1) if name == "full" and name not in bundle.profile_names()
                else torch.tensor(bundle.profile(name).thresholds, dtype=torch.float32))
@@ -91,6 +145,7 @@ def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, th
         profiles[name] = row
     out["runner"] = {"bundle": bundle.bundle_id, "profiles": profiles, "flops_full": full,
                      "note": "ExitRunner.run on normalised tensors; 'full' = every exit disabled"}
+    out["batch1_costs"] = batch1_costs(net, bundle, runner, x[:n_batch1], names)
     out["images_source"] = images.source
     out["labels_checksum"] = int(np.asarray(images.labels[:max(n_batch1, n_batch32)]).sum())
     return out

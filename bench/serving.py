@@ -42,6 +42,14 @@ PACKAGES = ("torch", "torchvision", "pillow", "numpy", "fastapi", "starlette", "
             "litserve", "uvloop", "httptools")
 
 
+def loadavg() -> str | None:
+    """The 1/5/15-minute load averages: other work on the machine shows up here."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
+
+
 def environment(threads: int) -> dict[str, Any]:
     def version(name: str) -> str | None:
         try:
@@ -61,7 +69,7 @@ def environment(threads: int) -> dict[str, Any]:
     return {"git_sha": sha, "git_dirty": dirty, "cpu": procstat.cpu_model(), "cpu_count": os.cpu_count(),
             "ram_gib": procstat.mem_total_gib(), "python": platform.python_version(),
             "torch_threads_default": torch.get_num_threads(), "torch_threads_used": threads,
-            "packages": {p: version(p) for p in PACKAGES},
+            "packages": {p: version(p) for p in PACKAGES}, "loadavg_start": loadavg(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -91,9 +99,16 @@ def switch(srv: Server, name: str) -> dict[str, Any]:
     return r.json()
 
 
+def store_listing(model_dir: Path) -> dict[str, Any]:
+    """What ``GET /profiles`` will say, read from the store: the active bundle's profiles."""
+    bid = json.loads((model_dir / "active.json").read_text())["bundle"]
+    prof = json.loads((model_dir / "bundles" / bid / "profiles.json").read_text())
+    return {"bundle": bid, "default_profile": prof["default"], "profiles": prof["profiles"]}
+
+
 def bench_classmeans(model_dir: Path, images: ImageSet, plan: dict[str, int], work: Path, threads: int,
-                     max_delay_ms: float, max_profiles: int, profile_run: bool,
-                     results_json: dict[str, Any] | None) -> dict[str, Any]:
+                     max_delay_ms: float, picked: list[str], target_name: str,
+                     profile_run: bool) -> dict[str, Any]:
     store = work / "store"
     shutil.copytree(model_dir, store / model_dir.name, ignore=shutil.ignore_patterns("*.tmp"))
     settings = {"torch_threads": threads, "max_batch_size": 32, "max_delay_ms": max_delay_ms}
@@ -102,9 +117,8 @@ def bench_classmeans(model_dir: Path, images: ImageSet, plan: dict[str, int], wo
         with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
             listing = c.get("/profiles").json()
         out["profiles"] = listing
-        target_name, _ = target_profile(listing, results_json)
         out["configs"]["exits off"] = {"profile": None, **_loads(srv, ClassmeansTarget(exits="off"), images, plan)}
-        for name in pick_profiles(listing, max_profiles, target_name):
+        for name in picked:
             switch(srv, name)
             out["configs"][name] = {"profile": name, **_loads(srv, ClassmeansTarget(), images, plan)}
         if profile_run:
@@ -181,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                                "environment": environment(args.torch_threads), "plan": plan,
                                "images": {"count": len(images), "source": images.source,
                                           "png_bytes_mean": sum(map(len, images.pngs)) / len(images)}}
-    print(f"[bench] plain PyTorch and exit runner ({args.torch_threads} thread(s))", flush=True)
+    listing = store_listing(args.model_dir)
+    target_name, _ = target_profile(listing, results_json)
+    picked = pick_profiles(listing, args.max_profiles, target_name)
+    print(f"[bench] plain PyTorch and exit runner ({args.torch_threads} thread(s)); profiles {picked}", flush=True)
     results["plain"] = plain.measure(args.model_dir, images, min(args.requests_c1, len(images)),
-                                     min(args.requests_c32, len(images)), args.torch_threads)
+                                     min(args.requests_c32, len(images)), args.torch_threads, picked)
     torch.set_num_threads(1)  # the orchestrator itself only runs the load generator from here on
     with tempfile.TemporaryDirectory(prefix="classmeans-bench-") as tmp:
         work = Path(tmp)
@@ -193,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  args.max_delay_ms)
         print("[bench] classmeans serve: exits off, then each profile", flush=True)
         results["classmeans"] = bench_classmeans(args.model_dir, images, plan, work, args.torch_threads,
-                                                 args.max_delay_ms, args.max_profiles, not args.no_py_spy,
-                                                 results_json)
+                                                 args.max_delay_ms, picked, target_name, not args.no_py_spy)
+    results["environment"]["loadavg_end"] = loadavg()
     results["results_json"] = results_json is not None
     results["summary"] = summarise(results, results_json)
     results["wall_seconds"] = time.perf_counter() - t0

@@ -202,6 +202,64 @@ def render_plots(results: dict[str, Any], img_dir: Path) -> None:
     plt.close(fig)
 
 
+# -- what limits it ----------------------------------------------------------------------------------------
+
+def limits_text(results: dict[str, Any]) -> list[str]:
+    """Bullet points computed from the measurements: the physical ceilings the targets meet."""
+    s = results["summary"]
+    by = {r["config"]: r for r in s["rows"]}
+    name = s["target_profile"]
+    tgt, off, lit, plain = by.get(f"ours: {name}"), by.get("ours: exits off"), by.get("LitServe"), by["plain PyTorch"]
+    runner = results["plain"]["runner"]["profiles"]
+    out = []
+    if lit and tgt:
+        bar = 2 * lit["rps_c32"]
+        r32 = runner.get(name, {}).get("batch32", {}).get("images_per_second")
+        out.append(f"- Throughput bar: 2 × LitServe = {bar:.0f} requests/s. Plain PyTorch computes "
+                   f"{plain['rps_c32']:.0f} images/s at batch 32 on one core; the exit runner alone, at profile "
+                   f"{name} (FLOPs fraction {tgt['flops_fraction']:.3f}), computes "
+                   f"{_f(r32, '{:.0f}')} images/s at batch 32 with no HTTP, decoding or batching around it. "
+                   + ("The bar is above that compute-only ceiling, so no serving stack reaches it on this "
+                      "core count." if r32 and bar > r32 else
+                      "The bar is below that ceiling: the gap is serving overhead (HTTP, decoding, batching)."))
+        half = 0.5 * lit["p50_c1"]
+        out.append(f"- Latency bar: 0.5 × LitServe's 1-client p50 = {1000 * half:.1f} ms. One plain forward at "
+                   f"batch 1 takes {1000 * plain['p50_c1']:.1f} ms (p50) here; the target profile's answers at 1 "
+                   f"client took {_ms(tgt['p50_c1'])} ms end to end, of which the server's inference "
+                   f"{_ms(tgt['compute_p50_c1'])} ms.")
+    if off and lit:
+        out.append(f"- Exits off vs LitServe at 32 clients: {off['rps_c32']:.0f} vs {lit['rps_c32']:.0f} requests/s. "
+                   "LitServe runs the model in a separate worker process, so its HTTP process and its inference "
+                   "process use the two cores in parallel; our server is one process (one uvicorn worker by "
+                   "design: admin swaps live in process memory), where the event loop and the inference thread "
+                   "share one interpreter lock.")
+    b1 = results["plain"].get("batch1_costs")
+    if b1 and name in b1["profiles"]:
+        row = b1["profiles"][name]
+        heads = [h for h in b1["head_us"] if h is not None]
+        out.append(f"- Batch 1: the stages cost {min(b1['stage_us']):.0f}-{max(b1['stage_us']):.0f} µs of CPU "
+                   f"each, a class-means head {min(heads):.0f}-{max(heads):.0f} µs (≈ 10 small tensor "
+                   "operations: its FLOPs are negligible, its per-operation overhead is not). At profile "
+                   f"{name} a sample consults {row['heads_consulted_mean']:.1f} heads on average. Its exit "
+                   f"distribution predicts a stage-time speedup of {row['stage_time_speedup_if_heads_were_free']:.2f}× "
+                   f"if heads were free and {row['predicted_speedup_with_heads']:.2f}× with them, against a FLOPs "
+                   f"speedup of {row['flops_speedup']:.2f}× (later stages are cheaper per FLOP at batch 1, so "
+                   "exits there save less time than FLOPs).")
+    r = by.get(f"ours: {name}")
+    spy = results["classmeans"].get("py_spy") or {}
+    if spy.get("regions") and r:
+        reg = spy["regions"]
+        out.append("- py-spy at 32 clients (server threads, non-idle samples): "
+                   + ", ".join(f"{k} {100 * v:.0f} %" for k, v in reg.items()) + ".")
+    res = results["classmeans"]["configs"].get(name, {}).get("c32", {}).get("resources", {})
+    if res:
+        out.append(f"- CPU at 32 clients: server {_f(res.get('server_cpu_percent'), '{:.0f}')} %, load generator "
+                   f"{_f(res.get('client_cpu_percent'), '{:.0f}')} % (100 % = one core; 2 cores in all). Load "
+                   f"average at the start and end of the run: {results['environment'].get('loadavg_start')} / "
+                   f"{results['environment'].get('loadavg_end')}.")
+    return out
+
+
 # -- Markdown ----------------------------------------------------------------------------------------------
 
 def _f(x: float | None, fmt: str = "{:.1f}") -> str:
@@ -283,6 +341,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         met = "n/a" if v["met"] is None else ("**yes**" if v["met"] else "**no**")
         detail = f" ({v['detail']})" if v["detail"] else ""
         lines.append(f"| {v['target']} | {_f(v['value'], '{:.2f}')}{detail} | {v['op']} {v['bar']} | {met} |")
+    lines += ["", "## What limits it", ""]
+    lines += limits_text(results)
     lines += ["", "## Compute only: the exit runner in process", "",
               "The same images through `ExitRunner.run` without HTTP (decoded already), per profile: images/s "
               "at batch 1 and 32, and the measured FLOPs fraction.", "",

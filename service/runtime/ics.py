@@ -106,7 +106,8 @@ def _alloc(out_dir: Path | None, name: str, shape: tuple[int, ...], dtype) -> np
 
 
 def _open(out_dir: Path, name: str) -> np.ndarray:
-    return np.load(out_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    # Copy-on-write: readers may wrap it in a tensor; the file itself is never modified.
+    return np.load(out_dir / f"{name}.npy", mmap_mode="c", allow_pickle=False)
 
 
 def cache_key(spec_sha: str, images: np.ndarray, exits: Sequence[int], map_exits: Sequence[int],
@@ -139,7 +140,7 @@ def extract_cache(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, no
         if key is not None and meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             if meta.get("key") == key and meta.get("complete"):
-                return _reopen(out_dir, meta)
+                return reopen_cache(out_dir, meta)
         out_dir.mkdir(parents=True, exist_ok=True)
         meta_path.unlink(missing_ok=True)
     net.eval()
@@ -214,7 +215,7 @@ def extract_cache(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, no
     return cache
 
 
-def _reopen(out_dir: Path, meta: dict[str, Any]) -> FeatureCache:
+def reopen_cache(out_dir: Path, meta: dict[str, Any]) -> FeatureCache:
     e = int(meta["num_pooled"])
     cm = bool(meta["cm"])
     return FeatureCache(tuple(int(v) for v in meta["exits"]), [_open(out_dir, f"max{i}") for i in range(e)],
