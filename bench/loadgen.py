@@ -213,6 +213,42 @@ def _run(coro: Any) -> Any:
         return runner.run(coro)
 
 
+def merge_rounds(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several rounds of the same load: throughput is the median round's, latency
+    percentiles and accuracy are pooled over every answer, counts are summed; ``rounds`` keeps each
+    round's throughput and p50. Raw latencies are dropped."""
+    order = sorted(range(len(reports)), key=lambda i: reports[i]["ok_rps"] or 0.0)
+    out = {k: v for k, v in reports[order[len(order) // 2]].items() if k != "raw_latencies"}
+    lat = [x for r in reports for x in r.get("raw_latencies", [])]
+    out["latency_seconds"] = latency_summary(lat)
+    out["rounds"] = [{"ok_rps": r["ok_rps"], "p50": r["latency_seconds"]["p50"]} for r in reports]
+    out["ok_rps"] = float(np.median([r["ok_rps"] or 0.0 for r in reports]))
+    out["throughput_rps"] = float(np.median([r["throughput_rps"] or 0.0 for r in reports]))
+    counts = dict(out["counts"])
+    for key in ("sent", "completed", "ok_2xx", "overloaded_503", "queue_timeout_503", "deadline_504", "other_5xx",
+                "rejections_without_retry_after", "client_timeouts", "resets", "connect_errors"):
+        counts[key] = sum(r["counts"][key] for r in reports)
+    out["counts"] = counts
+    answers = sum(r["early_exit"]["answers"] for r in reports)
+    ee = dict(out["early_exit"])
+    ee["answers"] = answers
+    ee["correct"] = sum(r["early_exit"]["correct"] for r in reports)
+    ee["accuracy"] = ee["correct"] / answers if answers and ee["accuracy"] is not None else ee["accuracy"]
+    fr = [(r["early_exit"]["mean_flops_fraction"], r["early_exit"]["answers"]) for r in reports
+          if r["early_exit"]["mean_flops_fraction"] is not None]
+    if fr:
+        ee["mean_flops_fraction"] = sum(f * n for f, n in fr) / sum(n for _, n in fr)
+        ee["flops_saving"] = 1.0 - ee["mean_flops_fraction"]
+    out["early_exit"] = ee
+    out["swap"] = {"responses_per_state": {}, "mixed_state_responses": sum(r["swap"]["mixed_state_responses"]
+                                                                            for r in reports)}
+    for r in reports:
+        for k, v in r["swap"]["responses_per_state"].items():
+            out["swap"]["responses_per_state"][k] = out["swap"]["responses_per_state"].get(k, 0) + v
+    out["load"] = {**out["load"], "rounds": len(reports), "requests": sum(r["load"]["requests"] for r in reports)}
+    return out
+
+
 def _counts(records: list[_Record]) -> dict[str, Any]:
     status = Counter(r.status for r in records if r.status is not None)
     codes = Counter(r.code for r in records if r.code)
@@ -297,6 +333,7 @@ def run_load(base_url: str, target: Target, images: ImageSet, *, concurrency: in
         "throughput_rps": counts["completed"] / wall if wall else None,
         "ok_rps": len(ok) / wall if wall else None,
         "latency_seconds": latency_summary([r.end - r.start for r in ok]),
+        "raw_latencies": [r.end - r.start for r in ok],  # for pooling rounds; callers drop it before saving
         "server": _server_side([a for _, a in answers]),
         "early_exit": _early_exit(answers, images),
         "swap": _states([a for _, a in answers]),

@@ -33,7 +33,7 @@ import torch
 
 from bench import plain, procstat, profiling
 from bench.images import ImageSet, load_images
-from bench.loadgen import ClassmeansTarget, LitServeTarget, run_load
+from bench.loadgen import ClassmeansTarget, LitServeTarget, merge_rounds, run_load
 from bench.servers import REPO, Server, classmeans_server, litserve_server
 from bench.serving_report import render_markdown, render_plots, summarise, target_profile
 
@@ -73,23 +73,16 @@ def environment(threads: int) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _loads(srv: Server, target: Any, images: ImageSet, plan: dict[str, int]) -> dict[str, Any]:
-    """1 client then 32 clients against ``srv``; each with its own warm-up."""
+def _loads(srv: Server, target: Any, images: ImageSet, plan: dict[str, int], rnd: int) -> dict[str, Any]:
+    """Round ``rnd``: 1 client then 32 clients against ``srv``, each with its own warm-up; each round
+    uses other images (``offset``), so the pooled answers are about distinct images."""
     out = {}
     for clients in (1, 32):
-        out[f"c{clients}"] = run_load(srv.url, target, images, concurrency=clients,
-                                      requests=plan[f"requests_c{clients}"], warmup=plan[f"warmup_c{clients}"],
-                                      server_pid=srv.pid, time_limit_s=plan["time_limit_s"])
+        n = plan[f"requests_c{clients}"]
+        out[f"c{clients}"] = run_load(srv.url, target, images, concurrency=clients, requests=n,
+                                      warmup=plan[f"warmup_c{clients}"], offset=rnd * n, server_pid=srv.pid,
+                                      time_limit_s=plan["time_limit_s"])
     return out
-
-
-def bench_litserve(model_dir: Path, images: ImageSet, plan: dict[str, int], work: Path,
-                   threads: int, max_delay_ms: float) -> dict[str, Any]:
-    with litserve_server(model_dir, work / "litserve.log", 32, max_delay_ms / 1000.0, threads) as srv:
-        res = _loads(srv, LitServeTarget(), images, plan)
-    res["settings"] = {"max_batch_size": 32, "batch_timeout_s": max_delay_ms / 1000.0, "workers_per_device": 1,
-                       "torch_threads": threads, "request": "JSON {image: base64 PNG}"}
-    return res
 
 
 def switch(srv: Server, name: str) -> dict[str, Any]:
@@ -106,25 +99,51 @@ def store_listing(model_dir: Path) -> dict[str, Any]:
     return {"bundle": bid, "default_profile": prof["default"], "profiles": prof["profiles"]}
 
 
-def bench_classmeans(model_dir: Path, images: ImageSet, plan: dict[str, int], work: Path, threads: int,
-                     max_delay_ms: float, picked: list[str], target_name: str,
-                     profile_run: bool) -> dict[str, Any]:
+def bench_servers(model_dir: Path, images: ImageSet, plan: dict[str, int], work: Path, threads: int,
+                  max_delay_ms: float, picked: list[str], target_name: str, with_litserve: bool,
+                  profile_run: bool) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Interleaved rounds, so that other work on the machine hits every configuration alike: in each round
+    LitServe is started, measured and stopped (its idle workers poll and would tax the others), then our
+    server (kept running: idle, it costs nothing) is measured with exits off and at each profile, the
+    order rotated from round to round. Per configuration the rounds are merged (median throughput,
+    pooled latencies and answers)."""
     store = work / "store"
     shutil.copytree(model_dir, store / model_dir.name, ignore=shutil.ignore_patterns("*.tmp"))
     settings = {"torch_threads": threads, "max_batch_size": 32, "max_delay_ms": max_delay_ms}
-    out: dict[str, Any] = {"settings": settings, "configs": {}}
+    ours: dict[str, Any] = {"settings": settings, "configs": {}}
+    lit_rounds: list[dict[str, Any]] = []
+    cm_rounds: dict[str, list[dict[str, Any]]] = {}
+    configs: list[tuple[str, str | None]] = [("exits off", None), *((n, n) for n in picked)]
     with classmeans_server(store, model_dir.name, work / "classmeans.log", **settings) as srv:
         with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
-            listing = c.get("/profiles").json()
-        out["profiles"] = listing
-        out["configs"]["exits off"] = {"profile": None, **_loads(srv, ClassmeansTarget(exits="off"), images, plan)}
-        for name in picked:
-            switch(srv, name)
-            out["configs"][name] = {"profile": name, **_loads(srv, ClassmeansTarget(), images, plan)}
+            ours["profiles"] = c.get("/profiles").json()
+        for rnd in range(plan["rounds"]):
+            if with_litserve:
+                print(f"[bench] round {rnd + 1}: LitServe", flush=True)
+                with litserve_server(model_dir, work / f"litserve-{rnd}.log", 32, max_delay_ms / 1000.0,
+                                     threads) as lit:
+                    lit_rounds.append(_loads(lit, LitServeTarget(), images, plan, rnd))
+            k = rnd * len(configs) // max(1, plan["rounds"])
+            for label, profile in configs[k:] + configs[:k]:
+                print(f"[bench] round {rnd + 1}: ours, {label}", flush=True)
+                if profile is not None:
+                    switch(srv, profile)
+                target = ClassmeansTarget(exits="off") if profile is None else ClassmeansTarget()
+                cm_rounds.setdefault(label, []).append(_loads(srv, target, images, plan, rnd))
         if profile_run:
             switch(srv, target_name)
-            out["py_spy"] = {"profile": target_name, **run_profiled(srv, images, plan, work)}
-    return out
+            ours["py_spy"] = {"profile": target_name, **run_profiled(srv, images, plan, work)}
+    for label, profile in configs:
+        rounds = cm_rounds[label]
+        ours["configs"][label] = {"profile": profile, **{c: merge_rounds([r[c] for r in rounds])
+                                                          for c in ("c1", "c32")}}
+    lit_res = None
+    if with_litserve:
+        lit_res = {c: merge_rounds([r[c] for r in lit_rounds]) for c in ("c1", "c32")}
+        lit_res["settings"] = {"max_batch_size": 32, "batch_timeout_s": max_delay_ms / 1000.0,
+                               "workers_per_device": 1, "torch_threads": threads,
+                               "request": "JSON {image: base64 PNG}"}
+    return lit_res, ours
 
 
 def pick_profiles(listing: dict[str, Any], limit: int, target: str) -> list[str]:
@@ -173,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--out", type=Path, default=REPO / "docs")
     ap.add_argument("--images", type=int, default=2000, help="distinct test images loaded (PNG-encoded in memory)")
-    ap.add_argument("--requests-c1", type=int, default=200)
-    ap.add_argument("--requests-c32", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
+    ap.add_argument("--requests-c1", type=int, default=100, help="per round")
+    ap.add_argument("--requests-c32", type=int, default=500, help="per round")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of every server and the reference")
     ap.add_argument("--max-delay-ms", type=float, default=2.0, help="batching wait of both servers")
     ap.add_argument("--max-profiles", type=int, default=10)
@@ -183,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny counts: a smoke run, not a result")
     args = ap.parse_args(argv)
     if args.quick:
-        args.images, args.requests_c1, args.requests_c32, args.max_profiles = 300, 30, 120, 3
-    plan = {"requests_c1": args.requests_c1, "requests_c32": args.requests_c32,
+        args.images, args.requests_c1, args.requests_c32, args.max_profiles, args.rounds = 300, 30, 120, 3, 2
+    plan = {"rounds": args.rounds, "requests_c1": args.requests_c1, "requests_c32": args.requests_c32,
             "warmup_c1": max(10, args.requests_c1 // 10), "warmup_c32": max(64, args.requests_c32 // 10),
             "time_limit_s": 240}
     t0 = time.perf_counter()
@@ -199,18 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     target_name, _ = target_profile(listing, results_json)
     picked = pick_profiles(listing, args.max_profiles, target_name)
     print(f"[bench] plain PyTorch and exit runner ({args.torch_threads} thread(s)); profiles {picked}", flush=True)
-    results["plain"] = plain.measure(args.model_dir, images, min(args.requests_c1, len(images)),
-                                     min(args.requests_c32, len(images)), args.torch_threads, picked)
+    results["plain"] = plain.measure(args.model_dir, images, min(300, len(images)), min(1024, len(images)),
+                                     args.torch_threads, picked)
     torch.set_num_threads(1)  # the orchestrator itself only runs the load generator from here on
     with tempfile.TemporaryDirectory(prefix="classmeans-bench-") as tmp:
-        work = Path(tmp)
-        if not args.no_litserve:
-            print("[bench] LitServe", flush=True)
-            results["litserve"] = bench_litserve(args.model_dir, images, plan, work, args.torch_threads,
-                                                 args.max_delay_ms)
-        print("[bench] classmeans serve: exits off, then each profile", flush=True)
-        results["classmeans"] = bench_classmeans(args.model_dir, images, plan, work, args.torch_threads,
-                                                 args.max_delay_ms, picked, target_name, not args.no_py_spy)
+        lit, ours = bench_servers(args.model_dir, images, plan, Path(tmp), args.torch_threads, args.max_delay_ms,
+                                  picked, target_name, not args.no_litserve, not args.no_py_spy)
+    if lit is not None:
+        results["litserve"] = lit
+    results["classmeans"] = ours
     results["environment"]["loadavg_end"] = loadavg()
     results["results_json"] = results_json is not None
     results["summary"] = summarise(results, results_json)

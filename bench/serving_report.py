@@ -292,9 +292,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         "127.0.0.1.",
         f"Payload: {results['images']['source']}, PNG-encoded in memory (mean "
         f"{results['images']['png_bytes_mean']:.0f} bytes), one image per request; every answer is checked "
-        "against its label. Per configuration: warm-up excluded "
+        f"against its label. {plan['rounds']} interleaved rounds (LitServe started and stopped in each; ours "
+        "with exits off and at each profile, order rotated), each with a warm-up excluded "
         f"({plan['warmup_c1']} / {plan['warmup_c32']} requests), then {plan['requests_c1']} requests from 1 "
-        f"client and {plan['requests_c32']} from 32 clients (distinct images).",
+        f"client and {plan['requests_c32']} from 32 clients, on other images each round. Throughput is the "
+        "median round; latency percentiles, accuracy and FLOPs are pooled over all rounds. The reference "
+        "row is the best of 3 passes in process.",
         f"Batching: both servers max batch 32 with a {cm['settings']['max_delay_ms']} ms wait. LitServe gets "
         "its documented image request (JSON with a base64 PNG), ours a raw `image/png` body.",
         "",
