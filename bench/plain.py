@@ -105,8 +105,8 @@ def batch1_costs(net: Any, bundle: Any, runner: Any, x: torch.Tensor, names: lis
 
 
 def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, threads: int,
-            profiles: list[str] | None = None) -> dict[str, Any]:
-    """Plain forward and exit runner timings (``full`` and ``profiles``, default all); a JSON-able dict."""
+            only: list[str] | None = None) -> dict[str, Any]:
+    """Plain forward and exit runner timings (``full`` and the profiles in ``only``, default all)."""
     from service.runtime.bundle import load_bundle
     from service.runtime.preprocess import Normalizer
     from service.runtime.runner import ExitRunner
@@ -139,7 +139,7 @@ def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, th
     full = bundle.costs.full
     profiles: dict[str, Any] = {}
     names = ["full", *[p.name for p in bundle.profiles
-                       if p.name != "full" and (profiles is None or p.name in profiles)]]
+                       if p.name != "full" and (only is None or p.name in only)]]
     for name in names:
         thr = (torch.ones(net.num_exits - 1) if name == "full" and name not in bundle.profile_names()
                else torch.tensor(bundle.profile(name).thresholds, dtype=torch.float32))
