@@ -201,7 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-litserve", action="store_true", help="skip LitServe (e.g. not installed)")
     ap.add_argument("--no-py-spy", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny counts: a smoke run, not a result")
+    ap.add_argument("--render-only", action="store_true",
+                    help="re-render benchmarks.md and the plots from the existing benchmarks.json (no measuring)")
     args = ap.parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out / "benchmarks.json").read_text())
+        results["summary"] = summarise(results, read_results_json(args.out))
+        render_plots(results, args.out / "img")
+        (args.out / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "benchmarks.md").write_text(render_markdown(results))
+        return 0
     if args.quick:
         args.images, args.requests_c1, args.requests_c32, args.max_profiles, args.rounds = 300, 30, 120, 3, 2
     plan = {"rounds": args.rounds, "requests_c1": args.requests_c1, "requests_c32": args.requests_c32,

@@ -221,7 +221,8 @@ def limits_text(results: dict[str, Any]) -> list[str]:
                    f"{_f(r32, '{:.0f}')} images/s at batch 32 with no HTTP, decoding or batching around it. "
                    + ("The bar is above that compute-only ceiling, so no serving stack reaches it on this "
                       "core count." if r32 and bar > r32 else
-                      "The bar is below that ceiling: the gap is serving overhead (HTTP, decoding, batching)."))
+                      "The bar is below that ceiling: the gap is serving overhead (HTTP, decoding, batching) "
+                      "sharing two cores with the compute, and the load generator."))
         half = 0.5 * lit["p50_c1"]
         out.append(f"- Latency bar: 0.5 × LitServe's 1-client p50 = {1000 * half:.1f} ms. One plain forward at "
                    f"batch 1 takes {1000 * plain['p50_c1']:.1f} ms (p50) here; the target profile's answers at 1 "
@@ -287,9 +288,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"One run on one machine: {env['cpu']}, {env['cpu_count']} cores, {env['ram_gib']} GiB; torch threads "
         f"{env['torch_threads_used']} for every server and for the reference; git `{(env['git_sha'] or '?')[:10]}`"
-        f"{' (uncommitted changes)' if env['git_dirty'] else ''}; {env['date']}. The load generator "
-        "(`bench/loadgen.py`, httpx, one keep-alive connection per client) runs on the same cores, over "
-        "127.0.0.1.",
+        f"{' (uncommitted changes)' if env['git_dirty'] else ''}; {env['date']}; load average at the start "
+        f"and end {env.get('loadavg_start')} / {env.get('loadavg_end')} (other work was running on the machine "
+        "when it is above 1). The load generator (`bench/loadgen.py`: asyncio with a minimal HTTP/1.1 "
+        "keep-alive client, one connection per client; httpx cost about a core by itself at 32 clients) runs on "
+        "the same cores, over 127.0.0.1.",
         f"Payload: {results['images']['source']}, PNG-encoded in memory (mean "
         f"{results['images']['png_bytes_mean']:.0f} bytes), one image per request; every answer is checked "
         f"against its label. {plan['rounds']} interleaved rounds (LitServe started and stopped in each; ours "
