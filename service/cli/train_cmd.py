@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N to train on a GPU")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (the last "
+                   "epoch always writes one)")
     p.add_argument("--checkpoint", help="checkpoint path (default: OUT/../checkpoints/NAME.ckpt, outside git)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--limit", type=int, help="use only the first N training images (smoke tests)")
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                       schedule=args.schedule, bf16={'auto': None, 'on': True, 'off': False}[args.bf16],
                       channels_last=not args.no_channels_last,
-                      seed=args.seed, threads=args.threads)
+                      seed=args.seed, threads=args.threads, device=args.device,
+                      checkpoint_every=args.checkpoint_every)
     ckpt = Path(args.checkpoint) if args.checkpoint else out.parent.parent / "checkpoints" / f"{name}.ckpt"
     bar = tqdm(total=cfg.epochs, desc="epochs", file=sys.stderr)
     state = {"epoch": 0}

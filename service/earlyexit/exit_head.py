@@ -113,13 +113,16 @@ def fit_metric(stats: ClassStatsAccumulator, metric: str, shrinkage: float = 1e-
         weights = stats.counts.to(torch.float64)
         grand = (weights.unsqueeze(1) * mu).sum(0) / weights.sum()
         centred = mu - grand
-        sb = (centred * weights.unsqueeze(1)).t() @ centred / weights.sum()
+        # S_b = C^T C with C = sqrt(w_k / sum w) (mu_k - grand): rank <= K-1. With S_w = L L^T the
+        # whitened between-class scatter is B^T B, B = C L^-T, so its leading eigenvectors are B's right
+        # singular vectors: a (K x D) SVD and two triangular solves instead of a D x D inverse and eigh.
+        c = centred * torch.sqrt(weights / weights.sum()).unsqueeze(1)  # (K, D)
         chol = torch.linalg.cholesky(sw)
-        inv_l = torch.linalg.solve_triangular(chol, torch.eye(d, dtype=sw.dtype), upper=False)
-        evals, evecs = torch.linalg.eigh(inv_l @ sb @ inv_l.t())
+        bt = torch.linalg.solve_triangular(chol, c.t(), upper=False)  # (D, K) = L^-1 C^T = B^T
+        _, svals, vh = torch.linalg.svd(bt.t(), full_matrices=False)  # vh: (K, D)
         k = min(stats.num_classes - 1, d)
-        top = evecs[:, torch.argsort(evals, descending=True)[:k]]
-        projection = inv_l.t() @ top  # (D, K-1), W^T S_w W = I
+        top = vh[torch.argsort(svals, descending=True)[:k]].t()  # (D, K-1)
+        projection = torch.linalg.solve_triangular(chol.t(), top, upper=True)  # L^-T V: W^T S_w W = I
         return None, projection.float(), (mu @ projection).float()
     raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")
 

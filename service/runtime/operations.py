@@ -125,9 +125,10 @@ def resolve_bundle(model_dir: Path, spec: ModelSpec, num_exits: int, bundle_id: 
 
 
 def evaluate_model(model_dir: Path, data: LabelledImages, bundle_id: str | None = None,
-                   progress=None) -> tuple[dict[str, Any], bytes]:
+                   progress=None, loaded: tuple[ModelSpec, StagedNetwork] | None = None,
+                   ) -> tuple[dict[str, Any], bytes]:
     """Measure the (active) bundle on labelled data -> (report, PNG of the curve)."""
-    spec, net = load_model(model_dir)
+    spec, net = loaded or load_model(model_dir)
     bundle = resolve_bundle(model_dir, spec, net.num_exits, bundle_id)
     data = data.remap_to(spec.classes)
     table = decision_table_for(net, bundle, data, Normalizer(spec.mean, spec.std), progress=progress)

@@ -17,4 +17,6 @@ class Normalizer:
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         t = t.permute(0, 3, 1, 2).to(torch.float32)
+        if t.device != self.scale.device:  # a GPU batch (training, calibration on a GPU)
+            return t * self.scale.to(t.device) - self.shift.to(t.device)
         return t * self.scale - self.shift

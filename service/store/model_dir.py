@@ -105,8 +105,8 @@ def save_model(model_dir: Path, spec: ModelSpec, net: StagedNetwork) -> ModelSpe
     """Write weights (fp32 safetensors, atomically) then ``model.json`` with their sha256."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float32).contiguous().clone() if v.is_floating_point()
-             else v.detach().contiguous().clone() for k, v in net.module.state_dict().items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() if v.is_floating_point()
+             else v.detach().cpu().contiguous().clone() for k, v in net.module.state_dict().items()}
     tmp = model_dir / f".{WEIGHTS_FILE}.staging.tmp"
     save_file(state, str(tmp))
     data = tmp.read_bytes()
