@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test_set = test_set.subset(np.arange(min(args.limit_test, len(test_set))))
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()}
-    results: dict[str, Any] = {"environment": env, "data": info, "arch": args.arch,
+    results: dict[str, Any] = {"environment": env, "data": info, "arch": args.arch, "argv": vars(args),
                                "unpack_seconds": time.perf_counter() - t_start}
     _save(out, results)
 
@@ -209,6 +209,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = Path(args.model_dir)
     torch.manual_seed(0)
     net = build_backbone(arch, len(classes), 32)
+    if args.zero_init_residual:  # Goyal et al.: each block starts as identity; deep nets train stably
+        for m in net.module.modules():
+            last_bn = getattr(m, "bn3", None) if hasattr(m, "conv3") else getattr(m, "bn2", None)
+            if hasattr(m, "downsample") and last_bn is not None:
+                torch.nn.init.zeros_(last_bn.weight)
     spec = ModelSpec(name=model_dir.name, architecture=arch, classes=classes, input_size=(32, 32),
                      mean=CIFAR10_MEAN, std=CIFAR10_STD)
     norm = Normalizer(spec.mean, spec.std)
@@ -402,6 +407,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--deadline-seconds", type=float, default=0.0,
                    help="skip the later calibration/evaluation steps that would end past this (0: none)")
+    p.add_argument("--zero-init-residual", action="store_true")
     p.add_argument("--limit-train", type=int, default=0)
     p.add_argument("--limit-test", type=int, default=0)
     p = sub.add_parser("render")
