@@ -109,6 +109,38 @@ def test_metric_heads_classify_blobs(metric):
     assert head.flops((12,)) > 0
 
 
+
+@pytest.mark.parametrize("metric", ["euclidean", "diag", "lda"])
+def test_head_with_precomputed_terms_equals_the_reference_formulas(metric):
+    """The serving head (``-2 C^T``, ``||c||^2`` and ``-1/(n tau)`` precomputed) gives Eq. 3-5 as written."""
+    x, y, _ = blobs(k=5, d=12, spread=1.5, seed=3)
+    acc = ClassStatsAccumulator(5, 12, {"euclidean": "none", "diag": "diag", "lda": "full"}[metric])
+    acc.update(x, y)
+    head = fit_exit_head(acc, "full", metric, temperature=0.25)
+    nacc = NormaliserAccumulator(5)
+    nacc.update(head.distances(x))
+    head.normaliser = nacc.value().float()
+    z = head.embed(x)
+    assert torch.allclose(head.distances(x), torch.cdist(z, head.means), atol=1e-4)
+    reference = torch.softmax(-(torch.cdist(z, head.means) / head.normaliser) / 0.25, dim=1)
+    assert torch.allclose(head.probabilities(x), reference, atol=1e-5)
+    assert torch.equal(head.probabilities(x), class_probabilities(head.distances(x), head.normaliser, 0.25))
+
+
+def test_head_coefficients_follow_a_replaced_normaliser_and_temperature():
+    x, y, _ = blobs(k=3, d=4, spread=1.0, seed=2)
+    acc = ClassStatsAccumulator(3, 4, "none")
+    acc.update(x, y)
+    head = fit_exit_head(acc, "full", "euclidean")
+    before = head.probabilities(x[:5])  # normaliser still 1: caches -1/(1 * 1)
+    head.normaliser = torch.tensor([1.0, 2.0, 4.0])
+    after = head.probabilities(x[:5])
+    assert torch.allclose(after, class_probabilities(head.distances(x[:5]), head.normaliser))
+    assert not torch.allclose(before, after)
+    head.temperature = 0.5
+    assert torch.allclose(head.probabilities(x[:5]),
+                          class_probabilities(head.distances(x[:5]), head.normaliser, 0.5))
+
 def test_lda_beats_euclidean_on_anisotropic_classes():
     g = torch.Generator().manual_seed(1)
     n = 500

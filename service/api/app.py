@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from service import __version__
 from service.api.auth import resolve_admin_token
 from service.api.errors import install_error_handlers
+from service.api.fastlane import ClassifyFastLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.middleware import MetricsMiddleware
 from service.api.routes import admin, classify, health, profiles, v2
@@ -85,6 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (health.router, classify.router, profiles.router, v2.router, admin.router):
         app.include_router(r)
     static = frozenset(getattr(r, "path", "") for r in app.routes if "{" not in getattr(r, "path", "{"))
+    classify_route = next((r for r in classify.router.routes if getattr(r, "path", None) == "/classify"), None)
+    # Innermost (added first): the lean lane for raw-body /classify, inside the body limit and metrics.
+    app.add_middleware(ClassifyFastLane, state=app.state.classmeans, route=classify_route)
     app.add_middleware(BodyLimitMiddleware, default=settings.max_body_bytes,
                        limits={"/admin/class-means": settings.max_upload_bytes})
     app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static)

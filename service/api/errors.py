@@ -131,16 +131,26 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error; see the server log")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every exception type the app can raise to the envelope."""
+def _handlers() -> dict[type[Exception], Any]:
     from service.runtime.batcher import BatcherError
 
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(ImageError, _image_error)
-    app.add_exception_handler(DatasetError, _dataset_error)
-    app.add_exception_handler(BundleError, _bundle_error)
-    app.add_exception_handler(TargetUnreachable, _target_unreachable)
-    app.add_exception_handler(JobInProgress, _job_in_progress)
-    app.add_exception_handler(BatcherError, _batcher_error)
-    app.add_exception_handler(Exception, _internal_error)
+    return {StarletteHTTPException: _http_error, RequestValidationError: _validation_error,
+            ImageError: _image_error, DatasetError: _dataset_error, BundleError: _bundle_error,
+            TargetUnreachable: _target_unreachable, JobInProgress: _job_in_progress,
+            BatcherError: _batcher_error, Exception: _internal_error}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception type the app can raise to the envelope."""
+    for exc_type, handler in _handlers().items():
+        app.add_exception_handler(exc_type, handler)
+
+
+async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
+    """The envelope response for ``exc``, chosen as the app's handlers are (nearest class in the MRO);
+    for code that answers outside FastAPI's exception middleware (the lean /classify lane)."""
+    handlers = _handlers()
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return await handlers[cls](request, exc)
+    return await _internal_error(request, exc)  # pragma: no cover - Exception is always in the MRO

@@ -1,8 +1,9 @@
-"""What /classify and the v2 infer route share: decode off the loop, admit, batch, shape the answer."""
+"""What /classify and the v2 infer route share: decode, admit, batch, shape the answer."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import numpy as np
@@ -35,16 +36,24 @@ def admit(state: AppState, n: int) -> None:
         raise Overloaded()
 
 
+# One small image (a CIFAR-sized PNG decodes in ~0.1 ms) is decoded on the event loop: handing it to a
+# decode thread and back costs more CPU than the decode, and two thread wake-ups of latency. The pixel cap
+# bounds the time the loop can spend on it (checked from the header before any pixel is decoded).
+INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 64 * 64
+
+
 async def decode_all(state: AppState, engine: Engine, blobs: list[tuple[str | None, bytes]]) -> np.ndarray:
-    """Decode every image in a worker thread into ``uint8 (n, H, W, 3)`` at the model's input size."""
+    """Decode every image into ``uint8 (n, H, W, 3)`` at the model's input size: one image of at most
+    :data:`INLINE_DECODE_PIXELS` pixels on the loop, anything else in a worker thread."""
     size = engine.spec.input_size
     max_pixels = state.settings.max_image_pixels
 
-    def work() -> np.ndarray:
+    def work(cap: int = max_pixels) -> np.ndarray:
         arrays = []
         for i, (name, data) in enumerate(blobs):
             try:
-                arrays.append(decode_image(data, size=size, max_pixels=max_pixels))
+                arrays.append(decode_image(data, size=size, max_pixels=cap))
             except ImageError as exc:
                 if len(blobs) == 1 and name is None:
                     raise
@@ -52,6 +61,14 @@ async def decode_all(state: AppState, engine: Engine, blobs: list[tuple[str | No
                 raise ImageError(f"{where}: {exc}", code=exc.code) from None
         return np.stack(arrays)
 
+    if len(blobs) == 1 and len(blobs[0][1]) <= INLINE_DECODE_BYTES:
+        cap = min(max_pixels, INLINE_DECODE_PIXELS)
+        try:
+            return work(cap)
+        except ImageError as exc:
+            if exc.code != "image_too_large" or cap == max_pixels:
+                raise
+            # larger than the inline cap: decode it off the loop under the real limit
     return await anyio.to_thread.run_sync(work, limiter=state.decode_limiter)
 
 
@@ -88,23 +105,39 @@ def operating_info(snapshot: Snapshot) -> schemas.Operating:
                              accuracy=op.accuracy)
 
 
+def classify_payload(engine: Engine, req: InferenceRequest, outcome: InferenceOutcome, sub: Submitted,
+                     filenames: list[str | None], t0: float) -> dict[str, Any]:
+    """The ``ClassifyResponse`` body as plain JSON-able data (``t0``: when the request arrived).
+
+    Built directly rather than through the pydantic models (their construction and ``model_dump`` cost
+    more than the rest of the answer); a test checks it is exactly what ``schemas.ClassifyResponse`` gives.
+    """
+    snap = req.snapshot
+    full = float(snap.bundle.costs.full)
+    m = snap.bundle.num_exits
+    preds = [{"filename": filenames[i] if i < len(filenames) else None, "label": p.label,
+              "class_index": p.class_index, "confidence": float(p.confidence),
+              "top_k": [{"index": i_, "label": l_, "probability": float(pr)} for i_, l_, pr in p.top_k],
+              "exit_index": p.exit_index, "exit_name": p.exit_name, "num_exits": m, "flops": float(p.flops),
+              "flops_full": full, "flops_fraction": p.flops / full, "profile": p.profile}
+             for i, p in enumerate(outcome.predictions)]
+    mixed = req.profile is None and not req.exits_off and snap.operating.b is not None
+    return {"model": engine.spec.name, "bundle": snap.bundle_id, "profile": req.served_as,
+            "version": snap.version, "operating": operating_info(snap).model_dump() if mixed else None,
+            "exits": "off" if req.exits_off else "on", "predictions": preds,
+            "latency_seconds": time.perf_counter() - t0, "queue_seconds": float(sub.queue_seconds),
+            "inference_seconds": float(outcome.inference_seconds), "batch_samples": sub.batch_samples}
+
+
+def request_t0(request: Request) -> float:
+    """When the request arrived (set by the metrics middleware), else now."""
+    return request.scope.get("state", {}).get("t0", time.perf_counter())
+
+
 def classify_response(engine: Engine, req: InferenceRequest, outcome: InferenceOutcome, sub: Submitted,
                       filenames: list[str | None], request: Request) -> schemas.ClassifyResponse:
-    snap = req.snapshot
-    full = snap.bundle.costs.full
-    m = snap.bundle.num_exits
-    preds = [schemas.Prediction(
-        filename=filenames[i] if i < len(filenames) else None, label=p.label, class_index=p.class_index,
-        confidence=p.confidence, top_k=[schemas.TopK(index=i_, label=l_, probability=pr) for i_, l_, pr in p.top_k],
-        exit_index=p.exit_index, exit_name=p.exit_name, num_exits=m, flops=p.flops, flops_full=full,
-        flops_fraction=p.flops / full, profile=p.profile) for i, p in enumerate(outcome.predictions)]
-    mixed = req.profile is None and not req.exits_off and snap.operating.b is not None
-    t0 = request.scope.get("state", {}).get("t0", time.perf_counter())
-    return schemas.ClassifyResponse(
-        model=engine.spec.name, bundle=snap.bundle_id, profile=req.served_as, version=snap.version,
-        operating=operating_info(snap) if mixed else None, exits="off" if req.exits_off else "on",
-        predictions=preds, latency_seconds=time.perf_counter() - t0, queue_seconds=sub.queue_seconds,
-        inference_seconds=outcome.inference_seconds, batch_samples=sub.batch_samples)
+    return schemas.ClassifyResponse.model_validate(
+        classify_payload(engine, req, outcome, sub, filenames, request_t0(request)))
 
 
 def state_headers(snap: Snapshot, profile: str) -> dict[str, str]:

@@ -21,6 +21,23 @@ def euclidean_distances(x: torch.Tensor, means: torch.Tensor, means_sqnorm: torc
     """
     if means_sqnorm is None:
         means_sqnorm = (means * means).sum(1)
-    x_sq = (x * x).sum(1, keepdim=True)
-    d2 = torch.addmm(means_sqnorm.unsqueeze(0) + x_sq, x, means.t(), alpha=-2.0)
+    return prepared_euclidean_distances(x, -2.0 * means.t(), means_sqnorm)
+
+
+def prepared_euclidean_distances(x: torch.Tensor, neg2_means_t: torch.Tensor, means_sqnorm: torch.Tensor
+                                 ) -> torch.Tensor:
+    """Eq. 3 with the class-mean terms precomputed once per head (the serving path, a few tensor ops).
+
+    ``d2 = (||c||^2 - 2 x.c) + ||x||^2``: the first two terms in one ``addmm`` against ``-2 C^T``, then
+    clamped at 0 and square-rooted in place. The same value as :func:`euclidean_distances`, which calls this.
+
+    Args:
+        x: ``(B, D)`` features.
+        neg2_means_t: ``(D, K)`` = ``-2 * means.T``.
+        means_sqnorm: ``(K,)`` = ``||c_k||^2``.
+    Returns:
+        ``(B, K)`` distances.
+    """
+    d2 = torch.addmm(means_sqnorm, x, neg2_means_t)
+    d2 += (x * x).sum(1, keepdim=True)
     return d2.clamp_min_(0.0).sqrt_()

@@ -10,6 +10,10 @@ Metrics (all closed-form from calibration statistics, no gradient training):
   Mahalanobis distance restricted to the directions that separate the classes, at ``2 D (K-1)`` FLOPs.
 
 Every head is stored as ``z' = (z * scale) @ projection`` (either part optional), means in ``z'`` space.
+
+Serving cost: what depends only on the calibration (``-2 C^T``, ``||c_k||^2``, ``-1 / (n_k tau)``) is
+computed once per head, so consulting an exit at batch 1 is about ten small tensor operations: pooling,
+projection, one ``addmm`` for the distances, a multiply and a softmax.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from service.earlyexit.accumulators import ClassStatsAccumulator
-from service.earlyexit.distances import euclidean_distances
-from service.earlyexit.probabilities import class_probabilities
+from service.earlyexit.distances import prepared_euclidean_distances
+from service.earlyexit.probabilities import probabilities_from_coefficients, probability_coefficients
 from service.earlyexit.reduction import reduce_feature, reduction_flops
 
 METRICS = ("euclidean", "diag", "lda")
@@ -46,7 +50,19 @@ class ExitHead:
     def __post_init__(self) -> None:
         self.means = self.means.to(torch.float32).contiguous()
         self.means_sqnorm = (self.means * self.means).sum(1)
+        self.neg2_means_t = (-2.0 * self.means).t().contiguous()  # (P, K), for the one-matmul Eq. 3
         self.normaliser = self.normaliser.to(torch.float32)
+        self._coef_key: tuple[int, float] | None = None
+        self._coef = torch.empty(0)
+
+    def coefficients(self) -> torch.Tensor:
+        """``(K,)`` ``-1 / (n_k * tau)`` (Eq. 4-5 as one multiply), cached until ``normaliser`` or
+        ``temperature`` is replaced (calibration fills the normaliser after construction)."""
+        key = (id(self.normaliser), float(self.temperature))
+        if key != self._coef_key:
+            self._coef = probability_coefficients(self.normaliser, self.temperature)
+            self._coef_key = key
+        return self._coef
 
     @property
     def num_classes(self) -> int:
@@ -63,11 +79,12 @@ class ExitHead:
 
     def distances(self, feature: torch.Tensor) -> torch.Tensor:
         """Eq. 3 in the metric space: ``(B, K)``."""
-        return euclidean_distances(self.embed(feature), self.means, self.means_sqnorm)
+        return prepared_euclidean_distances(self.embed(feature), self.neg2_means_t, self.means_sqnorm)
 
     def probabilities(self, feature: torch.Tensor) -> torch.Tensor:
-        """Eq. 4-5: ``softmax(-(d / n) / tau)``, ``(B, K)``."""
-        return class_probabilities(self.distances(feature), self.normaliser, self.temperature)
+        """Eq. 4-5: ``softmax(-(d / n) / tau)``, ``(B, K)`` (the same values as
+        ``class_probabilities(self.distances(feature), self.normaliser, self.temperature)``)."""
+        return probabilities_from_coefficients(self.distances(feature), self.coefficients())
 
     def flops(self, feature_shape: tuple[int, ...]) -> int:
         """FLOPs of consulting this exit for one sample (2 per multiply-add).

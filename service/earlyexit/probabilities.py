@@ -16,9 +16,23 @@ import torch
 def class_probabilities(distances: torch.Tensor, normaliser: torch.Tensor, temperature: float = 1.0
                         ) -> torch.Tensor:
     """``(B, K)`` distances and ``(K,)`` normalisers -> ``(B, K)`` probabilities (rows sum to 1)."""
+    return probabilities_from_coefficients(distances, probability_coefficients(normaliser, temperature))
+
+
+def probability_coefficients(normaliser: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``(K,)`` normalisers -> ``(K,)`` factors ``a_k = -1 / (n_k * tau)``, so Eq. 4-5 is ``softmax(a * d)``.
+
+    Computed once per exit head: at serving time Eq. 4-5 then costs one multiply and one softmax.
+    """
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    return torch.softmax(-(distances / normaliser) / temperature, dim=1)
+    return -1.0 / (normaliser.to(torch.float32) * temperature)
+
+
+def probabilities_from_coefficients(distances: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``softmax(a * d)`` over classes: ``(B, K)`` distances, ``(K,)`` factors from
+    :func:`probability_coefficients` -> ``(B, K)`` probabilities (what :func:`class_probabilities` returns)."""
+    return torch.softmax(distances * coefficients, dim=1)
 
 
 def top_probability(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

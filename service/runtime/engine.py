@@ -230,7 +230,8 @@ class Engine:
             rows.extend(snap.thresholds[name] for name in names)
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         t0 = time.perf_counter()
-        res = snap.runner.run(x, torch.stack(rows))
+        one = served[0] if served.count(served[0]) == len(served) else None  # one profile: no per-row table
+        res = snap.runner.run(x, snap.thresholds[one] if one is not None else torch.stack(rows))
         seconds = time.perf_counter() - t0
         full = snap.bundle.costs.full
         exits = res.exit_index.tolist()

@@ -40,6 +40,7 @@ class ExitRunner:
         self.num_exits = net.num_exits
         self._head_cost = torch.tensor(costs.head_cost, dtype=torch.float64)
         self._backbone_cum = torch.tensor(costs.backbone_cum, dtype=torch.float64)
+        self._validated: dict[int, tuple[torch.Tensor, list[float]]] = {}
 
     def thresholds_for(self, thresholds: torch.Tensor | list[float], batch: int) -> torch.Tensor:
         t = torch.as_tensor(thresholds, dtype=torch.float32)
@@ -53,10 +54,24 @@ class ExitRunner:
             raise ValueError(f"exits {missing} are enabled but have no class means")
         return t
 
+    def _uniform(self, thresholds: torch.Tensor) -> list[float]:
+        """A ``(M-1,)`` threshold tensor, validated once and kept as a list (the profiles' tensors live as
+        long as their snapshot, so serving one profile validates nothing per batch)."""
+        hit = self._validated.get(id(thresholds))
+        if hit is not None and hit[0] is thresholds:
+            return hit[1]
+        tl = self.thresholds_for(thresholds, 1)[0].tolist()
+        if len(self._validated) >= 64:
+            self._validated.clear()
+        self._validated[id(thresholds)] = (thresholds, tl)
+        return tl
+
     @torch.inference_mode()
     def run(self, x: torch.Tensor, thresholds: torch.Tensor | list[float]) -> ExitResult:
         """``x (B, 3, H, W)`` normalised images; ``thresholds (B, M-1)`` or ``(M-1,)``."""
         b = x.shape[0]
+        if isinstance(thresholds, torch.Tensor) and thresholds.ndim == 1 and thresholds.dtype == torch.float32:
+            return self._run_uniform(x, self._uniform(thresholds))
         t = self.thresholds_for(thresholds, b)
         if b == 1 or bool((t == t[0]).all()):
             return self._run_uniform(x, t[0].tolist())

@@ -14,9 +14,10 @@ from service.api.forms import parse_multipart, read_upload
 from service.api.inference import (
     admit,
     check_profile,
-    classify_response,
+    classify_payload,
     deadline_for,
     decode_all,
+    request_t0,
     run_inference,
     state_headers,
 )
@@ -88,5 +89,5 @@ async def classify(
     pixels = await decode_all(state, engine, blobs)
     req = InferenceRequest(snap, pixels=pixels, profile=profile, exits_off=exits == "off", top_k=top_k)
     outcome, sub = await run_inference(state, req, deadline)
-    body = classify_response(engine, req, outcome, sub, names, request)
-    return JSONResponse(body.model_dump(), headers=state_headers(snap, body.profile))
+    body = classify_payload(engine, req, outcome, sub, names, request_t0(request))
+    return JSONResponse(body, headers=state_headers(snap, body["profile"]))
