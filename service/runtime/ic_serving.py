@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from service.backbones import StagedNetwork, StageProfile, profile_stages
 from service.backbones.internal_classifiers import ICSet
-from service.earlyexit import Operating, Profile
+from service.earlyexit import Operating, Profile, upper_hull
 from service.earlyexit.ic_rules import MODES, RULE_NAMES, ICCosts
 from service.runtime.bundle import Bundle
 from service.runtime.ic_runner import ICExitRunner, row_thresholds
@@ -400,7 +401,8 @@ def mode_candidates(bundle: Bundle, ic: ICServing | None, mode: str) -> list[Pro
     out = [p.as_profile() for p in ic.profiles.values() if p.mode == mode]
     if FULL in bundle.profile_names():
         out.append(bundle.profile(FULL))
-    return out
+    keep = upper_hull(np.array([p.flops for p in out]), np.array([p.accuracy for p in out]))
+    return [out[i] for i in keep]  # the plain network joins only where it is on the mode's hull
 
 
 def profile_rows(bundle: Bundle, ic: ICServing | None) -> list[tuple[str, str, Any, list[int] | None, Profile]]:
