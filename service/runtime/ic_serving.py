@@ -303,12 +303,16 @@ def load_ic_store(model_dir: Path, spec: ModelSpec, net: StagedNetwork) -> ICSto
 
 
 def warm_up_ic(engine: Engine, x: torch.Tensor) -> None:
-    """Run every IC profile of the current snapshot once on ``x`` (normalised)."""
+    """Run one profile of each IC mode of the current snapshot on ``x`` (normalised): the code paths of
+    every mode, without paying for each of the ~100 profiles at start-up."""
     ic = engine.snapshot.ic
     if ic is None:
         return
+    done: set[str] = set()
     for p in ic.profiles.values():
-        ic.runner.run(x, p.mode, p.row)
+        if p.mode not in done:
+            ic.runner.run(x, p.mode, p.row)
+            done.add(p.mode)
 
 
 def run_ic_group(engine: Engine, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
