@@ -33,3 +33,26 @@ def tiny_store(tiny_store_root, tmp_path) -> Path:
     dst = tmp_path / "store"
     shutil.copytree(tiny_store_root, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_ic_store_root(tiny_store_root, tmp_path_factory) -> Path:
+    """The tiny store plus trained internal classifiers and their profiles; copy it before mutating."""
+    import shutil
+
+    from tests.factories import add_tiny_ics
+
+    root = tmp_path_factory.mktemp("ic-store")
+    shutil.copytree(tiny_store_root, root, dirs_exist_ok=True)
+    add_tiny_ics(root / "tiny")
+    return root
+
+
+@pytest.fixture()
+def tiny_ic_store(tiny_ic_store_root, tmp_path) -> Path:
+    """A private, mutable copy of the tiny store with ICs; returns the store root."""
+    import shutil
+
+    dst = tmp_path / "ic-store"
+    shutil.copytree(tiny_ic_store_root, dst)
+    return dst

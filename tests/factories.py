@@ -51,3 +51,21 @@ def make_tiny_store(root: Path, name: str = "tiny", n: int = 300, samples: int =
                             samples=samples, seed=0, batch_size=100)
     calibrate_model(model_dir, synthetic_images(n), cfg, holdout=100, activate=True)
     return model_dir
+
+
+def add_tiny_ics(model_dir: Path, n: int = 260, holdout: int = 100, epochs: int = 2, samples: int = 300) -> dict:
+    """Train SDN-style ICs on ``model_dir``'s frozen backbone (synthetic data) and store them with threshold
+    profiles for every mode, searched on a held-out split with the active bundle's class means; returns
+    the summary of :func:`~service.runtime.ics.train_ics_for_model`."""
+    from service.runtime.ics import ICTrainConfig, train_ics_for_model
+
+    cfg = ICTrainConfig(epochs=epochs, batch_size=64, seed=0)
+    return train_ics_for_model(model_dir, synthetic_images(n, seed=5), cfg, holdout=holdout, samples=samples)
+
+
+def make_tiny_ic_store(root: Path, name: str = "tiny") -> Path:
+    """:func:`make_tiny_store` plus a set of internal classifiers with profiles (``ic_prob``, ``ic_entropy``,
+    ``combined``, ``cm``)."""
+    model_dir = make_tiny_store(root, name)
+    add_tiny_ics(model_dir)
+    return model_dir

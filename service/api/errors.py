@@ -32,7 +32,7 @@ CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404
                   415: "unsupported_media_type", 422: "validation_error", 503: "unavailable"}
 
 DATASET_STATUS = {"unsupported_archive": 415, "archive_bomb": 413, "too_many_files": 413}
-BUNDLE_STATUS = {"bundle_not_found": 404, "profile_not_found": 404}
+BUNDLE_STATUS = {"bundle_not_found": 404, "profile_not_found": 404, "mode_unavailable": 409}
 
 
 class ApiError(StarletteHTTPException):

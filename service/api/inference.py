@@ -14,14 +14,15 @@ from service.api.state import AppState
 from service.ingest.images import ImageError, decode_image
 from service.runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout, Submitted
 from service.runtime.engine import Engine
-from service.runtime.snapshot import InferenceOutcome, InferenceRequest, Snapshot
+from service.runtime.ic_serving import rule_for_cm_exit
+from service.runtime.snapshot import InferenceOutcome, InferenceRequest, SamplePrediction, Snapshot
 from service.store.bundles import BundleError
 
 
 def check_profile(snapshot: Snapshot, profile: str | None) -> None:
     """404 ``profile_not_found`` for a per-request profile the serving bundle does not have."""
     if profile is not None and not snapshot.has_profile(profile):
-        names = ", ".join(sorted(snapshot.thresholds))
+        names = ", ".join(sorted(snapshot.profile_names()))
         raise BundleError(f"profile {profile!r} is not in bundle {snapshot.bundle_id} (have: {names})",
                           code="profile_not_found")
 
@@ -119,7 +120,8 @@ def classify_payload(engine: Engine, req: InferenceRequest, outcome: InferenceOu
               "class_index": p.class_index, "confidence": float(p.confidence),
               "top_k": [{"index": i_, "label": l_, "probability": float(pr)} for i_, l_, pr in p.top_k],
               "exit_index": p.exit_index, "exit_name": p.exit_name, "num_exits": m, "flops": float(p.flops),
-              "flops_full": full, "flops_fraction": p.flops / full, "profile": p.profile}
+              "flops_full": full, "flops_fraction": p.flops / full, "profile": p.profile, "mode": p.mode,
+              "rule": rule_of(p, m)}
              for i, p in enumerate(outcome.predictions)]
     mixed = req.profile is None and not req.exits_off and snap.operating.b is not None
     return {"model": engine.spec.name, "bundle": snap.bundle_id, "profile": req.served_as,
@@ -138,6 +140,11 @@ def classify_response(engine: Engine, req: InferenceRequest, outcome: InferenceO
                       filenames: list[str | None], request: Request) -> schemas.ClassifyResponse:
     return schemas.ClassifyResponse.model_validate(
         classify_payload(engine, req, outcome, sub, filenames, request_t0(request)))
+
+
+def rule_of(p: SamplePrediction, num_exits: int) -> str:
+    """The rule a prediction reports; class-means rows carry none: ``cm``, or ``final`` at the head."""
+    return p.rule or rule_for_cm_exit(p.exit_index, num_exits)
 
 
 def state_headers(snap: Snapshot, profile: str) -> dict[str, str]:

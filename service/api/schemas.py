@@ -50,10 +50,15 @@ class Operating(BaseModel):
 
 class ProfileInfo(BaseModel):
     name: str
+    mode: str = Field("cm", description="decision mode: cm (class means), ic_prob (SDN: IC top probability), "
+                                        "ic_entropy (BranchyNet: IC entropy), combined (IC and class means)")
     accuracy: float = Field(description="held-out accuracy on the calibration selection split")
-    flops: float = Field(description="mean FLOPs per sample (2 per multiply-add)")
+    flops: float = Field(description="mean FLOPs per sample (2 per multiply-add), IC costs included")
     flops_fraction: float = Field(description="flops / FLOPs of the full network")
-    thresholds: list[float]
+    thresholds: list[float] | dict[str, list[float]] = Field(
+        description="one per exit (cm: every early exit; IC modes: the IC exits in 'exits'); combined: "
+                    "{'ic': [...], 'cm': [...]}")
+    exits: list[int] | None = Field(None, description="IC modes: the backbone exit index of each threshold")
     default: bool
     active: bool = Field(description="serves now (alone or as one side of a time-shared mix)")
     share: float = Field(description="fraction of traffic this profile gets under the active operating point")
@@ -65,18 +70,24 @@ class ProfilesResponse(BaseModel):
     version: int
     active: Operating
     default_profile: str
+    modes: list[str] = Field(description="decision modes that can be served now")
+    internal_classifiers: dict[str, Any] = Field(
+        description="the IC set: status (absent, loaded, failed), id, exits, modes, and why a mode is unavailable")
     profiles: list[ProfileInfo]
 
 
 class ProfileSwitch(BaseModel):
     """Exactly one of: a profile ``name``; ``min_accuracy`` (cheapest point at least this accurate);
-    ``max_flops_fraction`` (most accurate point at most this costly)."""
+    ``max_flops_fraction`` (most accurate point at most this costly). ``mode`` picks the decision mode
+    whose hull a target is chosen on (default ``cm``); with a ``name`` it must be that profile's mode."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, min_length=1, max_length=200)
     min_accuracy: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_flops_fraction: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    mode: str | None = Field(None, min_length=1, max_length=40,
+                             description="cm, ic_prob, ic_entropy or combined")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ProfileSwitch:
@@ -117,10 +128,14 @@ class Prediction(BaseModel):
     exit_index: int
     exit_name: str
     num_exits: int
-    flops: float
+    flops: float = Field(description="FLOPs spent on this sample: backbone up to the exit plus every head "
+                                     "consulted (class means and internal classifiers)")
     flops_full: float
     flops_fraction: float
     profile: str = Field(description="the profile that served this sample (a mix's vertex, or the override)")
+    mode: str = Field("cm", description="the decision mode of that profile")
+    rule: str = Field(description="what let the sample out: cm (class means), ic (internal classifier), "
+                                  "ic+cm (both, combined mode), final (the network's own classifier)")
 
 
 class ClassifyResponse(BaseModel):

@@ -26,6 +26,15 @@ import torch
 from service.backbones import StagedNetwork
 from service.earlyexit import Operating, select_by_target
 from service.runtime.bundle import Bundle, load_bundle
+from service.runtime.ic_serving import (
+    ICServing,
+    ICStore,
+    check_mode,
+    load_ic_store,
+    mode_candidates,
+    run_ic_group,
+    warm_up_ic,
+)
 from service.runtime.metrics import Metrics
 from service.runtime.operations import read_active_or_none
 from service.runtime.preprocess import Normalizer
@@ -66,8 +75,9 @@ class Engine:
     """The network, the current :class:`Snapshot`, and the operations that replace it."""
 
     def __init__(self, model_dir: Path, spec: ModelSpec, net: StagedNetwork, snapshot: Snapshot,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, ic_store: ICStore | None = None) -> None:
         self.model_dir = Path(model_dir)
+        self.ic_store = ic_store or ICStore("absent")
         self.spec = spec
         self.net = net
         self.normalizer = Normalizer(spec.mean, spec.std)
@@ -97,11 +107,14 @@ class Engine:
             spec, net = load_model(model_dir)
         except Exception as exc:
             raise EngineLoadError(f"cannot load model {model_dir.name!r}: {exc}") from exc
-        snapshot = cls._initial_snapshot(model_dir, spec, net)
-        return cls(model_dir, spec, net, snapshot, metrics)
+        ic_store = load_ic_store(model_dir, spec, net)  # never raises: a broken IC set leaves class means serving
+        snapshot = cls._initial_snapshot(model_dir, spec, net, ic_store)
+        return cls(model_dir, spec, net, snapshot, metrics, ic_store)
 
     @staticmethod
-    def _initial_snapshot(model_dir: Path, spec: ModelSpec, net: StagedNetwork) -> Snapshot:
+    def _initial_snapshot(model_dir: Path, spec: ModelSpec, net: StagedNetwork,
+                          ic_store: ICStore | None = None) -> Snapshot:
+        store = ic_store or ICStore("absent")
         m = net.num_exits
         active = read_active_or_none(model_dir)
         if active is None and (model_dir / "active.json").exists():
@@ -111,13 +124,15 @@ class Engine:
         if active is not None:
             try:
                 bundle = load_bundle(model_dir, str(active["bundle"]), spec, m)
+                ic = store.serving_for(net, bundle)
                 try:
-                    operating = operating_from_json(bundle, active.get("operating", {"a": bundle.default_profile}))
+                    operating = operating_from_json(bundle, active.get("operating", {"a": bundle.default_profile}),
+                                                    ic)
                 except BundleError as exc:
                     log.error("active operating point is invalid (%s); using profile %s", exc,
                               bundle.default_profile)
                     operating = single_operating(bundle, bundle.default_profile)
-                return make_snapshot(net, bundle, operating, version, str(active.get("updated", "")))
+                return make_snapshot(net, bundle, operating, version, str(active.get("updated", "")), ic=ic)
             except BundleError as exc:
                 failed = str(active["bundle"])
                 log.error("ACTIVE BUNDLE %s DOES NOT LOAD (%s); falling back to the newest loadable bundle",
@@ -133,7 +148,7 @@ class Engine:
             if failed:
                 log.error("SERVING FALLBACK BUNDLE %s instead of %s", bid, failed)
             return make_snapshot(net, bundle, single_operating(bundle, bundle.default_profile), version, _now_iso(),
-                                  fallback_from=failed)
+                                  fallback_from=failed, ic=store.serving_for(net, bundle))
         why = f"active bundle {failed} is corrupt and no other bundle loads" if failed else "no bundle found"
         raise EngineLoadError(f"model {model_dir.name!r}: {why}; run `classmeans calibrate`")
 
@@ -144,22 +159,32 @@ class Engine:
 
     # -- switching (admin) -------------------------------------------------------------------------------
 
-    def switch_profile(self, name: str) -> Snapshot:
-        """Serve profile ``name`` of the active bundle from now on (persisted)."""
+    def switch_profile(self, name: str, mode: str | None = None) -> Snapshot:
+        """Serve profile ``name`` (of the active bundle, or an IC profile) from now on (persisted).
+        ``mode``, when given, must be the profile's mode."""
+        check_mode(mode)
         with self._lock:
             snap = self._snapshot
-            if name not in snap.bundle.profile_names():
+            ic_names = snap.ic.profiles if snap.ic is not None else {}
+            if name not in snap.bundle.profile_names() and name not in ic_names:
                 raise BundleError(f"profile {name!r} is not in bundle {snap.bundle_id} "
-                                  f"(have: {', '.join(snap.bundle.profile_names())})", code="profile_not_found")
-            return self._publish(snap.bundle, snap.runner, single_operating(snap.bundle, name), profile_switch=True)
+                                  f"(have: {', '.join([*snap.bundle.profile_names(), *ic_names])})",
+                                  code="profile_not_found")
+            have = snap.ic.mode_of(name) if snap.ic is not None else "cm"
+            if mode is not None and mode != have and name != FULL:
+                raise BundleError(f"profile {name!r} is a {have} profile, not {mode}", code="mode_mismatch")
+            return self._publish(snap.bundle, snap.runner, single_operating(snap.bundle, name, snap.ic),
+                                 profile_switch=True)
 
     def switch_target(self, min_accuracy: float | None = None,
-                      max_flops_fraction: float | None = None) -> Snapshot:
-        """Serve the hull point for a target (maybe a time-shared mix of two profiles); raises
-        :class:`~service.earlyexit.hull.TargetUnreachable` when no point meets it."""
+                      max_flops_fraction: float | None = None, mode: str | None = None) -> Snapshot:
+        """Serve the hull point for a target (maybe a time-shared mix of two profiles) within ``mode``
+        (default ``cm``: the bundle's profiles); raises :class:`~service.earlyexit.hull.TargetUnreachable`
+        when no point meets it."""
+        check_mode(mode)
         with self._lock:
             snap = self._snapshot
-            op = select_by_target(snap.bundle.profiles, min_accuracy=min_accuracy,
+            op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode or "cm"), min_accuracy=min_accuracy,
                                   max_flops_fraction=max_flops_fraction)
             return self._publish(snap.bundle, snap.runner, op, profile_switch=True)
 
@@ -167,19 +192,21 @@ class Engine:
         """Load and validate bundle ``bundle_id`` fully, then serve it (its default profile unless named)."""
         bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
         name = profile or bundle.default_profile
-        if name not in bundle.profile_names():
+        ic = self.ic_store.serving_for(self.net, bundle)
+        if name not in bundle.profile_names() and (ic is None or name not in ic.profiles):
             raise BundleError(f"profile {name!r} is not in bundle {bundle_id}", code="profile_not_found")
         runner = ExitRunner(self.net, bundle.heads, bundle.costs)
         with self._lock:
-            return self._publish(bundle, runner, single_operating(bundle, name), bundle_activation=True)
+            return self._publish(bundle, runner, single_operating(bundle, name, ic), bundle_activation=True, ic=ic)
 
     def _publish(self, bundle: Bundle, runner: ExitRunner, op: Operating, profile_switch: bool = False,
-                 bundle_activation: bool = False) -> Snapshot:
+                 bundle_activation: bool = False, ic: ICServing | None = None) -> Snapshot:
         """Persist ``active.json`` (version + 1), then swap the snapshot. Caller holds the lock."""
         old = self._snapshot
         version = max(_version(read_active_or_none(self.model_dir)), old.version) + 1
         new = make_snapshot(self.net, bundle, op, version, _now_iso(), runner=runner,
-                             thresholds=old.thresholds if bundle is old.bundle else None)
+                             thresholds=old.thresholds if bundle is old.bundle else None,
+                             ic=old.ic if bundle is old.bundle else ic)
         write_active(self.model_dir, {"bundle": bundle.bundle_id, "operating": new.operating_json(),
                                       "version": version, "updated": new.updated})
         self._snapshot = new
@@ -202,6 +229,7 @@ class Engine:
             blank = np.zeros((b, h, w, 3), dtype=np.uint8)
             for name in snap.thresholds:
                 snap.runner.run(self.normalizer(blank), snap.thresholds[name])
+            warm_up_ic(self, self.normalizer(blank))
 
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome | Exception]:
         """Run the requests of one batch; requests admitted under different snapshots run separately."""
@@ -221,6 +249,8 @@ class Engine:
 
     def _run_group(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         snap = requests[0].snapshot
+        if snap.ic is not None and snap.ic.serves_any(requests):
+            return run_ic_group(self, requests)  # IC profiles in this group (service/runtime/ic_serving.py)
         parts, rows, served = [], [], []
         for r in requests:
             n = r.size

@@ -39,7 +39,9 @@ _IC, _CM, _BOTH, _FINAL = (RULE_NAMES.index(r) for r in ("ic", "cm", "ic+cm", "f
 class ICExitResult:
     """Per row: ``exit_stage (B,)`` backbone exit index (``M_backbone - 1`` = the network's head),
     ``ic_exit (B,)`` IC exit index (``E`` = the head), ``pred (B,)``, ``confidence (B,)`` (top probability of
-    the output that predicted), ``flops (B,)`` float64, ``rule (B,)`` index into ``RULE_NAMES``."""
+    the output that predicted), ``flops (B,)`` float64, ``rule (B,)`` index into ``RULE_NAMES``, ``probs (B, K)``
+    float32: the probabilities of the output that predicted (the IC's softmax, the class-means Eq. 5
+    probabilities in mode ``cm``, the network's softmax at the head)."""
 
     exit_stage: torch.Tensor
     ic_exit: torch.Tensor
@@ -47,6 +49,7 @@ class ICExitResult:
     confidence: torch.Tensor
     flops: torch.Tensor
     rule: torch.Tensor
+    probs: torch.Tensor
 
     def rule_names(self) -> list[str]:
         return [RULE_NAMES[int(r)] for r in self.rule]
@@ -114,6 +117,7 @@ class ICExitRunner:
         pred = torch.zeros(b, dtype=torch.int64)
         conf = torch.zeros(b, dtype=torch.float32)
         rule = torch.full((b,), _FINAL, dtype=torch.int64)
+        probs = torch.zeros(b, self.ics.num_classes, dtype=torch.float32)
         consulted = torch.zeros(b, dtype=torch.float64)
         rows = torch.arange(b)
         feat = x
@@ -131,11 +135,15 @@ class ICExitRunner:
             fire_cm = torch.zeros(n_run, dtype=torch.bool)
             ic_pred = torch.zeros(n_run, dtype=torch.int64)
             ic_top = torch.zeros(n_run, dtype=torch.float32)
+            ic_q: torch.Tensor | None = None
+            cm_p: torch.Tensor | None = None
             cm_pred = torch.zeros(n_run, dtype=torch.int64)
             cm_top = torch.zeros(n_run, dtype=torch.float32)
             if bool(need_ic.any()):
                 loc = torch.nonzero(need_ic).flatten()
                 q = torch.softmax(self.ics[i](feat[loc]).float(), 1)
+                ic_q = torch.zeros(n_run, q.shape[1], dtype=torch.float32)
+                ic_q[loc] = q
                 top, p = q.max(1)
                 ic_top[loc], ic_pred[loc] = top, p
                 ent = entropy(q)
@@ -148,6 +156,8 @@ class ICExitRunner:
                 head = self.cm_heads.get(self.net_exit(i))
                 if head is not None:
                     pc = head.probabilities(feat[loc])
+                    cm_p = torch.zeros(n_run, pc.shape[1], dtype=torch.float32)
+                    cm_p[loc] = pc.float()
                     top, p = pc.max(1)
                     cm_top[loc], cm_pred[loc] = top, p
                     fire_cm[loc] = top > t_cm[loc]
@@ -160,6 +170,10 @@ class ICExitRunner:
             use_cm = mr[leave] == m_cm
             pred[out] = torch.where(use_cm, cm_pred[leave], ic_pred[leave])
             conf[out] = torch.where(use_cm, cm_top[leave], ic_top[leave])
+            if ic_q is not None:
+                probs[out[~use_cm]] = ic_q[leave[~use_cm]]
+            if cm_p is not None:
+                probs[out[use_cm]] = cm_p[leave[use_cm]]
             fi, fc = fire_ic[leave], fire_cm[leave]
             rule[out] = torch.where(fi & fc, _BOTH, torch.where(fi, _IC, _CM))
             exit_stage[out] = j
@@ -171,9 +185,9 @@ class ICExitRunner:
         if rows.numel() > 0:
             p = torch.softmax(self.net.head(feat).float(), 1)
             c, pr = p.max(1)
-            pred[rows], conf[rows] = pr, c
+            pred[rows], conf[rows], probs[rows] = pr, c, p
         flops = self._backbone[ic_exit] + consulted
-        return ICExitResult(exit_stage, ic_exit, pred, conf, flops, rule)
+        return ICExitResult(exit_stage, ic_exit, pred, conf, flops, rule, probs)
 
     def net_exit(self, i: int) -> int:
         """Backbone exit index of IC exit ``i``."""

@@ -1,9 +1,10 @@
 """Prometheus metrics of one serving process, in a registry of its own (one per app, so tests stay apart).
 
 Names are ``classmeans_*`` in base units (seconds, FLOPs); labels are bounded: model, endpoint (the route
-template, or ``unmatched``), HTTP status, profile (names from the bundle), exit index, job kind and outcome,
-rejection reason. The exit-depth histogram has one bucket per exit index, so ``le="j"`` counts samples that
-left at exit ``j`` or earlier.
+template, or ``unmatched``), HTTP status, profile (names from the bundle and the IC set), exit index, the
+rule that let a sample out (``cm``, ``ic``, ``ic+cm``, ``final``), job kind and outcome, rejection reason.
+The exit-depth histogram has one bucket per exit index, so ``le="j"`` counts samples that left at exit
+``j`` or earlier.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ class Metrics:
         self.batch_size = Histogram("classmeans_batch_size", "Samples per batch run through the network.",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.exit_depth: Histogram | None = None
-        self.samples = Counter("classmeans_samples", "Classified samples by the profile that served them and "
-                               "the exit index they left at.", ["model", "profile", "exit"], registry=r)
+        self.samples = Counter("classmeans_samples", "Classified samples by the profile that served them, the "
+                               "exit index they left at and the rule that let them out (cm, ic, ic+cm, final).",
+                               ["model", "profile", "exit", "rule"], registry=r)
+        self._last_exit = -1
         self.flops_per_sample = Histogram("classmeans_flops_per_sample",
                                           "FLOPs spent on one sample (2 per multiply-add).",
                                           ["model", "profile"], buckets=FLOPS_BUCKETS, registry=r)
@@ -97,6 +100,7 @@ class Metrics:
                                         "per exit; the last is the network's own classifier).",
                                         ["model", "profile"], buckets=[float(j) for j in range(num_exits)],
                                         registry=self.registry)
+            self._last_exit = num_exits - 1
 
     def set_active(self, bundle: str, profile: str, version: int) -> None:
         """Point the info gauge at the new (bundle, profile); the old label set is removed."""
@@ -109,16 +113,19 @@ class Metrics:
         self.active_version.labels(self.model).set(version)
 
     def observe_samples(self, profiles: Sequence[str], exits: Sequence[int], flops: Sequence[float],
-                        flops_full: float) -> None:
-        """Record one classified sample per entry (called from the inference worker thread)."""
+                        flops_full: float, rules: Sequence[str] | None = None) -> None:
+        """Record one classified sample per entry (called from the inference worker thread). ``rules``:
+        the rule per sample; without it (class-means profiles) ``cm``, or ``final`` at the last exit."""
         m = self.model
         spent = 0.0
         saved = 0.0
         overhead = 0.0
-        for prof, j, f in zip(profiles, exits, flops, strict=True):
+        last = self._last_exit
+        for i, (prof, j, f) in enumerate(zip(profiles, exits, flops, strict=True)):
             if self.exit_depth is not None:
                 self.exit_depth.labels(m, prof).observe(j)
-            self.samples.labels(m, prof, str(j)).inc()
+            rule = rules[i] if rules is not None else ("final" if j == last else "cm")
+            self.samples.labels(m, prof, str(j), rule).inc()
             self.flops_per_sample.labels(m, prof).observe(f)
             spent += f
             diff = flops_full - f

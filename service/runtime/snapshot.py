@@ -8,7 +8,7 @@ under, so it is served entirely by that state even if a switch happens while it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from service.earlyexit import Operating, TimeSharingRouter
 from service.runtime.bundle import Bundle
 from service.runtime.runner import ExitRunner
 from service.store.bundles import BundleError
+
+if TYPE_CHECKING:
+    from service.runtime.ic_serving import ICServing
 
 FULL = "full"  # the profile name reported when exits are switched off for a request
 
@@ -34,6 +37,7 @@ class Snapshot:
     updated: str
     thresholds: dict[str, torch.Tensor] = field(repr=False)
     fallback_from: str | None = None
+    ic: ICServing | None = None  # the IC runner and IC profiles (service.runtime.ic_serving), when loaded
 
     @property
     def bundle_id(self) -> str:
@@ -45,7 +49,11 @@ class Snapshot:
         return self.operating.name
 
     def has_profile(self, name: str) -> bool:
-        return name in self.thresholds
+        return name in self.thresholds or (self.ic is not None and name in self.ic.profiles)
+
+    def profile_names(self) -> list[str]:
+        """Every profile a request may name: the bundle's, then the IC profiles."""
+        return [*self.thresholds, *(self.ic.profiles if self.ic is not None else ())]
 
     def operating_json(self) -> dict[str, Any]:
         op = self.operating
@@ -61,31 +69,39 @@ def bundle_thresholds(bundle: Bundle) -> dict[str, torch.Tensor]:
     return t
 
 
-def single_operating(bundle: Bundle, name: str) -> Operating:
+def single_operating(bundle: Bundle, name: str, ic: ICServing | None = None) -> Operating:
+    if ic is not None and name in ic.profiles and name not in bundle.profile_names():
+        return ic.profiles[name].operating()
     p = bundle.profile(name)
     return Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy)
 
 
-def operating_from_json(bundle: Bundle, obj: Any) -> Operating:
+def operating_from_json(bundle: Bundle, obj: Any, ic: ICServing | None = None) -> Operating:
     """``{"a": name}`` or ``{"a": name, "b": name, "lam": x}`` -> :class:`Operating` (validated)."""
     if not isinstance(obj, dict) or "a" not in obj:
         raise BundleError("operating point must name profile 'a'", code="invalid_active")
-    names = set(bundle.profile_names())
+    names = set(bundle.profile_names()) | set(ic.profiles if ic is not None else ())
     a, b = str(obj["a"]), obj.get("b")
     if a not in names or (b is not None and str(b) not in names):
         raise BundleError(f"operating point {obj!r} names a profile not in bundle {bundle.bundle_id}",
                           code="profile_not_found")
     if b is None:
-        return single_operating(bundle, a)
+        return single_operating(bundle, a, ic)
     try:
         lam = float(obj.get("lam", 1.0))
     except (TypeError, ValueError):
         raise BundleError(f"operating point lam {obj.get('lam')!r} is not a number", code="invalid_active") from None
     if not 0.0 <= lam <= 1.0:
         raise BundleError(f"operating point lam {lam} is outside [0, 1]", code="invalid_active")
-    pa, pb = bundle.profile(a), bundle.profile(str(b))
+    pa, pb = _profile(bundle, a, ic), _profile(bundle, str(b), ic)
     return Operating(a, str(b), lam, lam * pa.flops_fraction + (1 - lam) * pb.flops_fraction,
                      lam * pa.accuracy + (1 - lam) * pb.accuracy)
+
+
+def _profile(bundle: Bundle, name: str, ic: ICServing | None) -> Any:
+    if ic is not None and name in ic.profiles and name not in bundle.profile_names():
+        return ic.profiles[name]
+    return bundle.profile(name)
 
 
 @dataclass
@@ -122,6 +138,8 @@ class SamplePrediction:
     exit_name: str
     flops: float
     profile: str
+    rule: str = ""  # which rule let it out (RULE_NAMES); "" = class means: "cm", or "final" at the head
+    mode: str = "cm"  # the decision mode of its profile
 
 
 @dataclass
@@ -132,7 +150,7 @@ class InferenceOutcome:
 
 def make_snapshot(net: StagedNetwork, bundle: Bundle, op: Operating, version: int, updated: str,
                    runner: ExitRunner | None = None, thresholds: dict[str, torch.Tensor] | None = None,
-                   fallback_from: str | None = None) -> Snapshot:
+                   fallback_from: str | None = None, ic: ICServing | None = None) -> Snapshot:
     router = TimeSharingRouter(op.lam) if op.b is not None else None
     return Snapshot(bundle, runner or ExitRunner(net, bundle.heads, bundle.costs), op, router, version, updated,
-                    thresholds if thresholds is not None else bundle_thresholds(bundle), fallback_from)
+                    thresholds if thresholds is not None else bundle_thresholds(bundle), fallback_from, ic)

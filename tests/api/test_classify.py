@@ -17,7 +17,7 @@ from tests.api.conftest import (
 )
 
 PREDICTION_KEYS = {"filename", "label", "class_index", "confidence", "top_k", "exit_index", "exit_name",
-                   "num_exits", "flops", "flops_full", "flops_fraction", "profile"}
+                   "num_exits", "flops", "flops_full", "flops_fraction", "profile", "mode", "rule"}
 
 
 def files(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -45,6 +45,7 @@ async def test_multipart_images_each_leave_at_their_exit(served):
         assert p["flops_fraction"] == pytest.approx(p["flops"] / full)
         assert len(p["top_k"]) == 5 and p["top_k"][0]["index"] == p["class_index"]
         assert p["top_k"][0]["label"] == p["label"] and p["profile"] == snap.profile_name
+        assert p["mode"] == "cm" and p["rule"] == ("final" if p["exit_index"] == 10 else "cm")
 
 
 async def test_raw_image_body_and_top_k(served):

@@ -17,7 +17,7 @@ REQUIRED = {
     "classmeans_inference_seconds": ("histogram", {"model"}),
     "classmeans_batch_size": ("histogram", {"model"}),
     "classmeans_exit_depth": ("histogram", {"model", "profile"}),
-    "classmeans_samples": ("counter", {"model", "profile", "exit"}),
+    "classmeans_samples": ("counter", {"model", "profile", "exit", "rule"}),
     "classmeans_flops_per_sample": ("histogram", {"model", "profile"}),
     "classmeans_flops_spent": ("counter", {"model"}),
     "classmeans_flops_full": ("counter", {"model"}),

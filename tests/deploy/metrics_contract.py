@@ -38,7 +38,7 @@ DOCUMENTED: dict[str, Family] = {f.name: f for f in (
     _f("classmeans_inference_seconds", "histogram", "model"),
     _f("classmeans_batch_size", "histogram", "model"),
     _f("classmeans_exit_depth", "histogram", "model", "profile"),
-    _f("classmeans_samples_total", "counter", "model", "profile", "exit"),
+    _f("classmeans_samples_total", "counter", "model", "profile", "exit", "rule"),
     _f("classmeans_flops_per_sample", "histogram", "model", "profile"),
     _f("classmeans_flops_spent_total", "counter", "model"),
     _f("classmeans_flops_full_total", "counter", "model"),

@@ -13,13 +13,16 @@ from service.api.errors import ApiError
 from service.api.inference import operating_info
 from service.api.limits import read_body_capped, require_json_object
 from service.runtime.engine import Engine
+from service.runtime.ic_serving import profile_rows
 from service.runtime.snapshot import Snapshot
 
 router = APIRouter(tags=["data plane"])
 
 SWITCH_ERRORS = {401: {"model": schemas.ErrorBody, "description": "unauthorized"},
                  404: {"model": schemas.ErrorBody, "description": "profile_not_found"},
-                 422: {"model": schemas.ErrorBody, "description": "invalid_target, target_unreachable"}}
+                 409: {"model": schemas.ErrorBody, "description": "mode_unavailable (no usable ICs for that mode)"},
+                 422: {"model": schemas.ErrorBody,
+                       "description": "invalid_target, target_unreachable, unknown_mode, mode_mismatch"}}
 
 
 def _share(snap: Snapshot, name: str) -> float:
@@ -40,15 +43,18 @@ def switch_response(engine: Engine, new: Snapshot, old: Snapshot) -> schemas.Swi
 
 @router.get("/profiles", response_model=schemas.ProfilesResponse)
 async def list_profiles(engine: EngineDep) -> schemas.ProfilesResponse:
-    """Every profile of the serving bundle with its held-out accuracy and FLOPs fraction."""
+    """Every profile that can serve now (the bundle's class-means profiles, then the IC profiles of each
+    mode), with its mode, held-out accuracy and FLOPs fraction (IC costs included)."""
     snap = engine.snapshot
     b = snap.bundle
-    rows = [schemas.ProfileInfo(name=p.name, accuracy=p.accuracy, flops=p.flops, flops_fraction=p.flops_fraction,
-                                thresholds=list(p.thresholds), default=p.name == b.default_profile,
-                                active=p.name in (snap.operating.a, snap.operating.b),
-                                share=_share(snap, p.name)) for p in b.profiles]
+    rows = [schemas.ProfileInfo(name=name, mode=mode, accuracy=p.accuracy, flops=p.flops,
+                                flops_fraction=p.flops_fraction, thresholds=thr, exits=exits,
+                                default=name == b.default_profile, active=name in (snap.operating.a, snap.operating.b),
+                                share=_share(snap, name)) for name, mode, thr, exits, p in profile_rows(b, snap.ic)]
+    ic_info = engine.ic_store.info(snap.ic)
     return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
-                                    active=operating_info(snap), default_profile=b.default_profile, profiles=rows)
+                                    active=operating_info(snap), default_profile=b.default_profile,
+                                    modes=ic_info["modes"], internal_classifiers=ic_info, profiles=rows)
 
 
 SWITCH_BODY = {"requestBody": {"required": True, "content": {
@@ -68,9 +74,9 @@ async def switch_profile(request: Request, engine: EngineDep) -> schemas.SwitchR
         raise ApiError(422, "invalid_target", f"{where}: {first.get('msg', 'invalid target')}") from None
     old = engine.snapshot
     if target.name is not None:
-        new = await anyio.to_thread.run_sync(engine.switch_profile, target.name)
+        new = await anyio.to_thread.run_sync(engine.switch_profile, target.name, target.mode)
     else:
         new = await anyio.to_thread.run_sync(
             lambda: engine.switch_target(min_accuracy=target.min_accuracy,
-                                         max_flops_fraction=target.max_flops_fraction))
+                                         max_flops_fraction=target.max_flops_fraction, mode=target.mode))
     return switch_response(engine, new, old)

@@ -4,9 +4,10 @@
 or ``FP32`` with normalised pixels (shape ``[n, 3, H, W]`` or ``[3, H, W]``, row-major). Request
 ``parameters`` may hold ``profile``, ``exits`` (``"off"`` runs the full network), ``timeout`` (µs, as in
 Triton) and ``top_k``. Outputs: ``label``, ``class_index``, ``confidence``, ``exit_layer``, ``flops``,
-``probabilities``; an output requested with ``parameters.classification: k`` answers in the classification
+``probabilities``, ``rule``; an output requested with ``parameters.classification: k`` answers in the classification
 extension's ``"score:index:label"`` strings. Response ``parameters`` name the bundle, profile and version,
-and for a single sample also its ``exit_layer``, ``exit_name``, ``flops`` and ``confidence``.
+and for a single sample also its ``exit_layer``, ``exit_name``, ``flops`` (IC costs included), ``confidence``,
+``mode`` and ``rule`` (what let it out: ``cm``, ``ic``, ``ic+cm``, ``final``); for several samples ``rules``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ from service import __version__
 from service.api import schemas
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
-from service.api.inference import admit, check_profile, deadline_for, decode_all, run_inference, state_headers
+from service.api.inference import (
+    admit,
+    check_profile,
+    deadline_for,
+    decode_all,
+    rule_of,
+    run_inference,
+    state_headers,
+)
 from service.runtime.engine import Engine
 from service.runtime.snapshot import InferenceOutcome, InferenceRequest
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
-OUTPUTS = ("label", "class_index", "confidence", "exit_layer", "flops", "probabilities")
+OUTPUTS = ("label", "class_index", "confidence", "exit_layer", "flops", "probabilities", "rule")
 ERRORS = {400: {"model": schemas.ErrorBody, "description": "invalid_input"},
           404: {"model": schemas.ErrorBody, "description": "model_not_found, profile_not_found"},
           413: {"model": schemas.ErrorBody, "description": "too_many_files, payload_too_large"},
@@ -70,13 +79,15 @@ async def model_metadata(model_name: str, state: StateDep, engine: EngineDep) ->
                  schemas.TensorMeta(name="confidence", datatype="FP32", shape=[-1]),
                  schemas.TensorMeta(name="exit_layer", datatype="INT64", shape=[-1]),
                  schemas.TensorMeta(name="flops", datatype="FP64", shape=[-1]),
-                 schemas.TensorMeta(name="probabilities", datatype="FP32", shape=[-1, engine.spec.num_classes])],
+                 schemas.TensorMeta(name="probabilities", datatype="FP32", shape=[-1, engine.spec.num_classes]),
+                 schemas.TensorMeta(name="rule", datatype="BYTES", shape=[-1])],
         parameters={"bundle": snap.bundle_id, "profile": snap.profile_name, "version": snap.version,
                     "classes": list(engine.spec.classes), "exit_names": list(snap.bundle.exit_names),
                     "num_layers": snap.bundle.num_exits, "flops_full": snap.bundle.costs.full,
                     "max_batch_size": s.max_batch_size, "max_delay_ms": s.max_delay_ms,
                     "max_files": s.max_files, "queue_size": s.queue_size,
-                    "mean": list(engine.spec.mean), "std": list(engine.spec.std)})
+                    "mean": list(engine.spec.mean), "std": list(engine.spec.std),
+                    "internal_classifiers": engine.ic_store.info(snap.ic)})
 
 
 @router.get("/models/{model_name}/ready", response_model=schemas.ModelReady, responses=ERRORS)
@@ -146,6 +157,7 @@ def _outputs(req: schemas.InferRequest, outcome: InferenceOutcome, engine: Engin
         "exit_layer": ("INT64", [n], [p.exit_index for p in preds]),
         "flops": ("FP64", [n], [p.flops for p in preds]),
         "probabilities": ("FP32", [n, k], probs.flatten().tolist()),
+        "rule": ("BYTES", [n], [rule_of(p, engine.net.num_exits) for p in preds]),
     }
     out = []
     for o in req.outputs or [schemas.InferRequestedOutput(name=name) for name in OUTPUTS]:
@@ -201,9 +213,12 @@ async def infer(model_name: str, body: schemas.InferRequest, state: StateDep, en
     if len(preds) == 1:
         p = preds[0]
         parameters.update({"profile": p.profile, "exit_layer": p.exit_index, "exit_name": p.exit_name,
-                           "flops": p.flops, "flops_fraction": p.flops / full, "confidence": p.confidence})
+                           "flops": p.flops, "flops_fraction": p.flops / full, "confidence": p.confidence,
+                           "mode": p.mode, "rule": rule_of(p, snap.bundle.num_exits)})
         if p.profile != req.served_as:
             parameters["operating_point"] = req.served_as
+    else:
+        parameters["rules"] = [rule_of(q, snap.bundle.num_exits) for q in preds]
     resp = schemas.InferResponse(model_name=engine.spec.name, model_version=snap.bundle_id, id=body.id,
                                  parameters=parameters, outputs=_outputs(body, outcome, engine))
     return JSONResponse(resp.model_dump(), headers=state_headers(snap, req.served_as))
