@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import time
@@ -294,7 +295,34 @@ def verify_against_local(info: dict[str, Any]) -> dict[str, bool | None]:
     return ok
 
 
-def render(json_path: Path, md_path: Path, img_path: Path) -> str:
+def _table_rows(test: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, t in test.items():
+        by = {b["budget"]: b["accuracy"] for b in t["budgets"]}
+        f05, f1 = t["fraction_within_0.5_points"], t["fraction_within_1_point"]
+        rows.append(f"| {name} | {' | '.join(_pct(by.get(f)) for f in (0.15, 0.20, 0.25, 0.30, 0.50))} | "
+                    f"{'n/a' if f05 is None else round(f05, 3)} | {'n/a' if f1 is None else round(f1, 3)} |")
+    return rows
+
+
+def _other_run(path: Path) -> list[str]:
+    """The earlier run on the same machine (another recipe), summarised beside the main one."""
+    r = json.loads(path.read_text())
+    plan, tr, argv = r["training_plan"], r["training"], r.get("argv", {})
+    zero = "zero-init residual" if argv.get("zero_init_residual") else "default init"
+    return ["", f"## Earlier run: `{path.name}` ({plan['epochs']} epochs, batch {plan['batch_size']}, peak lr "
+            f"{plan['lr']}, {zero})", "",
+            f"Training {tr['seconds_total']:.0f} s, final train accuracy {_pct(tr['history'][-1]['train_acc'])} %, "
+            f"**test accuracy {_pct(tr.get('test_acc'))} %**"
+            + (f" (the first epoch's mean loss, {tr['history'][0]['train_loss']:.2f}, was above ln 10 = 2.30: "
+               "training was unstable at the start, most likely a peak learning rate too high for this depth "
+               "without zero-initialised residual branches)."
+               if tr["history"][0]["train_loss"] > math.log(10) else "."), "",
+            "| rule | 0.15 | 0.20 | 0.25 | 0.30 | 0.50 | fraction for full − 0.5 pt | full − 1 pt |",
+            "|---|---|---|---|---|---|---|---|", *_table_rows(r.get("test", {}))]
+
+
+def render(json_path: Path, md_path: Path, img_path: Path, others: list[Path] | None = None) -> str:
     from service.runtime.evaluation import plot_curves
 
     r = json.loads(json_path.read_text())
@@ -332,11 +360,7 @@ def render(json_path: Path, md_path: Path, img_path: Path) -> str:
         "| rule | 0.15 | 0.20 | 0.25 | 0.30 | 0.50 | fraction for full − 0.5 pt | full − 1 pt |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, t in test.items():
-        by = {b["budget"]: b["accuracy"] for b in t["budgets"]}
-        f05, f1 = t["fraction_within_0.5_points"], t["fraction_within_1_point"]
-        lines.append(f"| {name} | {' | '.join(_pct(by.get(f)) for f in (0.15, 0.20, 0.25, 0.30, 0.50))} | "
-                     f"{'n/a' if f05 is None else round(f05, 3)} | {'n/a' if f1 is None else round(f1, 3)} |")
+    lines += _table_rows(test)
     lines += ["", "Paper (poster, ResNet-152 after a one-epoch budget, full 0.89): 0.80 at 0.23, 0.87 at 0.30, "
               "0.88 at 0.36, 0.89 at 0.52.", ""]
     if test:
@@ -344,7 +368,11 @@ def render(json_path: Path, md_path: Path, img_path: Path) -> str:
                               key=lambda nt: nt[1]["fraction_within_1_point"], default=(None, None))
         paper_name = next(iter(test))
         pm = test[paper_name]["fraction_within_1_point"]
-        lines += ["## The paper's claim", "", f"Claim: {PAPER_CLAIM}.", ""]
+        last = tr.get("history", [{}])[-1]
+        lines += ["## The paper's claim", "", f"Claim: {PAPER_CLAIM}.", "",
+                  f"Read it with the backbone in mind: {plan.get('epochs')} epochs in the GPU allowance left this "
+                  f"ResNet-152 at {_pct(tr.get('test_acc'))} % test / {_pct(last.get('train_acc'))} % train "
+                  "accuracy (still under-fitting), against about 89 % for the authors' fully trained one.", ""]
         lines.append(f"- Paper mode (the authors' rule and protocol): full − 1 point at "
                      f"{'never' if pm is None else f'{pm:.3f}'} of the FLOPs → claim "
                      f"**{'held' if pm is not None and pm <= 0.30 else 'not reproduced'}**.")
@@ -366,6 +394,8 @@ def render(json_path: Path, md_path: Path, img_path: Path) -> str:
                 continue
             cells = [_pct(t["per_exit"][i]["ncm_accuracy"]) for t in test.values()]
             lines.append(f"| {e['index']} | {e['name']} | {e['backbone_flops_fraction']:.3f} | {' | '.join(cells)} |")
+    for other in others or []:
+        lines += _other_run(other)
     hist = tr.get("history", [])
     if hist:
         lines += ["", "## Training history", "", "| epoch | train acc % | test acc % | seconds |", "|---|---|---|---|"]
@@ -413,6 +443,8 @@ def main() -> None:
     p = sub.add_parser("render")
     p.add_argument("--json", default=str(REPO / "docs" / "paper152.json"))
     p.add_argument("--md", default=str(REPO / "docs" / "paper152.md"))
+    p.add_argument("--other", action="append", default=None,
+                   help="another run's JSON to summarise beside it (default: docs/paper152_run1.json if present)")
     args = ap.parse_args()
     if args.cmd == "pack":
         print(json.dumps(pack(Path(args.out), args.part_mib, args.workers), indent=1))
@@ -421,7 +453,9 @@ def main() -> None:
         print(json.dumps({k: res.get(k) for k in ("training_plan", "total_seconds")}, indent=1))
     else:
         md = Path(args.md)
-        render(Path(args.json), md, md.parent / "img" / "paper152_curve.png")
+        others = [Path(o) for o in args.other] if args.other is not None else [
+            p for p in [REPO / "docs" / "paper152_run1.json"] if p.is_file()]
+        render(Path(args.json), md, md.parent / "img" / "paper152_curve.png", others)
 
 
 if __name__ == "__main__":
