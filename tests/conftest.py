@@ -25,14 +25,17 @@ def tiny_store_root(tmp_path_factory) -> Path:
     return root
 
 
+def _private_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
 @pytest.fixture()
 def tiny_store(tiny_store_root, tmp_path) -> Path:
     """A private, mutable copy of the tiny model store; returns the store root."""
-    import shutil
-
-    dst = tmp_path / "store"
-    shutil.copytree(tiny_store_root, dst)
-    return dst
+    return _private_copy(tiny_store_root, tmp_path / "store")
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +54,4 @@ def tiny_ic_store_root(tiny_store_root, tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_ic_store(tiny_ic_store_root, tmp_path) -> Path:
     """A private, mutable copy of the tiny store with ICs; returns the store root."""
-    import shutil
-
-    dst = tmp_path / "ic-store"
-    shutil.copytree(tiny_ic_store_root, dst)
-    return dst
+    return _private_copy(tiny_ic_store_root, tmp_path / "ic-store")

@@ -300,14 +300,18 @@ async def test_switching_between_cm_and_ic_modes_under_concurrency(ic_served):
     blobs = sample_pngs(6)
     responses: list[dict] = []
     stop = asyncio.Event()
+    seen_versions: set[int] = set()
+    progress = asyncio.Condition()
 
     async def operator() -> None:
         for i in range(3 * len(cycle)):
             r = await c.post("/profiles", json=cycle[i % len(cycle)], headers=AUTH)
             assert r.status_code == 200, r.text
             op = r.json()["active"]
-            published[r.json()["version"]] = (op["name"], op["a"], op["b"])
-            await asyncio.sleep(0)
+            version = r.json()["version"]
+            published[version] = (op["name"], op["a"], op["b"])
+            async with progress:  # every published state serves at least one response before the next
+                await progress.wait_for(lambda v=version: v in seen_versions)
         stop.set()
 
     async def client(k: int) -> None:
@@ -316,6 +320,9 @@ async def test_switching_between_cm_and_ic_modes_under_concurrency(ic_served):
             r = await c.post("/classify", files=files(blobs[: 1 + (i + k) % len(blobs)]))
             assert r.status_code == 200, r.text
             responses.append({"body": r.json(), "headers": dict(r.headers)})
+            async with progress:
+                seen_versions.add(r.json()["version"])
+                progress.notify_all()
             i += 1
 
     await asyncio.gather(operator(), *(client(k) for k in range(4)))
