@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from service.backbones import StageProfile
 from service.backbones.internal_classifiers import place_ics, pooling_kernel
 from service.earlyexit.ic_rules import CascadeCosts, CascadeTable, ICCosts, ICDecisionTable
-from service.runtime.ics import FeatureCache, ICTrainConfig, ProgressFn, lr_at, torch_threads
+from service.runtime.ics import FeatureCache, ICTrainConfig, ProgressFn, lr_at, optimiser_step, torch_threads
 
 BRANCH_TARGETS = (0.0, 1.0 / 3.0)
 BRANCH_WEIGHTS = (1.0 / 6.0, 1.0 / 4.0, 1.0)
@@ -169,10 +169,7 @@ def _train_branches(branches: BranchSet, cache: FeatureCache, cfg: ICTrainConfig
             y = torch.from_numpy(labels[idx])
             loss = sum(w * F.cross_entropy(b.forward_pooled(_rows(cache.maps[e], idx)), y)
                        for w, b, e in zip(weights, branches.branches, branches.exits, strict=False))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)  # type: ignore[union-attr]
+            loss_sum += optimiser_step(opt, loss, len(idx))  # type: ignore[arg-type]
             if progress is not None and s % 50 == 0:
                 progress(f"branches epoch {epoch + 1}/{cfg.epochs}", s, steps)
         history.append({"epoch": epoch + 1, "loss": loss_sum / n_view, "lr": lr_at(cfg, epoch),
@@ -286,10 +283,7 @@ def _train_bwds_classifiers(model: BWDSModel, cache: FeatureCache, cfg: ICTrainC
             y = torch.from_numpy(labels[idx])
             loss = sum(F.cross_entropy(c.linear(torch.from_numpy(pavg[i][idx]).float()), y)
                        for i, c in enumerate(model.classifiers))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)  # type: ignore[union-attr]
+            loss_sum += optimiser_step(opt, loss, len(idx))  # type: ignore[arg-type]
             if progress is not None and s % 50 == 0:
                 progress(f"bwds classifiers epoch {epoch + 1}/{cfg.epochs}", s, steps)
         history.append({"epoch": epoch + 1, "loss": loss_sum / n_view, "seconds": time.perf_counter() - t0})
@@ -354,10 +348,7 @@ def _train_bwds_policies(model: BWDSModel, cache: FeatureCache, costs: ICCosts, 
                 idx = perm[s:s + batch_size]
                 logit = pol(inputs[j][idx]).squeeze(1)
                 loss = F.binary_cross_entropy_with_logits(logit, target[idx], weight=weight[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(idx)
+                loss_sum += optimiser_step(opt, loss, len(idx))
             with torch.no_grad():
                 leave = pol(inputs[j]).squeeze(1) > 0.0
             exit_at = torch.where(leave, torch.full_like(exit_at, j), exit_at)

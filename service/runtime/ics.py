@@ -286,6 +286,20 @@ def lr_at(cfg: ICTrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
 
 
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, batch: int,
+                   clamp_alpha: ICSet | None = None) -> float:
+    """One step on ``loss`` (the batch's mean loss); SDN's mixing weight ``alpha`` of every IC of
+    ``clamp_alpha`` is kept in [0, 1]. Returns ``loss * batch`` for the epoch's running sum."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if clamp_alpha is not None:
+        with torch.no_grad():
+            for ic in clamp_alpha.ics:
+                ic.alpha.clamp_(0.0, 1.0)  # type: ignore[union-attr]
+    return float(loss.detach()) * batch
+
+
 def _clone(ics: ICSet) -> ICSet:
     out = ICSet(ics.exits, [ic.in_shape for ic in ics.ics], ics.num_classes, seed=None)  # type: ignore[union-attr]
     out.load_state_dict(ics.state_dict())
@@ -332,13 +346,7 @@ def _train_on_cache(ics: ICSet, cache: FeatureCache, cfg: ICTrainConfig, val: Fe
             y = torch.from_numpy(labels[idx])
             loss = sum(F.cross_entropy(ic.forward_pooled(_batch_tensor(pmax[i], idx), _batch_tensor(pavg[i], idx)), y)
                        for i, ic in enumerate(ics.ics))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
-            opt.step()
-            with torch.no_grad():
-                for ic in ics.ics:
-                    ic.alpha.clamp_(0.0, 1.0)  # type: ignore[union-attr]
-            loss_sum += float(loss.detach()) * len(idx)  # type: ignore[union-attr]
+            loss_sum += optimiser_step(opt, loss, len(idx), clamp_alpha=ics)  # type: ignore[arg-type]
             seen += len(idx)
             if progress is not None and s % 50 == 0:
                 progress(f"epoch {epoch + 1}/{cfg.epochs}", s, steps)
@@ -431,13 +439,7 @@ def train_online(net: StagedNetwork, ics: ICSet, data: LabelledImages, norm: Nor
                     feats = net.run_stages(x, upto=last)
                 y = labels[idx]
                 loss = sum(F.cross_entropy(ic(feats[e]), y) for ic, e in zip(ics.ics, ics.exits, strict=True))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[union-attr]
-                opt.step()
-                with torch.no_grad():
-                    for ic in ics.ics:
-                        ic.alpha.clamp_(0.0, 1.0)  # type: ignore[union-attr]
-                loss_sum += float(loss.detach()) * len(idx)  # type: ignore[union-attr]
+                loss_sum += optimiser_step(opt, loss, len(idx), clamp_alpha=ics)  # type: ignore[arg-type]
                 if progress is not None and s % 20 == 0:
                     progress(f"epoch {epoch + 1}/{cfg.epochs}", s, steps)
             history.append({"epoch": epoch + 1, "loss": loss_sum / n, "lr": lr_at(cfg, epoch),
