@@ -64,17 +64,20 @@ def _chunks(seq: list, n: int) -> list[list]:
 
 
 def pack(out: Path, part_mib: float, workers: int) -> list[dict[str, Any]]:
-    """Encode train then test (in order) into ``out/a``, ``out/b``, ...: each part at most ``part_mib``.
-
-    The test set goes last, into the part sent with the command that runs: if an earlier part is lost on
-    the way, the run still trains on the training images that did arrive and measures on all of test.
-    """
+    """Encode CIFAR-10 train then test (in order) into ``out/a``, ``out/b``, ...: each part at most
+    ``part_mib``. The test set goes last, into the part sent with the command that runs: if an earlier
+    part is lost on the way, the run still trains on the training images that did arrive and measures on
+    all of test."""
     from service.ingest.npz import load_npz
 
+    return pack_datasets({s: load_npz(CIFAR / f"{s}.npz") for s in ("train", "test")}, out, part_mib, workers)
+
+
+def pack_datasets(splits: dict[str, Any], out: Path, part_mib: float, workers: int) -> list[dict[str, Any]]:
+    """``splits``: ``{"train": LabelledImages, "test": LabelledImages}``, packed in that order."""
     records: list[tuple[str, int, bytes, int]] = []
     classes: list[str] = []
-    for split in ("train", "test"):
-        data = load_npz(CIFAR / f"{split}.npz")
+    for split, data in splits.items():
         classes = list(data.classes)
         with ProcessPoolExecutor(workers) as ex:
             blobs = [b for part in ex.map(_encode, np.array_split(data.images, workers * 4)) for b in part]

@@ -68,6 +68,19 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "classes not in the model" in capsys.readouterr().err
 
 
+def test_train_device_errors_are_messages(tmp_path, capsys):
+    import torch
+
+    data = _npz(tmp_path / "d.npz", synthetic_images(16))
+    base = ["train", "--arch", "resnet20", "--data", str(data), "--out", str(tmp_path / "m"), "--epochs", "1"]
+    assert main([*base, "--device", "warp-drive"]) == 2
+    assert "unknown device 'warp-drive'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # nothing written
+
+
 @pytest.mark.cifar
 def test_calibrate_and_evaluate_on_real_cifar10(tmp_path, capsys):
     """Random weights are fine here: the pipeline runs end to end on the real data layout."""

@@ -37,6 +37,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_device(name: str) -> None:
+    """A clear error for a device string torch does not know, or a GPU this machine does not have."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: training runs on cpu or cuda")
+
+
 def run(args: argparse.Namespace) -> int:
     from service.backbones import architecture_from_name, build_backbone
     from service.ingest.sources import load_dataset
@@ -44,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from service.runtime.training import TrainConfig, train, write_training_report
     from service.store.model_dir import CIFAR10_MEAN, CIFAR10_STD, ModelSpec, save_model
 
+    check_device(args.device)  # before reading any data
     out = Path(args.out)
     name = args.name or out.name
     train_set = load_dataset(args.data, limit=args.limit)
