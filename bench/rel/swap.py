@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,19 @@ from bench.servers import Server, classmeans_server
 
 @dataclass(frozen=True)
 class BundleTable:
-    """What the checker needs of one bundle: cumulative backbone FLOPs, head FLOPs, thresholds."""
+    """What the checker needs of one bundle: cumulative backbone FLOPs, head FLOPs, thresholds; and for
+    the internal-classifier profiles served with it, the FLOPs of leaving at each exit they can use."""
 
     backbone_cum: list[float]
     head_cost: list[float]
     thresholds: dict[str, list[float]]
+    ic_flops: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def expected_flops(self, profile: str, exit_index: int) -> float | None:
         """FLOPs of a sample leaving at ``exit_index`` under ``profile`` (None: it cannot leave there)."""
         t = self.thresholds.get(profile)
         if t is None:
-            return None
+            return self.ic_flops.get(profile, {}).get(exit_index)
         m = len(self.backbone_cum)
         if exit_index < m - 1 and t[exit_index] >= 1.0:
             return None
@@ -62,6 +64,29 @@ def load_tables(model_dir: Path) -> dict[str, BundleTable]:
         t.setdefault("full", [1.0] * (len(exits) - 1))
         out[d.name] = BundleTable([float(e["backbone_flops_cum"]) for e in exits],
                                   [float(e["head_flops"]) for e in exits[:-1]], t)
+    for bid, per_profile in ic_flops_tables(model_dir, sorted(out)).items():
+        out[bid].ic_flops.update(per_profile)
+    return out
+
+
+def ic_flops_tables(model_dir: Path, bundle_ids: list[str]) -> dict[str, dict[str, dict[int, float]]]:
+    """Per bundle, the IC profiles the service would serve with it and their FLOPs at each exit (the
+    offline cascade cost model of ``service/runtime/ic_serving.py``); empty without ICs."""
+    if not (model_dir / "ics").is_dir():
+        return {}
+    from service.runtime.ic_serving import load_ic_store
+    from service.runtime.operations import resolve_bundle
+    from service.store.model_dir import load_model
+
+    spec, net = load_model(model_dir)
+    store = load_ic_store(model_dir, spec, net)
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for bid in bundle_ids:
+        serving = store.serving_for(net, resolve_bundle(model_dir, spec, net.num_exits, bid))
+        if serving is None:
+            continue
+        out[bid] = {name: {j: f for j in range(net.num_exits)
+                           if (f := serving.expected_flops(name, j)) is not None} for name in serving.profiles}
     return out
 
 

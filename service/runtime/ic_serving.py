@@ -40,7 +40,7 @@ import torch
 from service.backbones import StagedNetwork, StageProfile, profile_stages
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import Operating, Profile, upper_hull
-from service.earlyexit.ic_rules import MODES, RULE_NAMES, ICCosts
+from service.earlyexit.ic_rules import MODES, RULE_NAMES, ICCosts, to_score_thresholds
 from service.runtime.bundle import Bundle
 from service.runtime.ic_runner import ICExitRunner, row_thresholds
 from service.runtime.ics import ICError, ic_costs, list_ics_ids, load_ics
@@ -182,6 +182,27 @@ class ICServing:
     def mode_of(self, name: str) -> str:
         ip = self.profiles.get(name)
         return ip.mode if ip is not None else CM
+
+    def expected_flops(self, name: str, exit_index: int) -> float | None:
+        """FLOPs of a sample of IC profile ``name`` that left at backbone exit ``exit_index``, from the
+        offline cascade cost model (not the runner's running sum); None where it cannot leave."""
+        p = self.profiles.get(name)
+        if p is None:
+            return None
+        exits = list(self.runner.ics.exits)
+        last = self.runner.net.num_exits - 1
+        if exit_index != last and exit_index not in exits:
+            return None
+        e = len(exits) if exit_index == last else exits.index(exit_index)
+        if p.mode == "combined":
+            assert isinstance(p.thresholds, dict)
+            t = torch.tensor([p.thresholds["ic"], p.thresholds["cm"]])
+            disable: tuple[float, ...] = (1.0, 1.0)
+        else:
+            t = torch.tensor(p.thresholds)
+            disable = (0.0,) if p.mode == "ic_entropy" else (1.0,)
+        per_exit = self.runner.costs.cascade(p.mode).per_exit(to_score_thresholds(p.mode, t), disable)
+        return float(per_exit[0, e])
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.earlyexit.ic_rules import MODES, RULE_NAMES, to_score_thresholds
+from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.ingest.labelled import LabelledImages
 from service.runtime.evaluation import decision_table_for
 from service.runtime.ics import extract_cache, ic_costs, ic_table_from_cache
@@ -51,18 +51,12 @@ def mode_of(snap: Snapshot, name: str) -> str:
 
 def expected_flops(snap: Snapshot, name: str, exit_index: int) -> float:
     """FLOPs of a sample of profile ``name`` that left at backbone exit ``exit_index``."""
-    m = snap.bundle.num_exits
     if snap.ic is None or name not in snap.ic.profiles:
         t = snap.thresholds[name].unsqueeze(0)
         return float(snap.bundle.costs.per_exit(t)[0, exit_index])
-    p = snap.ic.profiles[name]
-    exits = list(snap.ic.runner.ics.exits)
-    e = len(exits) if exit_index == m - 1 else exits.index(exit_index)
-    t = torch.tensor([p.thresholds["ic"], p.thresholds["cm"]]) if p.mode == "combined" else torch.tensor(
-        p.thresholds)
-    disable = (0.0,) if p.mode == "ic_entropy" else (1.0,) * (2 if p.mode == "combined" else 1)
-    per_exit = snap.ic.runner.costs.cascade(p.mode).per_exit(to_score_thresholds(p.mode, t), disable)
-    return float(per_exit[0, e])
+    want = snap.ic.expected_flops(name, exit_index)
+    assert want is not None, f"{name} cannot leave at exit {exit_index}"
+    return want
 
 
 def offline(engine, images: np.ndarray, labels: np.ndarray, name: str) -> dict[str, list]:

@@ -32,3 +32,16 @@ def test_the_checker_catches_a_mixed_state() -> None:
     assert len(checker.problems) == 1 and "impossible" in checker.problems[0]
     checker.check({}, body, headers)  # type: ignore[arg-type]
     assert "never published" in checker.problems[-1]
+    # An internal-classifier profile: only its own exits, at its own cost.
+    table.ic_flops["ic_prob-00"] = {1: 25.0, 2: 37.0}
+    assert table.expected_flops("ic_prob-00", 1) == 25.0 and table.expected_flops("ic_prob-00", 0) is None
+    states[4] = swap._State("B", "ic_prob-00", "ic_prob-00", None)
+    ic_body = {"version": 4, "bundle": "B", "profile": "ic_prob-00",
+               "predictions": [{"profile": "ic_prob-00", "exit_index": 1, "flops": 25.0}]}
+    ic_headers = {"x-classmeans-bundle": "B", "x-classmeans-profile": "ic_prob-00", "x-classmeans-version": "4"}
+    before = len(checker.problems)
+    checker.check(states, ic_body, ic_headers)  # type: ignore[arg-type]
+    assert len(checker.problems) == before
+    ic_body["predictions"][0]["flops"] = 21.0  # the class-means cost of exit 1 under profile "a": a mixed state
+    checker.check(states, ic_body, ic_headers)  # type: ignore[arg-type]
+    assert len(checker.problems) == before + 1
