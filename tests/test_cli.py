@@ -79,6 +79,11 @@ def test_train_device_errors_are_messages(tmp_path, capsys):
         assert main([*base, "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()  # nothing written
+    model_dir = tmp_path / "tiny"
+    make_tiny_model(model_dir)
+    for cmd in ("calibrate", "evaluate"):
+        assert main([cmd, "--model-dir", str(model_dir), "--data", str(data), "--device", "warp-drive"]) == 2
+        assert "unknown device 'warp-drive'" in capsys.readouterr().err
 
 
 @pytest.mark.cifar

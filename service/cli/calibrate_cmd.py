@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", default="", help="suffix of the bundle id")
     p.add_argument("--measure-forward", type=int, default=0,
                    help="also time a plain forward pass over N images, for the throughput ratio")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: the forward passes run there")
     p.set_defaults(func=run_calibrate)
 
     e = sub.add_parser("evaluate", help="measure the active (or a given) bundle on labelled data")
@@ -39,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--bundle", help="bundle id (default: the active one)")
     e.add_argument("--json", help="write the report here (a PNG curve goes next to it)")
     e.add_argument("--limit", type=int)
+    e.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: the forward pass runs there")
     e.set_defaults(func=run_evaluate)
 
     pr = sub.add_parser("profiles", help="list the profiles of the active (or a given) bundle")
@@ -61,6 +63,19 @@ def _bar(desc: str):
     return status
 
 
+def _loaded_on(model_dir: Path, device: str):
+    """``None`` on the CPU (the operations load the model themselves), else the model moved to ``device``."""
+    from service.cli.train_cmd import check_device
+    from service.store.model_dir import load_model
+
+    check_device(device)
+    if device == "cpu":
+        return None
+    spec, net = load_model(model_dir)
+    net.module.to(device)
+    return spec, net
+
+
 def _floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v]
 
@@ -72,6 +87,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from service.store.model_dir import read_spec
 
     spec = read_spec(Path(args.model_dir))
+    loaded = _loaded_on(Path(args.model_dir), args.device)
     data = load_dataset(args.data, image_size=spec.input_size, limit=args.limit)
     heads = [HeadConfig(r, m, t) for r in args.reduction.split(",") for m in args.metric.split(",")
              for t in _floats(args.temperature)]
@@ -81,7 +97,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     holdout = args.holdout if args.holdout < 1 else int(args.holdout)
     _ids, summary = calibrate_model(Path(args.model_dir), data, cfg, holdout=holdout,
                                    activate=not args.no_activate, status=_bar("calibrate"), tag=args.tag,
-                                   measure_forward=args.measure_forward)
+                                   measure_forward=args.measure_forward, loaded=loaded)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -92,10 +108,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from service.store.model_dir import read_spec
 
     spec = read_spec(Path(args.model_dir))
+    loaded = _loaded_on(Path(args.model_dir), args.device)
     data = load_dataset(args.data, image_size=spec.input_size, limit=args.limit)
     bar = tqdm(total=len(data), desc="evaluate", unit="img", file=sys.stderr)
     report, png = evaluate_model(Path(args.model_dir), data, args.bundle,
-                                 progress=lambda i, n: (setattr(bar, "n", i), bar.refresh()))
+                                 progress=lambda i, n: (setattr(bar, "n", i), bar.refresh()), loaded=loaded)
     bar.close()
     if args.json:
         out = Path(args.json)
