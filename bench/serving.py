@@ -117,6 +117,7 @@ def bench_servers(model_dir: Path, images: ImageSet, plan: dict[str, int], work:
     with classmeans_server(store, model_dir.name, work / "classmeans.log", **settings) as srv:
         with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
             ours["profiles"] = c.get("/profiles").json()
+        configs += [(n, n) for n in pick_ic_profiles(ours["profiles"]) if n not in picked]
         for rnd in range(plan["rounds"]):
             if with_litserve:
                 print(f"[bench] round {rnd + 1}: LitServe", flush=True)
@@ -144,6 +145,21 @@ def bench_servers(model_dir: Path, images: ImageSet, plan: dict[str, int], work:
                                "workers_per_device": 1, "torch_threads": threads,
                                "request": "JSON {image: base64 PNG}"}
     return lit_res, ours
+
+
+def pick_ic_profiles(listing: dict[str, Any], tolerance: float = 0.005) -> list[str]:
+    """Per internal-classifier mode the server offers, its cheapest profile within ``tolerance`` of the
+    full network's accuracy on the selection split (the IC counterpart of the target profile)."""
+    rows = listing["profiles"]
+    full = next((p["accuracy"] for p in rows if p["name"] == "full"), None)
+    if full is None:
+        return []
+    out = []
+    for mode in sorted({p.get("mode", "cm") for p in rows} - {"cm"}):
+        ok = [p for p in rows if p.get("mode") == mode and p["accuracy"] >= full - tolerance]
+        if ok:
+            out.append(min(ok, key=lambda p: p["flops_fraction"])["name"])
+    return out
 
 
 def pick_profiles(listing: dict[str, Any], limit: int, target: str) -> list[str]:
