@@ -193,9 +193,16 @@ def test_runner_equals_offline_table_in_every_mode(tiny):
             assert torch.equal(got.rule, off["rule"]), mode
             assert torch.allclose(got.flops, off["flops"]), mode
             checked_rules.update(RULE_NAMES[int(r)] for r in got.rule)
-            if c_i == 0:  # one row at a time gives the same as the batch
-                single = [runner.run(x[i:i + 1], mode, row_thresholds(mode, t)) for i in range(0, n, 15)]
-                assert torch.equal(torch.cat([s.ic_exit for s in single]), off["exit"][::15])
+            # One row at a time (the batch-1 path) decides exactly as the batch does; its scores differ
+            # from the batch's only by the backbone's float rounding at another batch size.
+            single = [runner.run(x[i:i + 1], mode, row_thresholds(mode, t)) for i in range(c_i % 7, n, 7)]
+            sub = slice(c_i % 7, n, 7)
+            for field in ("exit_stage", "ic_exit", "pred", "flops", "rule"):
+                assert torch.equal(torch.cat([getattr(s, field) for s in single]), getattr(got, field)[sub]), \
+                    (mode, c_i, field)
+            for field in ("confidence", "probs"):
+                assert torch.allclose(torch.cat([getattr(s, field) for s in single]), getattr(got, field)[sub],
+                                      atol=1e-5), (mode, c_i, field)
     assert {"ic", "cm", "final"} <= checked_rules
     # Rows of one batch may carry different modes.
     modes = [MODES[i % len(MODES)] for i in range(len(sel))]

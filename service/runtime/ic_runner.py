@@ -110,6 +110,8 @@ class ICExitRunner:
             t = t.unsqueeze(0).expand(b, -1, -1)
         if t.shape != (b, 2, self.num_ic):
             raise ValueError(f"thresholds must be ({b}, 2, {self.num_ic}) or (2, {self.num_ic})")
+        if b == 1:
+            return self._run_one(x, int(mode[0]), t[0])
         m_cm, m_prob, m_ent, m_comb = (MODES.index(m) for m in ("cm", "ic_prob", "ic_entropy", "combined"))
         n_stage = len(self.net.stages)
         exit_stage = torch.full((b,), n_stage, dtype=torch.int64)
@@ -188,6 +190,48 @@ class ICExitRunner:
             pred[rows], conf[rows], probs[rows] = pr, c, p
         flops = self._backbone[ic_exit] + consulted
         return ICExitResult(exit_stage, ic_exit, pred, conf, flops, rule, probs)
+
+    def _run_one(self, x: torch.Tensor, mode: int, t: torch.Tensor) -> ICExitResult:
+        """One row (batch 1, the latency case): the same decisions, FLOPs and outputs as the batched loop,
+        with Python scalars instead of per-row masks. Thresholds and scores are float32 values compared
+        exactly as doubles, and the FLOPs are summed in the same order, so the results are identical."""
+        m_cm, m_prob, m_ent, m_comb = (MODES.index(m) for m in ("cm", "ic_prob", "ic_entropy", "combined"))
+        t_ic, t_cm = t[0].tolist(), t[1].tolist()
+        consulted = 0.0
+        feat = x
+        for j, stage in enumerate(self.net.stages):
+            feat = stage(feat)
+            i = self.stage_to_ic.get(j)
+            if i is None:
+                continue
+            ti, tc = t_ic[i], t_cm[i]
+            ic_on = (mode == m_prob and ti < 1) or (mode == m_ent and ti > 0)
+            cm_on = mode in (m_cm, m_comb) and tc < 1
+            fire_ic = fire_cm = False
+            q = pc = None
+            if ic_on or (mode == m_comb and (ti < 1 or cm_on)):
+                q = torch.softmax(self.ics[i](feat).float(), 1)
+                fire_ic = (ti > 0 and float(entropy(q)[0]) < ti) if mode == m_ent else (ti < 1 and float(q.max()) > ti)
+                consulted += self.costs.ic_cost[i]
+            if cm_on:
+                head = self.cm_heads.get(self.net_exit(i))
+                if head is not None:
+                    pc = head.probabilities(feat).float()
+                    fire_cm = float(pc.max()) > tc
+                consulted += self.costs.cm_cost[i]
+            if fire_ic or fire_cm:
+                out = pc if mode == m_cm else q
+                assert out is not None
+                c, pr = out.max(1)
+                r = _BOTH if fire_ic and fire_cm else (_IC if fire_ic else _CM)
+                return ICExitResult(torch.tensor([j]), torch.tensor([i]), pr, c,
+                                    torch.tensor([self.costs.backbone_cum[i] + consulted], dtype=torch.float64),
+                                    torch.tensor([r]), out)
+        p = torch.softmax(self.net.head(feat).float(), 1)
+        c, pr = p.max(1)
+        return ICExitResult(torch.tensor([len(self.net.stages)]), torch.tensor([self.num_ic]), pr, c,
+                            torch.tensor([self.costs.backbone_cum[self.num_ic] + consulted], dtype=torch.float64),
+                            torch.tensor([_FINAL]), p)
 
     def net_exit(self, i: int) -> int:
         """Backbone exit index of IC exit ``i``."""
