@@ -45,8 +45,7 @@ def profile_stages(net: StagedNetwork, input_size: tuple[int, int] | None = None
     """FLOPs of each stage and of the head for one ``3 x H x W`` image (batch 1)."""
     h, w = input_size or net.input_size
     net.eval()
-    p = next(net.module.parameters(), None)
-    x = torch.zeros(1, 3, h, w, device=p.device if p is not None else "cpu")
+    x = torch.zeros(1, 3, h, w, device=net.device)
     flops, shapes = [], []
     for stage in net.stages:
         f, x = _count(stage, x)

@@ -47,6 +47,12 @@ class StagedNetwork:
     def exit_names(self) -> list[str]:
         return [*self.stage_names, "head"]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (the CPU for a network without any)."""
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
     def eval(self) -> StagedNetwork:
         self.module.eval()
         return self

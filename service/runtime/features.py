@@ -23,24 +23,16 @@ def iter_exit_features(net: StagedNetwork, images: np.ndarray, labels: np.ndarra
     features and logits come back as float32 CPU tensors, where the class-mean statistics live.
     """
     net.eval()
-    device = _device_of(net)
+    device = net.device
     n = images.shape[0]
     for lo in range(0, n, batch_size):
-        if device.type == "cpu":
-            feats, logits = net.forward_all(norm(images[lo:lo + batch_size]))
-        else:
-            x = norm(torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).to(device))
-            feats, logits = net.forward_all(x)
+        feats, logits = net.forward_all(norm(images[lo:lo + batch_size], device))
+        if device.type != "cpu":
             feats = [f.float().cpu() for f in feats]
             logits = logits.float().cpu()
         yield feats, logits, torch.from_numpy(np.ascontiguousarray(labels[lo:lo + batch_size]))
         if progress is not None:
             progress(min(n, lo + batch_size), n)
-
-
-def _device_of(net: StagedNetwork) -> torch.device:
-    p = next(net.module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -50,10 +42,10 @@ def plain_forward_seconds(net: StagedNetwork, images: np.ndarray, norm: Normaliz
     import time
 
     net.eval()
-    device = _device_of(net)
+    device = net.device
     t0 = time.perf_counter()
     for lo in range(0, images.shape[0], batch_size):
-        net.module(norm(torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).to(device)))
+        net.module(norm(images[lo:lo + batch_size], device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0

@@ -77,10 +77,10 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
 def evaluate_accuracy(net: StagedNetwork, data: LabelledImages, norm: Normalizer, batch_size: int = 500,
                       channels_last: bool = False) -> float:
     net.module.eval()
-    device = next(net.module.parameters()).device
+    device = net.device
     correct = 0
     for i in range(0, len(data), batch_size):
-        x = norm(torch.from_numpy(data.images[i:i + batch_size]).to(device))
+        x = norm(data.images[i:i + batch_size], device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pred = net.module(x).argmax(1).cpu().numpy()
