@@ -34,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="checkpoint path (default: OUT/../checkpoints/NAME.ckpt, outside git)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--limit", type=int, help="use only the first N training images (smoke tests)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="keep N images (stratified, --holdout-seed) out of training: the selection split that "
+                        "`classmeans calibrate --holdout N` uses; model.json records it")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out split (calibrate's --seed)")
     p.set_defaults(func=run)
 
 
@@ -51,6 +55,14 @@ def check_device(name: str) -> None:
         raise ValueError(f"device {name!r}: training runs on cpu or cuda")
 
 
+def training_data_record(source: str, full_set, held_out, seed: int) -> dict:
+    """What ``model.json`` says about the backbone's training data, so calibration can check its selection
+    split against it: the source, its size, and the stratified held-out split (count, seed, class balance)."""
+    return {"source": Path(source).name, "images": len(full_set), "held_out": len(held_out),
+            "split": "stratified split_holdout", "seed": seed,
+            "trained_on": len(full_set) - len(held_out)}
+
+
 def run(args: argparse.Namespace) -> int:
     from service.backbones import architecture_from_name, build_backbone
     from service.ingest.sources import load_dataset
@@ -61,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)  # before reading any data
     out = Path(args.out)
     name = args.name or out.name
-    train_set = load_dataset(args.data, limit=args.limit)
+    full_set = load_dataset(args.data, limit=args.limit)
+    train_set, held_out = full_set.split_holdout(args.holdout, seed=args.holdout_seed)
     test_set = load_dataset(args.test_data).remap_to(train_set.classes) if args.test_data else None
     h, w = train_set.images.shape[1:3]
     arch = architecture_from_name(args.arch)
@@ -89,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                     resume=args.resume, progress=progress, log_path=ckpt.with_suffix(".log.jsonl"))
     bar.n = cfg.epochs
     bar.close()
-    spec.extra = {"training": {k: v for k, v in summary.items() if k != "history"}}
+    spec.extra = {"training": {k: v for k, v in summary.items() if k != "history"},
+                  "training_data": training_data_record(args.data, full_set, held_out, args.holdout_seed)}
     save_model(out, spec, net)
     write_training_report(out / "training.json", summary)
     print(json.dumps({"model_dir": str(out), "test_acc": summary.get("test_acc"),
