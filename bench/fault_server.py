@@ -84,8 +84,8 @@ class _OsHook:
 
 def install() -> None:
     """Wrap the functions named in the module docstring (only the ones the environment asks for)."""
-    from service.runtime import jobs
-    from service.runtime.engine import Engine
+    from service.control import jobs
+    from service.serving.engine import Engine
     from service.store import atomic, bundles
 
     block = os.environ.get("CLASSMEANS_FAULT_BLOCK_FILE")

@@ -25,10 +25,11 @@ import torch
 from service.earlyexit import select_by_target
 from service.earlyexit.ic_rules import ICCosts, ICDecisionTable
 from service.ingest.sources import load_dataset
-from service.runtime.engine import Engine
-from service.runtime.evaluation import decision_table_for
-from service.runtime.ic_serving import mode_candidates
-from service.runtime.ics import extract_cache, ic_costs, ic_table_from_cache, profile_thresholds
+from service.offline.evaluation import decision_table_for
+from service.offline.ics import extract_cache, ic_table_from_cache
+from service.serving.engine import Engine
+from service.serving.ic_serving import mode_candidates
+from service.store.ic_sets import ic_costs, profile_thresholds
 
 BUDGETS = (0.15, 0.20, 0.25, 0.30, 0.50)
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ class ClassifierAPI(ls.LitAPI):
         self.torch_threads = torch_threads
 
     def setup(self, device: str) -> None:
-        from service.runtime.preprocess import Normalizer
+        from service.backbones.preprocess import Normalizer
         from service.store.model_dir import load_model
 
         if self.torch_threads:

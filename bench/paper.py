@@ -34,22 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.backbones import profile_stages
-from service.backbones.internal_classifiers import ICSet, place_ics
-from service.earlyexit import DecisionTable, Profile, select_by_target, upper_hull
-from service.earlyexit.hull import TargetUnreachable
-from service.earlyexit.ic_rules import (
-    CascadeCosts,
-    CascadeTable,
-    ICCosts,
-    ICDecisionTable,
-    combined_seeds,
-    search_cascade,
-    search_mode,
-    to_score_thresholds,
-)
-from service.ingest.npz import load_npz
-from service.runtime.baselines import (
+from bench.baselines import (
     BRANCH_GRID,
     BRANCH_WEIGHTS,
     BWDS_LAMBDAS,
@@ -65,8 +50,24 @@ from service.runtime.baselines import (
     train_bwds_classifiers,
     train_bwds_policies,
 )
-from service.runtime.evaluation import evaluate_report, plot_curves, smallest_fraction_within
-from service.runtime.ics import (
+from service.backbones import profile_stages
+from service.backbones.internal_classifiers import ICSet, place_ics
+from service.backbones.preprocess import Normalizer
+from service.earlyexit import DecisionTable, Profile, select_by_target, upper_hull
+from service.earlyexit.hull import TargetUnreachable
+from service.earlyexit.ic_rules import (
+    CascadeCosts,
+    CascadeTable,
+    ICCosts,
+    ICDecisionTable,
+    combined_seeds,
+    search_cascade,
+    search_mode,
+    to_score_thresholds,
+)
+from service.ingest.npz import load_npz
+from service.offline.evaluation import evaluate_report, plot_curves, smallest_fraction_within
+from service.offline.ics import (
     FeatureCache,
     ICTrainConfig,
     cache_key,
@@ -76,8 +77,7 @@ from service.runtime.ics import (
     train_on_cache,
     train_online,
 )
-from service.runtime.operations import resolve_bundle
-from service.runtime.preprocess import Normalizer
+from service.store.active import resolve_bundle
 from service.store.model_dir import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -394,7 +394,7 @@ def resnet152_epoch_estimate(train, norm, steps: int = 3, batch_size: int = 128)
     """Seconds per training epoch of torchvision ResNet-152 at 32x32 (fp32, this CPU), extrapolated from
     ``steps`` measured SGD steps (after one warm-up step) with the project's training recipe."""
     from service.backbones import build_backbone
-    from service.runtime.training import augment_batch
+    from service.offline.training import augment_batch
 
     net = build_backbone({"family": "torchvision", "name": "resnet152"}, 10, 32)
     model = net.module.to(memory_format=torch.channels_last).train()

@@ -9,7 +9,7 @@ GPU machine, which gets a copy of the repository (64 MiB a call) and nothing els
 CIFAR-10 images as lossless WebP (1.76 kB an image against 3 kB raw) into parts that fit beside the
 repository; ``run`` decodes whatever parts reached it (it records which, with the sha256 of the decoded
 arrays, and ``render`` checks those against ``../shared/datasets/cifar10`` to prove the copy was exact),
-trains with ``classmeans train``'s recipe (service/runtime/training.py) on the GPU for a fixed time budget,
+trains with ``classmeans train``'s recipe (service/offline/training.py) on the GPU for a fixed time budget,
 calibrates with the same code as the embedded model (45,000 means / 5,000 selection, and the paper's own
 mode on all 50,000) and measures everything on the 10,000 test images. Only the JSON comes back: the
 weights (240 MB) are too large for git and for the return channel, so ``render`` turns the JSON into the
@@ -180,10 +180,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from service.backbones import architecture_from_name, build_backbone
-    from service.runtime.calibration import CalibrationConfig, HeadConfig
-    from service.runtime.operations import calibrate_model, evaluate_model
-    from service.runtime.preprocess import Normalizer
-    from service.runtime.training import TrainConfig, train
+    from service.backbones.preprocess import Normalizer
+    from service.offline.calibration import CalibrationConfig, HeadConfig
+    from service.offline.operations import calibrate_model, evaluate_model
+    from service.offline.training import TrainConfig, train
     from service.store.model_dir import CIFAR10_MEAN, CIFAR10_STD, ModelSpec, save_model
 
     t_start = time.perf_counter()
@@ -339,7 +339,7 @@ def _other_run(path: Path) -> list[str]:
 
 
 def render(json_path: Path, md_path: Path, img_path: Path, others: list[Path] | None = None) -> str:
-    from service.runtime.evaluation import plot_curves
+    from service.offline.evaluation import plot_curves
 
     r = json.loads(json_path.read_text())
     verified = verify_against_local(r["data"])
@@ -360,7 +360,7 @@ def render(json_path: Path, md_path: Path, img_path: Path, others: list[Path] | 
         f"- Data: {r['data'].get('train', {}).get('images', 0):,} training and "
         f"{r['data'].get('test', {}).get('images', 0):,} test images, sent as lossless WebP; the decoded arrays' "
         f"sha256 equal `../shared/datasets/cifar10`: train {verified['train']}, test {verified['test']}.",
-        f"- Training (`service/runtime/training.py`, the `classmeans train` recipe on `--device cuda`): "
+        f"- Training (`service/offline/training.py`, the `classmeans train` recipe on `--device cuda`): "
         f"{plan.get('epochs')} epochs (as many as a fixed time budget allowed, from a timed probe), batch "
         f"{plan.get('batch_size')}, one-cycle SGD Nesterov, peak lr {plan.get('lr')}, wd 5e-4, bf16 autocast, "
         f"channels_last, random crop + flip; {tr.get('seconds_total', float('nan')):.0f} s in all. "

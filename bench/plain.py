@@ -3,7 +3,7 @@
 Two things are timed in this process, on the same images as the servers (already decoded):
 
 - plain PyTorch: ``net.module(x)`` (the full network) at batch 1 and at batch 32, in ``inference_mode``;
-- the exit runner (``service.runtime.runner.ExitRunner``) at each profile of the active bundle, at batch 1
+- the exit runner (``service.serving.runner.ExitRunner``) at each profile of the active bundle, at batch 1
   and 32: the compute the service does per request, without the service around it.
 
 Both use the torch thread count given, the same as the servers get.
@@ -107,9 +107,9 @@ def batch1_costs(net: Any, bundle: Any, runner: Any, x: torch.Tensor, names: lis
 def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, threads: int,
             only: list[str] | None = None) -> dict[str, Any]:
     """Plain forward and exit runner timings (``full`` and the profiles in ``only``, default all)."""
-    from service.runtime.bundle import load_bundle
-    from service.runtime.preprocess import Normalizer
-    from service.runtime.runner import ExitRunner
+    from service.backbones.preprocess import Normalizer
+    from service.serving.runner import ExitRunner
+    from service.store.bundle_model import load_bundle
     from service.store.bundles import read_active
     from service.store.model_dir import load_model
 

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from service.ingest.npz import load_npz
-from service.runtime.calibration import CalibrationConfig, HeadConfig
-from service.runtime.evaluation import plot_curves
-from service.runtime.operations import activate_bundle, calibrate_model, evaluate_model
+from service.offline.calibration import CalibrationConfig, HeadConfig
+from service.offline.evaluation import plot_curves
+from service.offline.operations import calibrate_model, evaluate_model
+from service.store.active import activate_bundle
 from service.store.bundles import read_bundle
 from service.store.model_dir import load_model
 

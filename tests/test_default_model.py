@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from service.ingest.npz import load_npz
-from service.runtime.operations import evaluate_model, resolve_bundle
+from service.offline.operations import evaluate_model
+from service.store.active import resolve_bundle
 from service.store.model_dir import load_model
 from tests.factories import CIFAR_DIR, REPO
 

@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.backbones import profile_stages
-from service.backbones.internal_classifiers import ICSet, InternalClassifier, place_ics, pool_pair
-from service.cli.main import main
-from service.earlyexit.ic_rules import MODES, RULE_NAMES
-from service.runtime.baselines import (
+from bench.baselines import (
     BRANCH_GRID,
     BranchSet,
     branch_costs,
@@ -26,22 +22,23 @@ from service.runtime.baselines import (
     train_bwds_classifiers,
     train_bwds_policies,
 )
-from service.runtime.bundle import load_bundle
-from service.runtime.evaluation import decision_table_for
-from service.runtime.ic_runner import ICExitRunner, row_thresholds
-from service.runtime.ics import (
-    ICError,
+from service.backbones import profile_stages
+from service.backbones.internal_classifiers import ICSet, InternalClassifier, place_ics, pool_pair
+from service.backbones.preprocess import Normalizer
+from service.cli.main import main
+from service.earlyexit.ic_rules import MODES, RULE_NAMES
+from service.offline.evaluation import decision_table_for
+from service.offline.ics import (
     ICTrainConfig,
     extract_cache,
-    ic_costs,
     ic_table_from_cache,
-    load_ics,
-    save_ics,
     search_profiles,
     train_ics,
 )
-from service.runtime.preprocess import Normalizer
+from service.serving.ic_runner import ICExitRunner, row_thresholds
+from service.store.bundle_model import load_bundle
 from service.store.bundles import read_active
+from service.store.ic_sets import ICError, ic_costs, load_ics, save_ics
 from service.store.model_dir import load_model
 from tests.factories import make_tiny_model, synthetic_images
 

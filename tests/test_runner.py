@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from service.runtime.bundle import load_bundle
-from service.runtime.evaluation import decision_table_for
-from service.runtime.preprocess import Normalizer
-from service.runtime.runner import ExitRunner
+from service.backbones.preprocess import Normalizer
+from service.offline.evaluation import decision_table_for
+from service.serving.runner import ExitRunner
+from service.store.bundle_model import load_bundle
 from service.store.bundles import read_active
 from service.store.model_dir import load_model
 from tests.factories import synthetic_images

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from service.runtime.bundle import load_bundle
-from service.runtime.operations import activate_bundle, resolve_bundle
+from service.store.active import activate_bundle, resolve_bundle
 from service.store.atomic import sweep_tmp, write_json_atomic
+from service.store.bundle_model import load_bundle
 from service.store.bundles import BundleError, list_bundle_ids, read_active, read_bundle, write_bundle
 from service.store.model_dir import ModelDirError, load_model
 

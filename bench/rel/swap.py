@@ -71,11 +71,11 @@ def load_tables(model_dir: Path) -> dict[str, BundleTable]:
 
 def ic_flops_tables(model_dir: Path, bundle_ids: list[str]) -> dict[str, dict[str, dict[int, float]]]:
     """Per bundle, the IC profiles the service would serve with it and their FLOPs at each exit (the
-    offline cascade cost model of ``service/runtime/ic_serving.py``); empty without ICs."""
+    offline cascade cost model of ``service/serving/ic_serving.py``); empty without ICs."""
     if not (model_dir / "ics").is_dir():
         return {}
-    from service.runtime.ic_serving import load_ic_store
-    from service.runtime.operations import resolve_bundle
+    from service.serving.ic_serving import load_ic_store
+    from service.store.active import resolve_bundle
     from service.store.model_dir import load_model
 
     spec, net = load_model(model_dir)

@@ -18,11 +18,11 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.middleware import MetricsMiddleware
 from service.api.routes import admin, classify, health, profiles, v2
 from service.api.state import AppState
-from service.runtime.batcher import Batcher
-from service.runtime.engine import Engine, EngineLoadError
-from service.runtime.jobs import JobManager
-from service.runtime.metrics import Metrics
-from service.runtime.settings import Settings
+from service.control.jobs import JobManager
+from service.serving.batcher import Batcher
+from service.serving.engine import Engine, EngineLoadError
+from service.serving.metrics import Metrics
+from service.serving.settings import Settings
 
 log = logging.getLogger("classmeans.api")
 

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from service.api.errors import not_ready
 from service.api.state import AppState
-from service.runtime.engine import Engine
+from service.serving.engine import Engine
 
 
 async def get_state(request: Request) -> AppState:

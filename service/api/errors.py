@@ -15,11 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.control.jobs import JobInProgress
 from service.earlyexit.hull import TargetUnreachable
 from service.ingest.images import ImageError
 from service.ingest.labelled import DatasetError
-from service.runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout
-from service.runtime.jobs import JobInProgress
+from service.serving.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout
 from service.store.bundles import BundleError
 
 log = logging.getLogger("classmeans.api")
@@ -132,7 +132,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _handlers() -> dict[type[Exception], Any]:
-    from service.runtime.batcher import BatcherError
+    from service.serving.batcher import BatcherError
 
     return {StarletteHTTPException: _http_error, RequestValidationError: _validation_error,
             ImageError: _image_error, DatasetError: _dataset_error, BundleError: _bundle_error,

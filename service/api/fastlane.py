@@ -35,7 +35,7 @@ from service.api.inference import (
 )
 from service.api.limits import read_body_capped
 from service.api.state import AppState
-from service.runtime.snapshot import InferenceRequest
+from service.serving.snapshot import InferenceRequest
 
 _TOP_K = re.compile(r"[1-9][0-9]{0,3}")
 _PARAMS = frozenset({"profile", "top_k", "exits"})

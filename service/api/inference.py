@@ -12,10 +12,10 @@ from starlette.requests import Request
 from service.api import schemas
 from service.api.state import AppState
 from service.ingest.images import ImageError, decode_image
-from service.runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout, Submitted
-from service.runtime.engine import Engine
-from service.runtime.ic_serving import rule_for_cm_exit
-from service.runtime.snapshot import InferenceOutcome, InferenceRequest, SamplePrediction, Snapshot
+from service.serving.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout, Submitted
+from service.serving.engine import Engine
+from service.serving.ic_serving import rule_for_cm_exit
+from service.serving.snapshot import InferenceOutcome, InferenceRequest, SamplePrediction, Snapshot
 from service.store.bundles import BundleError
 
 

@@ -6,7 +6,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.runtime.metrics import Metrics
+from service.serving.metrics import Metrics
 
 # Probes and scrapes are neither "in flight" work nor admission-controlled.
 UNCOUNTED_INFLIGHT = frozenset({"/metrics", "/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})

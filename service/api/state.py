@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from service.runtime.batcher import Batcher
-from service.runtime.engine import Engine
-from service.runtime.jobs import JobManager
-from service.runtime.metrics import Metrics
-from service.runtime.settings import Settings
+from service.control.jobs import JobManager
+from service.serving.batcher import Batcher
+from service.serving.engine import Engine
+from service.serving.metrics import Metrics
+from service.serving.settings import Settings
 
 
 @dataclass

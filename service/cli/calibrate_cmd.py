@@ -82,8 +82,8 @@ def _floats(s: str) -> list[float]:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from service.ingest.sources import load_dataset
-    from service.runtime.calibration import CalibrationConfig, HeadConfig
-    from service.runtime.operations import calibrate_model
+    from service.offline.calibration import CalibrationConfig, HeadConfig
+    from service.offline.operations import calibrate_model
     from service.store.model_dir import read_spec
 
     spec = read_spec(Path(args.model_dir))
@@ -104,7 +104,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from service.ingest.sources import load_dataset
-    from service.runtime.operations import evaluate_model
+    from service.offline.operations import evaluate_model
     from service.store.model_dir import read_spec
 
     spec = read_spec(Path(args.model_dir))
@@ -128,7 +128,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_profiles(args: argparse.Namespace) -> int:
-    from service.runtime.operations import read_active_or_none, resolve_bundle
+    from service.store.active import read_active_or_none, resolve_bundle
     from service.store.model_dir import load_model
 
     model_dir = Path(args.model_dir)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api import create_app
-    from service.runtime.settings import Settings
+    from service.serving.settings import Settings
 
     overrides: dict[str, Any] = {k: v for k, v in (("store", args.store), ("model", args.model),
                                                    ("host", args.host), ("port", args.port)) if v is not None}

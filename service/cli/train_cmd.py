@@ -65,9 +65,9 @@ def training_data_record(source: str, full_set, held_out, seed: int) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from service.backbones import architecture_from_name, build_backbone
+    from service.backbones.preprocess import Normalizer
     from service.ingest.sources import load_dataset
-    from service.runtime.preprocess import Normalizer
-    from service.runtime.training import TrainConfig, train, write_training_report
+    from service.offline.training import TrainConfig, train, write_training_report
     from service.store.model_dir import CIFAR10_MEAN, CIFAR10_STD, ModelSpec, save_model
 
     check_device(args.device)  # before reading any data

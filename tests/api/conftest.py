@@ -26,7 +26,7 @@ from PIL import Image
 
 from service.api import create_app
 from service.api.state import AppState
-from service.runtime.settings import Settings
+from service.serving.settings import Settings
 from tests.factories import CIFAR_DIR, CLASSES, synthetic_images
 
 TOKEN = "test-admin-token-0123456789"

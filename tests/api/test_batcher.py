@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.runtime.batcher import Batcher, BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout
+from service.serving.batcher import Batcher, BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout
 
 
 class Recorder:

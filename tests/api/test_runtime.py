@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from service.cli.main import build_parser
-from service.runtime.engine import Engine
-from service.runtime.jobs import JobInProgress, JobManager
-from service.runtime.metrics import Metrics
-from service.runtime.settings import Settings
-from service.runtime.snapshot import InferenceRequest
+from service.control.jobs import JobInProgress, JobManager
+from service.serving.engine import Engine
+from service.serving.metrics import Metrics
+from service.serving.settings import Settings
+from service.serving.snapshot import InferenceRequest
 from tests.api.conftest import MODEL, sample_images
 
 

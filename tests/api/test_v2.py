@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from service.runtime.preprocess import Normalizer
+from service.backbones.preprocess import Normalizer
 from tests.api.conftest import MODEL, assert_envelope, sample_images, sample_pngs
 
 

@@ -98,9 +98,9 @@ def exported_families(request: pytest.FixtureRequest) -> tuple[str, dict[str, Fa
         svc: LiveService = request.getfixturevalue("live_service")
         return "live /metrics", exported_from_text(svc.metrics_text())
     try:
-        from service.runtime.metrics import Metrics
+        from service.serving.metrics import Metrics
     except ImportError:
         return "documented list", dict(DOCUMENTED)
     m = Metrics("tiny")
     m.configure_exits(3)
-    return "service.runtime.metrics", exported_from_text(m.render().decode())
+    return "service.serving.metrics", exported_from_text(m.render().decode())

@@ -23,10 +23,10 @@ from service.api.errors import ApiError
 from service.api.forms import ParsedForm, parse_multipart
 from service.api.limits import stream_to_tempfile
 from service.api.routes.profiles import active_state, switch_response
+from service.control.recompute import KIND, ClassMeansOptions, read_dataset_upload, recompute_class_means
 from service.earlyexit.exit_head import METRICS
 from service.earlyexit.search import SEARCH_MODES
 from service.ingest.labelled import DatasetError
-from service.runtime.recompute import KIND, ClassMeansOptions, read_dataset_upload, recompute_class_means
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={401: {"model": schemas.ErrorBody, "description": "unauthorized"}})

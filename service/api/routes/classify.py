@@ -22,7 +22,7 @@ from service.api.inference import (
     state_headers,
 )
 from service.api.limits import read_body_capped
-from service.runtime.snapshot import InferenceRequest
+from service.serving.snapshot import InferenceRequest
 
 router = APIRouter(tags=["data plane"])
 

@@ -12,9 +12,9 @@ from service.api.deps import EngineDep
 from service.api.errors import ApiError
 from service.api.inference import operating_info
 from service.api.limits import read_body_capped, require_json_object
-from service.runtime.engine import Engine
-from service.runtime.ic_serving import profile_rows
-from service.runtime.snapshot import Snapshot
+from service.serving.engine import Engine
+from service.serving.ic_serving import profile_rows
+from service.serving.snapshot import Snapshot
 
 router = APIRouter(tags=["data plane"])
 

@@ -35,8 +35,8 @@ from service.api.inference import (
     run_inference,
     state_headers,
 )
-from service.runtime.engine import Engine
-from service.runtime.snapshot import InferenceOutcome, InferenceRequest
+from service.serving.engine import Engine
+from service.serving.snapshot import InferenceOutcome, InferenceRequest
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 

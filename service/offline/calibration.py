@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from service.backbones import StagedNetwork, StageProfile, profile_stages
+from service.backbones.preprocess import Normalizer
 from service.earlyexit import (
     ClassStatsAccumulator,
     DecisionTable,
@@ -33,9 +34,8 @@ from service.earlyexit.exit_head import MOMENTS_FOR_METRIC
 from service.earlyexit.probabilities import class_probabilities
 from service.earlyexit.search import SearchResult
 from service.ingest.labelled import LabelledImages
-from service.runtime.bundle import Bundle
-from service.runtime.features import iter_exit_features
-from service.runtime.preprocess import Normalizer
+from service.offline.features import iter_exit_features
+from service.store.bundle_model import Bundle
 
 StatusFn = Callable[[str, int, int], None]
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from service.backbones import StagedNetwork
+from service.backbones.preprocess import Normalizer
 from service.ingest.labelled import LabelledImages
-from service.runtime.preprocess import Normalizer
 from service.store.atomic import write_json_atomic
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.runtime.metrics import Metrics
+from service.serving.metrics import Metrics
 
 log = logging.getLogger("classmeans.jobs")
 

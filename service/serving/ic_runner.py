@@ -1,6 +1,6 @@
 """The batched exit runner for the IC decision modes (``cm``, ``ic_prob``, ``ic_entropy``, ``combined``).
 
-The same loop as :class:`service.runtime.runner.ExitRunner`: run the batch stage by stage; at each IC exit
+The same loop as :class:`service.serving.runner.ExitRunner`: run the batch stage by stage; at each IC exit
 the rows still running consult what their mode needs, rows that fire are recorded and removed, the rest
 go on; rows left after the last stage take the network's own argmax. Each row carries its own mode and
 thresholds, so one batch can mix profiles of different modes.

@@ -3,13 +3,13 @@
 The engine loads the model's newest loadable IC set (``model_store/<model>/ics/<id>/``) once at start-up
 (:func:`load_ic_store`, which never raises: a missing or broken IC set leaves the class-means service
 as it was and says why in :meth:`ICStore.info`). For every snapshot it builds an :class:`ICServing`: an
-:class:`~service.runtime.ic_runner.ICExitRunner` over the same network and the snapshot's bundle, plus
+:class:`~service.serving.ic_runner.ICExitRunner` over the same network and the snapshot's bundle, plus
 the IC profiles that can be served with that bundle.
 
 Modes and where their profiles come from:
 
 * ``cm`` -- the bundle's own profiles (class means at every exit), served by the
-  :class:`~service.runtime.runner.ExitRunner` as before. The IC set's ``cm`` profiles (class means at
+  :class:`~service.serving.runner.ExitRunner` as before. The IC set's ``cm`` profiles (class means at
   the six IC exits only, kept in its ``profiles.json`` for the report and to seed ``combined``) are not
   served: the bundle's are at least as good.
 * ``ic_prob`` (SDN), ``ic_entropy`` (BranchyNet) -- the IC set's profiles; no class means involved.
@@ -41,15 +41,15 @@ from service.backbones import StagedNetwork, StageProfile, profile_stages
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import Operating, Profile, upper_hull
 from service.earlyexit.ic_rules import MODES, RULE_NAMES, ICCosts, to_score_thresholds
-from service.runtime.bundle import Bundle
-from service.runtime.ic_runner import ICExitRunner, row_thresholds
-from service.runtime.ics import ICError, ic_costs, list_ics_ids, load_ics
-from service.runtime.snapshot import FULL, InferenceOutcome, InferenceRequest, SamplePrediction
+from service.serving.ic_runner import ICExitRunner, row_thresholds
+from service.serving.snapshot import FULL, InferenceOutcome, InferenceRequest, SamplePrediction
+from service.store.bundle_model import Bundle
 from service.store.bundles import BundleError
+from service.store.ic_sets import ICError, ic_costs, list_ics_ids, load_ics
 from service.store.model_dir import ModelSpec
 
 if TYPE_CHECKING:
-    from service.runtime.engine import Engine
+    from service.serving.engine import Engine
 
 log = logging.getLogger("classmeans.ics")
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from service.backbones import StagedNetwork
+from service.backbones.preprocess import Normalizer
 from service.earlyexit import DecisionTable, Profile, select_by_target
 from service.earlyexit.hull import TargetUnreachable
 from service.ingest.labelled import LabelledImages
-from service.runtime.bundle import Bundle
-from service.runtime.features import iter_exit_features
-from service.runtime.preprocess import Normalizer
+from service.offline.features import iter_exit_features
+from service.store.bundle_model import Bundle
 
 BUDGETS = (0.15, 0.20, 0.25, 0.30, 0.50)
 

@@ -15,12 +15,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from service.control.jobs import Job, JobFailure
 from service.ingest.archives import ArchiveLimits, read_image_folder_archive
 from service.ingest.labelled import LabelledImages
-from service.runtime.bundle import load_bundle
-from service.runtime.calibration import CalibrationConfig, HeadConfig
-from service.runtime.engine import Engine
-from service.runtime.jobs import Job, JobFailure
+from service.offline.calibration import CalibrationConfig, HeadConfig
+from service.serving.engine import Engine
+from service.store.bundle_model import load_bundle
 from service.store.bundles import bundle_path, list_bundle_ids
 
 log = logging.getLogger("classmeans.recompute")
@@ -86,7 +86,7 @@ def head_config(engine: Engine, opts: ClassMeansOptions) -> HeadConfig:
 
 def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeansOptions, job: Job) -> dict[str, Any]:
     """Calibrate a new bundle from ``data``; activate it if asked. Leaves no trace when it fails."""
-    from service.runtime.operations import calibrate_model  # report and plot code: jobs only
+    from service.offline.operations import calibrate_model  # report and plot code: jobs only
 
     check_split(data, opts.holdout)
     head = head_config(engine, opts)

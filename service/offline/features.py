@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from service.backbones import StagedNetwork
-from service.runtime.preprocess import Normalizer
+from service.backbones.preprocess import Normalizer
 
 ProgressFn = Callable[[int, int], None]
 

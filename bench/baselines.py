@@ -1,6 +1,6 @@
 """Trained early-exit baselines on the same frozen backbone: BranchyNet-style branches and BWDS.
 
-Both train on a :class:`~service.runtime.ics.FeatureCache` (one inference pass of the backbone, BatchNorm in
+Both train on a :class:`~service.offline.ics.FeatureCache` (one inference pass of the backbone, BatchNorm in
 eval mode), with the same Adam optimiser, epoch budget and seed handling as the SDN ICs, and both are
 evaluated through :mod:`service.earlyexit.ic_rules` with the same FLOPs accounting (backbone up to the exit
 plus every head consulted, 2 FLOPs per multiply-add) and the same selection split.
@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from service.backbones import StageProfile
 from service.backbones.internal_classifiers import place_ics, pooling_kernel
 from service.earlyexit.ic_rules import CascadeCosts, CascadeTable, ICCosts, ICDecisionTable
-from service.runtime.ics import FeatureCache, ICTrainConfig, ProgressFn, lr_at, optimiser_step, torch_threads
+from service.offline.ics import FeatureCache, ICTrainConfig, ProgressFn, lr_at, optimiser_step, torch_threads
 
 BRANCH_TARGETS = (0.0, 1.0 / 3.0)
 BRANCH_WEIGHTS = (1.0 / 6.0, 1.0 / 4.0, 1.0)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from service.backbones import StagedNetwork
+from service.backbones.preprocess import Normalizer
 from service.earlyexit import Operating, select_by_target
-from service.runtime.bundle import Bundle, load_bundle
-from service.runtime.ic_serving import (
+from service.serving.ic_serving import (
     ICServing,
     ICStore,
     check_mode,
@@ -35,11 +35,9 @@ from service.runtime.ic_serving import (
     run_ic_group,
     warm_up_ic,
 )
-from service.runtime.metrics import Metrics
-from service.runtime.operations import read_active_or_none
-from service.runtime.preprocess import Normalizer
-from service.runtime.runner import ExitRunner
-from service.runtime.snapshot import (
+from service.serving.metrics import Metrics
+from service.serving.runner import ExitRunner
+from service.serving.snapshot import (
     FULL,
     InferenceOutcome,
     InferenceRequest,
@@ -49,7 +47,9 @@ from service.runtime.snapshot import (
     operating_from_json,
     single_operating,
 )
+from service.store.active import read_active_or_none
 from service.store.atomic import sweep_tmp
+from service.store.bundle_model import Bundle, load_bundle
 from service.store.bundles import BundleError, bundle_path, list_bundle_ids, write_active
 from service.store.model_dir import ModelSpec, load_model
 
@@ -250,7 +250,7 @@ class Engine:
     def _run_group(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         snap = requests[0].snapshot
         if snap.ic is not None and snap.ic.serves_any(requests):
-            return run_ic_group(self, requests)  # IC profiles in this group (service/runtime/ic_serving.py)
+            return run_ic_group(self, requests)  # IC profiles in this group (service/serving/ic_serving.py)
         parts, rows, served = [], [], []
         for r in requests:
             n = r.size

@@ -15,12 +15,12 @@ import torch
 
 from service.backbones import StagedNetwork
 from service.earlyexit import Operating, TimeSharingRouter
-from service.runtime.bundle import Bundle
-from service.runtime.runner import ExitRunner
+from service.serving.runner import ExitRunner
+from service.store.bundle_model import Bundle
 from service.store.bundles import BundleError
 
 if TYPE_CHECKING:
-    from service.runtime.ic_serving import ICServing
+    from service.serving.ic_serving import ICServing
 
 FULL = "full"  # the profile name reported when exits are switched off for a request
 
@@ -37,7 +37,7 @@ class Snapshot:
     updated: str
     thresholds: dict[str, torch.Tensor] = field(repr=False)
     fallback_from: str | None = None
-    ic: ICServing | None = None  # the IC runner and IC profiles (service.runtime.ic_serving), when loaded
+    ic: ICServing | None = None  # the IC runner and IC profiles (service.serving.ic_serving), when loaded
 
     @property
     def bundle_id(self) -> str:

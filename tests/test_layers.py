@@ -1,0 +1,82 @@
+"""The layering rules of docs/design.md, checked by walking every module's imports (static, with ``ast``).
+
+A violation names the importing module and what it imported, so the fix is obvious.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = ROOT / "service"
+
+# package -> packages of this project it must never import (directly or lazily inside a function)
+FORBIDDEN = {
+    "service.serving": ("service.offline", "service.control", "service.api", "service.cli", "bench"),
+    "service.store": ("service.offline", "service.control", "service.serving", "service.api", "service.cli"),
+    "service.earlyexit": ("service.api", "service.cli", "service.serving", "service.control", "service.offline",
+                          "service.store", "service.backbones", "service.ingest"),
+    "service.backbones": ("service.offline", "service.control", "service.serving", "service.api", "service.cli",
+                          "service.store"),
+    "service.ingest": ("service.offline", "service.control", "service.serving", "service.api", "service.cli"),
+    "service.offline": ("service.control", "service.serving", "service.api", "service.cli", "bench"),
+    "service.control": ("service.api", "service.cli", "bench"),
+}
+THIRD_PARTY_ONLY_IN_API = ("fastapi", "starlette")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+MODULES = sorted(SERVICE.rglob("*.py"))
+
+
+def test_every_package_is_covered():
+    packages = {module_name(p).split(".")[1] for p in MODULES if p.parent != SERVICE}
+    assert packages <= {k.split(".")[1] for k in FORBIDDEN} | {"api", "cli"}, packages
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_module_respects_layers(path: Path):
+    name = module_name(path)
+    bad = []
+    for imported in imports_of(path):
+        for package, forbidden in FORBIDDEN.items():
+            if name == package or name.startswith(package + "."):
+                bad += [imported for f in forbidden if imported == f.rstrip(".") or imported.startswith(f)]
+        top = imported.split(".")[0]
+        if top in THIRD_PARTY_ONLY_IN_API and not name.startswith(("service.api", "service.cli")):
+            bad.append(imported)
+    assert not bad, f"{name} imports {sorted(set(bad))}: see the layers in docs/design.md"
+
+
+def test_earlyexit_imports_only_torch_numpy_and_stdlib():
+    allowed = {"torch", "numpy", "__future__"}
+    import sys
+
+    for path in (SERVICE / "earlyexit").rglob("*.py"):
+        for imported in imports_of(path):
+            top = imported.split(".")[0]
+            if top == "service":
+                assert imported.startswith("service.earlyexit"), (path, imported)
+                continue
+            assert top in allowed or top in sys.stdlib_module_names, (path, imported)
