@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.api.conftest import Served, make_settings, serve
 from tests.api.test_e2e import Server, start, stop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,3 +146,10 @@ def ui_server(tiny_ic_store_root: Path, tmp_path_factory: pytest.TempPathFactory
         yield srv
     finally:
         stop(srv)
+
+
+@pytest.fixture()
+async def served(tiny_store: Path) -> AsyncIterator[Served]:
+    """The app over ASGI on a private copy of the tiny store (as in tests/api)."""
+    async with serve(make_settings(tiny_store)) as s:
+        yield s
