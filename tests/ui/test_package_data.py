@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-NEEDED = ("service/api/ui/index.html", "service/api/static/ui/ui.js", "service/api/static/ui/ui.css",
+NEEDED = ("service/api/ui/index.html", "service/api/static/ui/ui.js", "service/api/static/ui/charts.js",
+          "service/api/static/ui/ui.css",
           "service/api/static/swagger-ui/swagger-ui-bundle.js", "service/api/static/swagger-ui/swagger-ui.css",
           "service/api/static/swagger-ui/favicon-32x32.png", "service/api/static/swagger-ui/LICENSE",
           "service/api/static/swagger-ui/NOTICE")

@@ -84,7 +84,7 @@ async def test_ui_page_is_static_local_and_locked_down(served: Served):
     csp = r.headers["content-security-policy"]
     assert "script-src 'self';" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert r.headers["referrer-policy"] == "no-referrer"
-    for asset in ("/static/ui/ui.js", "/static/ui/ui.css"):
+    for asset in ("/static/ui/ui.js", "/static/ui/charts.js", "/static/ui/ui.css"):
         a = await served.client.get(asset)
         assert a.status_code == 200, asset
         assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", a.text), asset  # only the SVG namespace
