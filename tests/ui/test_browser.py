@@ -166,6 +166,46 @@ def test_live_histogram_counts_the_service_counters(browser_page: Page, ui_serve
     assert_offline(p)
 
 
+def test_autopilot_point_and_floor_are_drawn_when_it_is_on(browser_page: Page, ui_server: Server):
+    """GET /profiles as the latency autopilot reports itself (an ``autopilot`` object); the real response with
+    that object added, so the page is checked against the shape, not against a running controller."""
+    data = profiles(ui_server)
+    floor = min(r["accuracy"] for r in data["profiles"])
+
+    def with_autopilot(route) -> None:
+        response = route.fetch()
+        body = response.json()
+        body["autopilot"] = {"enabled": True, "target_ms": 100.0, "min_accuracy": floor, "mode": "cm",
+                             "operating": body["active"], "why": "p99 within target", "p99_ms": 42.0}
+        route.fulfill(response=response, json=body)
+
+    p = browser_page
+    p.page.route("**/profiles", with_autopilot)
+    p.goto("/ui")
+    expect(p.page.locator("#curve path.autopilot-marker")).to_have_count(1)
+    expect(p.page.locator("#curve line.floor")).to_have_count(1)
+    info = p.page.locator("#autopilot-info")
+    expect(info).to_be_visible()
+    expect(info).to_contain_text("p99 target 100 ms")
+    expect(info).to_contain_text("p99 within target")
+    p.shot("ui-autopilot.png")
+    assert_offline(p)
+
+
+def test_autopilot_off_draws_nothing(browser_page: Page, ui_server: Server):
+    def with_autopilot_off(route) -> None:
+        response = route.fetch()
+        body = {**response.json(), "autopilot": {"enabled": False}}
+        route.fulfill(response=response, json=body)
+
+    p = browser_page
+    p.page.route("**/profiles", with_autopilot_off)
+    p.goto("/ui")
+    expect(p.page.locator("#curve circle.point").first).to_be_attached()
+    assert p.page.locator("#curve path.autopilot-marker").count() == 0
+    assert p.page.is_hidden("#autopilot-info")
+
+
 def test_stats_endpoint_needs_no_token_but_admin_routes_do(ui_server: Server):
     with httpx.Client(base_url=ui_server.url, trust_env=False, timeout=30) as c:
         assert c.get("/ui/api/stats").status_code == 200

@@ -59,6 +59,10 @@ async def test_docs_use_only_packaged_assets(served: Served):
         assert asset.status_code == 200 and asset.content, path
     assert (await served.client.get("/redoc")).status_code == 404  # FastAPI's CDN page is not registered
     assert (await served.client.head("/docs")).status_code == 200
+    text = (await served.client.get("/metrics")).text
+    requests = _metric(text, "classmeans_requests_total")
+    assert requests[(("endpoint", "/static"), ("model", "tiny"), ("status", "200"))] == 3  # labelled, bounded
+    assert not any(dict(k)["endpoint"].startswith("/static/") for k in requests)
 
 
 def test_vendored_swagger_ui_matches_its_record():

@@ -93,11 +93,10 @@ function domains(rows, extra) {
   return [[0, xMax], [yMin, yMax]];
 }
 
+// The autopilot of GET /profiles (`autopilot`: enabled, target_ms, min_accuracy, operating, why, ...) when on.
 export function autopilotState(p) {
   const ap = p && p.autopilot;
-  if (!ap || typeof ap !== "object") return null;
-  const on = ap.enabled ?? ap.on ?? ap.active ?? ap.engaged ?? false;
-  return on ? ap : null;
+  return ap && typeof ap === "object" && ap.enabled === true ? ap : null;
 }
 
 function drawSeries(root, modes, scale, active, onPick) {

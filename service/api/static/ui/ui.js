@@ -71,12 +71,13 @@ function describeActive(p) {
   const ap = autopilotState(p);
   apBox.hidden = !ap;
   if (ap) {
-    const parts = ["Autopilot on"];
-    const slo = ap.latency_slo_ms ?? ap.target_ms ?? (ap.target && ap.target.latency_slo_ms);
-    if (slo !== undefined) parts.push(`p99 target ${slo} ms`);
+    const parts = ["Autopilot on" + (ap.mode ? ` (${ap.mode})` : "")];
+    const slo = ap.target_ms ?? ap.latency_slo_ms;
+    if (typeof slo === "number") parts.push(`p99 target ${slo} ms`);
+    if (typeof ap.p99_ms === "number") parts.push(`p99 now ${ap.p99_ms.toFixed(1)} ms`);
     const floor = ap.min_accuracy ?? ap.floor;
     if (typeof floor === "number") parts.push(`floor ${pct(floor)}`);
-    const why = ap.reason ?? ap.why;
+    const why = ap.why ?? ap.reason;
     if (why) parts.push(String(why));
     apBox.textContent = parts.join(" · ") + " (the diamond marks its point; a click on the chart turns it off)";
   }
