@@ -32,12 +32,13 @@ OLD_BUNDLE = "20200101T000000-0a0a0a-old"
 
 
 def chromium_path() -> str | None:
-    """Debian's Chromium (or ``CLASSMEANS_CHROMIUM``), if present."""
+    """``CLASSMEANS_CHROMIUM`` if set (and nothing else), else Debian's Chromium, if present."""
     configured = os.environ.get("CLASSMEANS_CHROMIUM")
-    for candidate in ((configured,) if configured else CHROMIUM_CANDIDATES):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+    candidates = (configured,) if configured else CHROMIUM_CANDIDATES
+    for candidate in candidates:
+        if Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    return shutil.which("chromium")
+    return None if configured else shutil.which("chromium")
 
 
 def _skip_reason() -> str | None:
@@ -132,14 +133,15 @@ def add_old_bundle(model_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ui_server(tiny_ic_store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def ui_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``classmeans serve`` on 127.0.0.1 over a copy of the tiny store with ICs (four decision modes) and two
     bundles."""
-    if _skip_reason():
-        pytest.skip(_skip_reason())
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)  # before building the store: a machine without Chromium skips at once
     work = tmp_path_factory.mktemp("ui")
     store = work / "store"
-    shutil.copytree(tiny_ic_store_root, store)
+    shutil.copytree(request.getfixturevalue("tiny_ic_store_root"), store)
     add_old_bundle(store / "tiny")
     srv = start(store, work / "serve.log")
     try:
