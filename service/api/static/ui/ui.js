@@ -45,7 +45,7 @@ async function api(method, path, { body, admin = false } = {}) {
   return data;
 }
 
-// -- small DOM and number helpers ---------------------------------------------------------------------
+// -- messages -----------------------------------------------------------------------------------------
 
 function say(kind, text) {
   const box = $("message");
@@ -92,9 +92,11 @@ async function switchTo(p) {
     return;
   }
   say("info", `Switching to ${p.name}…`);
+  const autopilotWasOn = !!autopilotState(profiles);
   try {
     const r = await api("POST", "profiles", { body: { name: p.name }, admin: true });
-    say("ok", `Now serving ${r.active.name} (version ${r.version}); was ${r.previous.profile}.`);
+    say("ok", `Now serving ${r.active.name} (version ${r.version}); was ${r.previous.profile}.` +
+      (autopilotWasOn ? " The autopilot is off now (a manual switch turns it off)." : ""));
   } catch (e) {
     say("error", errorText(`Switch to ${p.name} refused`, e));
     if (e instanceof ApiError && e.status === 401) lock("the server rejected the token");
