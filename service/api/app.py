@@ -18,6 +18,7 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.middleware import MetricsMiddleware
 from service.api.routes import admin, classify, health, profiles, v2
 from service.api.state import AppState
+from service.api.ui import install_ui
 from service.control.jobs import JobManager
 from service.serving.batcher import Batcher
 from service.serving.engine import Engine, EngineLoadError
@@ -78,13 +79,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
     metrics = Metrics(settings.model)
-    app = FastAPI(title="classmeans-serve", version=__version__, lifespan=lifespan,
+    # docs_url/redoc_url None: FastAPI's own pages load their assets from a CDN; install_ui serves /docs offline.
+    app = FastAPI(title="classmeans-serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image classification with training-free early exit (E2CM class means).")
     app.state.classmeans = AppState(settings=settings, metrics=metrics, jobs=JobManager(metrics),
                                     decode_limiter=anyio.CapacityLimiter(settings.decode_threads))
     install_error_handlers(app)
     for r in (health.router, classify.router, profiles.router, v2.router, admin.router):
         app.include_router(r)
+    install_ui(app)  # /ui, /ui/api/stats, /docs and /static (packaged files)
     static = frozenset(getattr(r, "path", "") for r in app.routes if "{" not in getattr(r, "path", "{"))
     classify_route = next((r for r in classify.router.routes if getattr(r, "path", None) == "/classify"), None)
     # Innermost (added first): the lean lane for raw-body /classify, inside the body limit and metrics.
