@@ -245,3 +245,28 @@ async def test_bytes_elements_that_are_not_images_are_400(served):
     content, headers = binary_body(image_header(2, len(raw)), raw)
     body = assert_oip_error(await served.client.post(INFER, content=content, headers=headers), 400, "not_an_image")
     assert "element 1" in body["error"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_compressed_request_bodies(served, encoding):
+    """tritonclient's request_compression_algorithm: the body arrives gzip- or zlib-compressed."""
+    import gzip
+    import zlib
+
+    raw = length_prefixed(sample_pngs(1))
+    content, headers = binary_body(image_header(1, len(raw)), raw)
+    packed = gzip.compress(content) if encoding == "gzip" else zlib.compress(content)
+    r = await served.client.post(INFER, content=packed, headers={**headers, "Content-Encoding": encoding})
+    assert r.status_code == 200, r.text
+    assert_oip_error(await served.client.post(INFER, content=packed[:-8], headers={
+        **headers, "Content-Encoding": encoding}), 400, "invalid_input")
+
+
+async def test_compression_bombs_and_unknown_encodings(served):
+    import gzip
+
+    bomb = gzip.compress(b" " * (served.state.settings.max_body_bytes + 1))
+    r = await served.client.post(INFER, content=bomb, headers={"Content-Encoding": "gzip"})
+    assert_oip_error(r, 413, "payload_too_large")
+    r = await served.client.post(INFER, content=b"{}", headers={"Content-Encoding": "br"})
+    assert "not supported" in assert_oip_error(r, 400, "invalid_input")["error"]

@@ -109,6 +109,14 @@ def test_infer_fp32(client, live_server: Server, images, reference, binary):
     check_against_classify(client.infer(MODEL, [inp], outputs=outputs), reference)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_infer_compressed(client, images, reference, algorithm):
+    outputs = [httpclient.InferRequestedOutput(name) for name in ("label", "exit_layer", "flops")]
+    result = client.infer(MODEL, [image_input(images[1], True)], outputs=outputs,
+                          request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
+    check_against_classify(result, reference)
+
+
 def test_classification_output_and_parameters(client, images, reference):
     out = httpclient.InferRequestedOutput("probabilities", binary_data=True, class_count=3)
     result = client.infer(MODEL, [image_input(images[1][:1], True)], outputs=[out],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,26 @@ def _binary_size(inp: Any, i: int) -> int | None:
     if "data" in inp:
         raise OipInputError(f"input {i}: give either 'data' or parameters.binary_data_size, not both")
     return size
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The request body after its ``Content-Encoding`` (``gzip`` or ``deflate``, as tritonclient's
+    ``request_compression_algorithm`` sends), refusing to inflate past ``limit`` bytes."""
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in ("gzip", "deflate"):
+        raise OipInputError(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)")
+    inflater = zlib.decompressobj(wbits=31 if name == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise OipInputError(f"the {name} body cannot be decompressed: {exc}") from None
+    if len(out) > limit:
+        raise OipInputError(f"the decompressed body is larger than the limit of {limit} bytes", "payload_too_large")
+    if not inflater.eof:
+        raise OipInputError(f"the {name} body is truncated")
+    return out
 
 
 def split_body(body: bytes, declared: str | None) -> ParsedBody:

@@ -46,11 +46,27 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": schemas.OipError, "description": "too_many_files, payload_too_large, image_too_large"},
     503: {"model": schemas.OipError, "description": "overloaded, queue_timeout, not_ready"},
     504: {"model": schemas.OipError, "description": "deadline_exceeded"}}
+
+
+def _inlined(schema: dict[str, Any]) -> Any:
+    """A model's JSON schema with its ``$defs`` inlined (for a hand-written request body in the OpenAPI)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
 INFER_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                 "description": "binary tensor extension: the JSON header "
-                                                "(Inference-Header-Content-Length bytes), then the raw tensors"}}}}
+    "application/json": {"schema": _inlined(schemas.InferRequest.model_json_schema())},
+    # the binary tensor extension: a JSON header of Inference-Header-Content-Length bytes, then the raw tensors
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 INFER_RESPONSES: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {"content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     "description": "JSON, or (binary outputs) a JSON header of Inference-Header-Content-Length bytes, "
@@ -201,7 +217,9 @@ def _options(params: dict[str, Any]) -> tuple[str | None, bool, float | None]:
 
 async def _infer(request: Request, state: AppState, engine: Engine, snap: Snapshot) -> Response:
     try:
-        parsed = binary.split_body(await request.body(), request.headers.get(binary.HEADER_LENGTH))
+        raw_body = binary.decompress(await request.body(), request.headers.get("content-encoding"),
+                                     state.settings.max_body_bytes)
+        parsed = binary.split_body(raw_body, request.headers.get(binary.HEADER_LENGTH))
         body = _request_model(parsed.header)
         params = body.parameters or {}
         profile, exits_off, timeout_s = _options(params)
@@ -219,7 +237,7 @@ async def _infer(request: Request, state: AppState, engine: Engine, snap: Snapsh
         req, outcome = await _classify(state, engine, snap, inp, parsed.binary.get(0), n,
                                        profile, exits_off, deadline)
     except binary.OipInputError as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
+        raise ApiError(413 if exc.code == "payload_too_large" else 400, exc.code, str(exc)) from None
     payload = _response(body, req, outcome, engine)
     content, head = binary.encode_response(payload, tensors.binary_outputs(body.outputs, params))
     headers = state_headers(snap, req.served_as)
