@@ -270,3 +270,9 @@ async def test_compression_bombs_and_unknown_encodings(served):
     assert_oip_error(r, 413, "payload_too_large")
     r = await served.client.post(INFER, content=b"{}", headers={"Content-Encoding": "br"})
     assert "not supported" in assert_oip_error(r, 400, "invalid_input")["error"]
+
+
+async def test_body_cap_answers_with_the_protocol_error(served):
+    """The size cap answers before any route runs (a middleware); on /v2 its body is the protocol's too."""
+    too_big = b"{" + b" " * served.state.settings.max_body_bytes
+    assert_oip_error(await served.client.post(INFER, content=too_big), 413, "payload_too_large")
