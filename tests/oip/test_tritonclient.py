@@ -165,3 +165,20 @@ def test_errors_reach_the_user_as_messages(client, images):
     with pytest.raises(InferenceServerException) as err:
         client.infer(MODEL, [image_input(images[1][:1], True)], parameters={"profile": "nope"})
     assert err.value.status() == "404" and "profile 'nope'" in str(err.value)
+
+
+async def test_asyncio_client(live_server: Server, images, reference):
+    """``tritonclient.http.aio`` (aiohttp underneath): binary images in, binary outputs back."""
+    from tritonclient.http import aio
+
+    client = aio.InferenceServerClient(live_server.url.removeprefix("http://"))
+    try:
+        assert await client.is_model_ready(MODEL)
+        outputs = [aio.InferRequestedOutput(name) for name in ("label", "exit_layer", "flops")]
+        result = await client.infer(MODEL, [image_input(images[1], True)], outputs=outputs)
+        check_against_classify(result, reference)
+        with pytest.raises(InferenceServerException) as err:
+            await client.infer(MODEL, [image_input([b"nope"], True)])
+        assert err.value.status() == "400" and "element 0" in str(err.value)
+    finally:
+        await client.close()
