@@ -16,6 +16,7 @@ from service.api.errors import install_error_handlers
 from service.api.fastlane import ClassifyFastLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.middleware import MetricsMiddleware
+from service.api.oip.errors import OipErrorMiddleware
 from service.api.routes import admin, classify, health, profiles, v2
 from service.api.state import AppState
 from service.api.ui import install_ui
@@ -94,5 +95,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ClassifyFastLane, state=app.state.classmeans, route=classify_route)
     app.add_middleware(BodyLimitMiddleware, default=settings.max_body_bytes,
                        limits={"/admin/class-means": settings.max_upload_bytes})
+    app.add_middleware(OipErrorMiddleware)  # /v2 paths: the protocol's error body (inside metrics: final status)
     app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static)
     return app
