@@ -2,8 +2,8 @@
 real server: health, model readiness, infer with JSON and binary BYTES images and FP32 tensors, requested
 binary outputs, and an error whose message the client shows. Each prediction is checked against ``/classify``.
 
-``kserve`` is not in the ``test`` extra (it brings the Kubernetes client, pandas, grpcio and more, about
-280 MB): install the ``oip-clients`` extra to run this module; without it the module is skipped.
+``kserve`` is in the ``test`` extra (it brings the Kubernetes client, pandas, grpcio and more, about 280 MB), so
+CI runs this module; an environment without it skips the module with that reason.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from service.backbones.preprocess import Normalizer
 from tests.api.conftest import MODEL, png_bytes, sample_images
 from tests.api.test_e2e import Server
 
-kserve = pytest.importorskip("kserve", reason="kserve is in the 'oip-clients' extra")
+kserve = pytest.importorskip("kserve", reason="kserve (test extra) is not installed")
 from kserve.protocol.infer_type import RequestedOutput  # noqa: E402
 
 N = 3
