@@ -30,7 +30,10 @@ def worker_app() -> FastAPI:
     from service.api.app import create_app
     from service.serving.settings import Settings
 
-    return create_app(Settings())
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    return create_app(settings)
 
 
 def add_worker_header(message: Message) -> None:

@@ -61,7 +61,7 @@ class ActiveFollower:
         self.reread_s = reread_s
         self.adopted = 0
         self.errors = 0
-        self._seen: Signature | None = _signature(self.path)
+        self._seen: Signature | None = None  # the first poll reads: a switch may have landed since the load
         self._last_read = time.monotonic()
         self._bad: tuple[Signature | None, str] | None = None
         self._stop = threading.Event()
@@ -87,7 +87,7 @@ class ActiveFollower:
         """One check; returns whether a newer state was adopted."""
         sig = _signature(self.path)
         now = time.monotonic()
-        if sig == self._seen and now - self._last_read < self.reread_s:
+        if sig == self._seen and sig is not None and now - self._last_read < self.reread_s:
             return False
         self._seen, self._last_read = sig, now
         if sig is None:
