@@ -6,6 +6,7 @@ Every wait is a bounded poll with a generous cap and a failure message; nothing 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -95,7 +96,7 @@ def test_update_active_versions_only_grow_under_concurrent_writers(tmp_path):
                 out = update_active(tmp_path, lambda stored, base, k=k, i=i: {"bundle": f"b{k}-{i}",
                                                                                "version": base + 1})
                 seen.append(out["version"])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
@@ -145,7 +146,7 @@ def _profiles(engine: Engine) -> list[str]:
 def test_follower_adopts_a_newer_version_and_ignores_older_ones(two_engines):
     a, b = two_engines
     follower = ActiveFollower(b, interval_s=0.05)
-    target = [p for p in _profiles(a) if p != a.snapshot.profile_name][0]
+    target = next(p for p in _profiles(a) if p != a.snapshot.profile_name)
     new = a.switch_profile(target)
     assert follower.poll() or b.snapshot.version == new.version
     assert (b.snapshot.version, b.snapshot.profile_name) == (new.version, target)
@@ -196,7 +197,7 @@ def test_two_engines_switching_at_once_converge_to_one_state(two_engines):
         try:
             for i in range(15):
                 engine.switch_profile(names[(i + k) % len(names)])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     watcher = threading.Thread(target=watch)
@@ -218,7 +219,7 @@ def test_two_engines_switching_at_once_converge_to_one_state(two_engines):
         fa.stop(), fb.stop()
     assert a.snapshot.operating_json() == b.snapshot.operating_json() == stored["operating"]
     for name, seq in history.items():
-        assert all(x <= y for x, y in zip(seq, seq[1:], strict=False)), f"{name}'s version went back"
+        assert all(x <= y for x, y in itertools.pairwise(seq)), f"{name}'s version went back"
 
 
 def test_profile_switch_against_a_replaced_bundle_is_refused(two_engines, tmp_path):
