@@ -153,6 +153,13 @@ def test_sigkilled_worker_is_replaced_and_the_other_worker_loses_nothing(store: 
         text = fresh_get(srv, "/metrics").text
         assert classify_total(text) >= ok_elsewhere, "one scrape counts every worker's requests"
         assert f"Child process [{victim}] died" in srv.log.read_text(errors="replace")
+        if shutil.which("promtool"):
+            check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
+                                   timeout=60)
+            assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    log = srv.log.read_text(errors="replace")  # stopped with SIGTERM: every worker flips readiness, then drains
+    drained = {line.split()[3] for line in log.splitlines() if "not ready any more, draining" in line}
+    assert len(drained) >= 2, log[-3000:]
 
 
 # -- two separate servers on one store ----------------------------------------------------------------------------
