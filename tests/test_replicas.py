@@ -295,3 +295,24 @@ def test_job_of_a_dead_process_is_reported_failed_on_the_next_start(tmp_path):
     job = JobManager(model_dir=tmp_path).get(running.id)
     assert job.state == "failed" and job.error["code"] == "job_abandoned" and cleaned == [running.id]
     JobManager(model_dir=tmp_path).reserve("class_means")  # the store is free again
+
+
+def test_abandoned_recompute_job_leaves_the_store_as_it_was(tiny_store):
+    import shutil
+
+    from service.control.recompute import KIND, abandoned_cleanup
+    from service.store.bundles import list_bundle_ids
+
+    model_dir = tiny_store / "tiny"
+    [active] = list_bundle_ids(model_dir)
+    started = time.time()
+    src = model_dir / "bundles" / active
+    written = "20990101T000000-abcdef-upload"  # what the dead job published (its tag, after it started)
+    other = "20990101T000000-fedcba-cli"  # someone else's bundle: kept
+    for bid in (written, other):
+        shutil.copytree(src, model_dir / "bundles" / bid)
+    record = {"id": "class-means-0", "kind": KIND, "options": {"tag": "upload"}, "times": {"created": started}}
+    abandoned_cleanup(model_dir)(record)
+    assert sorted(list_bundle_ids(model_dir)) == sorted([active, other])
+    abandoned_cleanup(model_dir)({**record, "kind": "something_else"})  # only recompute jobs are cleaned
+    assert other in list_bundle_ids(model_dir)
