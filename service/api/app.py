@@ -17,12 +17,15 @@ from service.api.fastlane import ClassifyFastLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.middleware import MetricsMiddleware
 from service.api.oip.errors import OipErrorMiddleware
+from service.api.replica import drain_on_signal
 from service.api.routes import admin, classify, health, profiles, v2
 from service.api.state import AppState
 from service.api.ui import install_ui
 from service.control.jobs import JobManager
+from service.control.recompute import abandoned_cleanup
 from service.serving.batcher import Batcher
 from service.serving.engine import Engine, EngineLoadError
+from service.serving.follower import start_follower
 from service.serving.metrics import Metrics
 from service.serving.settings import Settings
 
@@ -43,7 +46,10 @@ def _load(settings: Settings, metrics: Metrics) -> Engine:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.classmeans
     s = state.settings
+    restore_signals = drain_on_signal(state)  # readiness flips to 503 on SIGTERM in every worker process
     state.token = await anyio.to_thread.run_sync(resolve_admin_token, s)
+    if (s.model_dir / "model.json").is_file():  # jobs whose process died are reported failed
+        await anyio.to_thread.run_sync(state.jobs.recover, abandoned_cleanup(s.model_dir))
     try:
         engine = await anyio.to_thread.run_sync(_load, s, state.metrics)
     except EngineLoadError as exc:
@@ -60,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                           on_wait=lambda sec: m.queue_wait.labels(m.model).observe(sec))
         await batcher.start()
         state.engine, state.batcher = engine, batcher
+        state.follower = start_follower(engine, s.follow_interval_s)  # switches made by other processes
         state.mark_ready()
         snap = engine.snapshot
         log.info("ready: model %s, bundle %s, profile %s (version %d)", engine.spec.name, snap.bundle_id,
@@ -68,8 +75,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.begin_shutdown()
+        if state.follower is not None:
+            state.follower.stop()
         if state.batcher is not None:
             await state.batcher.stop(timeout=s.graceful_timeout_s)
+        restore_signals()
         active = state.jobs.active
         if active is not None:
             log.warning("job %s is still running at shutdown; it is abandoned (the store stays consistent)",
@@ -83,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # docs_url/redoc_url None: FastAPI's own pages load their assets from a CDN; install_ui serves /docs offline.
     app = FastAPI(title="classmeans-serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image classification with training-free early exit (E2CM class means).")
-    app.state.classmeans = AppState(settings=settings, metrics=metrics, jobs=JobManager(metrics),
+    jobs = JobManager(metrics, model_dir=settings.model_dir)  # job records live in the store
+    app.state.classmeans = AppState(settings=settings, metrics=metrics, jobs=jobs,
                                     decode_limiter=anyio.CapacityLimiter(settings.decode_threads))
     install_error_handlers(app)
     for r in (health.router, classify.router, profiles.router, v2.router, admin.router):

@@ -32,7 +32,8 @@ CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404
                   415: "unsupported_media_type", 422: "validation_error", 503: "unavailable"}
 
 DATASET_STATUS = {"unsupported_archive": 415, "archive_bomb": 413, "too_many_files": 413}
-BUNDLE_STATUS = {"bundle_not_found": 404, "profile_not_found": 404, "mode_unavailable": 409}
+BUNDLE_STATUS = {"bundle_not_found": 404, "profile_not_found": 404, "mode_unavailable": 409,
+                 "active_conflict": 409, "store_read_only": 409, "store_busy": 503}
 
 
 class ApiError(StarletteHTTPException):
@@ -98,7 +99,8 @@ async def _dataset_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _bundle_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BundleError)
-    return error_response(BUNDLE_STATUS.get(exc.code, 422), exc.code, str(exc))
+    retry = {"Retry-After": RETRY_AFTER_S} if exc.code == "store_busy" else None
+    return error_response(BUNDLE_STATUS.get(exc.code, 422), exc.code, str(exc), headers=retry)
 
 
 async def _target_unreachable(request: Request, exc: Exception) -> JSONResponse:
