@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from pathlib import Path
@@ -311,6 +312,7 @@ def test_abandoned_recompute_job_leaves_the_store_as_it_was(tiny_store):
     other = "20990101T000000-fedcba-cli"  # someone else's bundle: kept
     for bid in (written, other):
         shutil.copytree(src, model_dir / "bundles" / bid)
+        os.utime(model_dir / "bundles" / bid)  # published now (copytree keeps the source's older mtime)
     record = {"id": "class-means-0", "kind": KIND, "options": {"tag": "upload"}, "times": {"created": started}}
     abandoned_cleanup(model_dir)(record)
     assert sorted(list_bundle_ids(model_dir)) == sorted([active, other])
