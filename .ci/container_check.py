@@ -33,6 +33,7 @@ Set CLASSMEANS_SKIP_CONTAINER_CHECK=1 to skip it (the reason is printed).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -311,8 +312,9 @@ class ContainerCheck:
         (self.tmp / "daemon.json").write_text("{}\n")
         (self.tmp / "client-config").mkdir(exist_ok=True)
         log = (LOG_DIR / "dockerd.log").open("ab")
+        self.stop_leftover_dockerd(data_root)
         argv = ["/usr/sbin/dockerd", "--data-root", str(data_root), "--exec-root", str(self.tmp / "exec"),
-                "--pidfile", str(self.tmp / "dockerd.pid"), "--host", f"unix://{self.sock}",
+                "--pidfile", str(STATE / "dockerd.pid"), "--host", f"unix://{self.sock}",
                 "--config-file", str(self.tmp / "daemon.json"), "--iptables=false", "--ip-forward=false",
                 "--ip-masq=false"]
         say("starting dockerd: " + " ".join(argv[1:]))
@@ -330,12 +332,44 @@ class ContainerCheck:
             wait_for("dockerd", up, 90)
         except CheckFailed as exc:
             raise Skip(f"dockerd did not answer: {exc}\n{tail(LOG_DIR / 'dockerd.log')}") from None
+        # the data-root is this script's alone: whatever an interrupted run left in it goes (a compose container
+        # with `restart: unless-stopped` would otherwise come back up with the engine)
+        leftovers = self.out("ps", "-aq").split()
+        if leftovers:
+            say(f"removing {len(leftovers)} container(s) left by an interrupted run")
+            self.docker("rm", "-f", "-v", *leftovers, timeout=300)
+        self.docker("volume", "prune", "-f", check=False, timeout=300)
+        self.docker("network", "prune", "-f", check=False, timeout=300)
         info = json.loads(self.out("info", "--format", "{{json .}}"))
         self.report["engine"] = {"server_version": info.get("ServerVersion"), "storage_driver": info.get("Driver"),
                                  "cgroup": f"{info.get('CgroupDriver')}/v{info.get('CgroupVersion')}",
                                  "data_root": str(data_root)}
         say(f"dockerd {info.get('ServerVersion')} up (pid {self.dockerd.pid}, {info.get('Driver')}, "
             f"data-root {data_root})")
+
+    @staticmethod
+    def stop_leftover_dockerd(data_root: Path) -> None:
+        """A dockerd of an earlier, interrupted run of this script (its pidfile, our data-root): stop it by PID."""
+        pidfile = STATE / "dockerd.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            pidfile.unlink(missing_ok=True)
+            return
+        if not cmdline or not cmdline[0].endswith(b"dockerd") or str(data_root).encode() not in cmdline:
+            pidfile.unlink(missing_ok=True)
+            return
+        say(f"stopping dockerd pid {pid}, left running by an interrupted run on {data_root}")
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(60):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(2)
+        pidfile.unlink(missing_ok=True)
 
     def stop_dockerd(self) -> None:
         proc = self.dockerd
@@ -763,8 +797,10 @@ class ContainerCheck:
     def ensure_prometheus_image(self) -> str:
         compose_text = (REPO / "docker-compose.yml").read_text()
         ref = re.search(r"^\s+image:\s*(prom/prometheus:\S+)", compose_text, re.M).group(1)
+        recipe = (REPO / ".ci" / "prometheus-standin.Dockerfile").read_bytes()
+        stamp = f"debian-prometheus-{hashlib.sha256(recipe).hexdigest()[:12]}"
         labels = self.image_labels(ref)
-        if labels is not None and STANDIN_LABEL in labels:
+        if labels is not None and labels.get(STANDIN_LABEL) == stamp:
             say(f"{ref}: stand-in cached in the data-root")
             return ref
         t = time.monotonic()
@@ -773,7 +809,7 @@ class ContainerCheck:
         shutil.copy2(REPO / ".ci" / "prometheus-standin.Dockerfile", ctx / "Dockerfile")
         say(f"building the stand-in {ref} from Debian's prometheus package")
         self.docker("build", "--network", "host", "--build-arg", f"BASE={BOOKWORM_STANDIN}", "--label",
-                    f"{STANDIN_LABEL}=debian-prometheus", "-t", ref, str(ctx), log="prometheus-build", timeout=1800)
+                    f"{STANDIN_LABEL}={stamp}", "-t", ref, str(ctx), log="prometheus-build", timeout=1800)
         self.timed("prometheus_image", time.monotonic() - t)
         return ref
 
@@ -803,8 +839,9 @@ class ContainerCheck:
         mtext = fetch(port, "GET", "/metrics")[2].decode()
         base_count = metric_sum(mtext, "classmeans_exit_depth_count")
         base_buckets = metric_by(mtext, "classmeans_exit_depth_bucket", "le")
-        exits = [classify(port, 100 + i)["exit_index"] for i in range(12)]
-        num_exits = len(base_buckets) - 1 if "+Inf" in base_buckets else len(base_buckets)
+        preds = [classify(port, 100 + i) for i in range(12)]
+        exits = [p["exit_index"] for p in preds]
+        (num_exits,) = {p["num_exits"] for p in preds}
 
         def target_up() -> dict | None:
             _, doc = http_json(prom_port, "GET", "/api/v1/targets", timeout=10)
@@ -829,6 +866,9 @@ class ContainerCheck:
         wait_for(f"sum(classmeans_exit_depth_count) == {want:g}",
                  lambda: list(query("sum(classmeans_exit_depth_count)").values()) == [want], 90, 2.0)
         buckets = {json.loads(k).get("le"): v for k, v in query("sum by (le) (classmeans_exit_depth_bucket)").items()}
+        bounds = sorted(float(le) for le in buckets if le != "+Inf")
+        if bounds != [float(j) for j in range(num_exits)] or "+Inf" not in buckets:
+            raise CheckFailed(f"exit-depth buckets {sorted(buckets)}, want le=0..{num_exits - 1} and +Inf")
         for le, value in buckets.items():
             bound = float("inf") if le == "+Inf" else float(le)
             expected = base_buckets.get(le, 0.0) + sum(1 for e in exits if e <= bound)
