@@ -680,14 +680,18 @@ class ContainerCheck:
                     f"`id`: {ident}")
 
         # the volume: seeded, owned by 10001; nothing else writable but /tmp
-        foreign = self.out("exec", name, "find", STORE_IN_IMAGE, "!", "-uid", str(UID))
+        foreign = self.out("exec", name, "find", STORE_IN_IMAGE, "(", "!", "-uid", str(UID), "-o", "!", "-gid",
+                           str(GID), ")")
         listing = self.out("exec", name, "ls", STORE_IN_IMAGE)
         if foreign or "cifar10-resnet20" not in listing.split():
-            raise CheckFailed(f"volume: not owned by {UID}: {foreign!r}; holds {listing!r}")
+            raise CheckFailed(f"volume: not owned by {UID}:{GID}: {foreign!r}; holds {listing!r}")
         probe = self.docker("exec", name, "sh", "-c", "touch /app/x /opt/venv/x /var/lib/classmeans/x",
                             check=False, timeout=60)
         if probe.returncode == 0:
             raise CheckFailed("the root file system is writable despite --read-only")
+        self.passed("the volume is seeded and owned by 10001:10001",
+                    f"{STORE_IN_IMAGE} holds {listing.split()} (entrypoint.sh seeded it), every file owned by "
+                    f"{UID}:{GID}; the read-only root refuses writes to /app, /opt/venv, /var/lib/classmeans")
 
         # the admin token from the environment
         status, profiles = http_json(port, "GET", "/profiles")
@@ -903,6 +907,8 @@ class ContainerCheck:
             "PyTorch's CPU wheel index (unreachable here): the image gets torch/torchvision from a local "
             "wheelhouse of this machine's pip sources (the CUDA build), so its size is not the published image's",
             "the real python:3.11-slim-bookworm and prom/prometheus images: local stand-ins (Debian bookworm)",
+            "dockerd's iptables mode: this dockerd runs with --iptables=false (the host's firewall is left alone), "
+            "so published ports go through docker-proxy, as they do for 127.0.0.1 anyway",
         ]
         try:
             with self.cleanup:
