@@ -25,7 +25,8 @@ What it does, in order:
   8. stops and removes everything it started (containers, volumes, networks, the rebuild image, dockerd by PID,
      the wheel server), even when a check fails, and checks the host's iptables and ip_forward are as before.
 
-Writes runs/container-check.json (figures and the checks that passed) and logs under runs/container-check/.
+Writes runs/container-check.json (figures and the checks that passed) and logs under runs/container-check/
+($CLASSMEANS_CONTAINER_CHECK_OUT instead of runs/ where set).
 Exits 0 when every check passed or when no engine could be started (the reason is printed); 1 on a failure.
 Set CLASSMEANS_SKIP_CONTAINER_CHECK=1 to skip it (the reason is printed).
 """
@@ -59,8 +60,9 @@ IMAGE = "classmeans-serve:local"  # docker-compose.yml's image name
 REBUILD_IMAGE = "classmeans-serve:ci-rebuild"
 BOOKWORM_STANDIN = "classmeans-ci/bookworm:standin"
 STATE = Path(os.environ.get("CLASSMEANS_CI_DOCKER_DIR", "/var/lib/classmeans-ci-docker"))
-OUT_JSON = REPO / "runs" / "container-check.json"
-LOG_DIR = REPO / "runs" / "container-check"
+OUT_DIR = Path(os.environ.get("CLASSMEANS_CONTAINER_CHECK_OUT", REPO / "runs"))  # git-ignored
+OUT_JSON = OUT_DIR / "container-check.json"
+LOG_DIR = OUT_DIR / "container-check"
 STORE_IN_IMAGE = "/var/lib/classmeans/model_store"
 UID = GID = 10001
 WHEEL_PORT = 38417  # the wheel server's port on 127.0.0.1 (CLASSMEANS_CI_WHEEL_PORT overrides)
@@ -97,7 +99,7 @@ def run(argv: list[str], *, log: str | None = None, check: bool = True, timeout:
                                  input=input_bytes, cwd=cwd, stdin=None if input_bytes else subprocess.DEVNULL)
         if check and out.returncode != 0:
             raise CheckFailed(f"{argv[0]} {argv[1] if len(argv) > 1 else ''} exited {out.returncode}; "
-                              f"log {path.relative_to(REPO)}:\n{tail(path)}")
+                              f"log {shown(path)}:\n{tail(path)}")
         return out
     out = subprocess.run(argv, capture_output=True, timeout=timeout, env=env, input=input_bytes, cwd=cwd,
                          stdin=None if input_bytes else subprocess.DEVNULL)
@@ -105,6 +107,10 @@ def run(argv: list[str], *, log: str | None = None, check: bool = True, timeout:
         raise CheckFailed(f"{' '.join(argv[:4])} exited {out.returncode}: "
                           f"{out.stderr.decode(errors='replace')[-2000:]}")
     return out
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def tail(path: Path, chars: int = 3000) -> str:
@@ -282,10 +288,10 @@ class ContainerCheck:
         try:
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
             if run(["apt-get", "update", "-qq"], log="apt", check=False, env=env, timeout=600).returncode != 0:
-                raise Skip("apt-get update failed (see runs/container-check/apt.log)")
+                raise Skip(f"apt-get update failed (see {shown(LOG_DIR / 'apt.log')})")
             if run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], log="apt", check=False,
                    env=env, timeout=900).returncode != 0:
-                raise Skip(f"apt-get install {' '.join(need)} failed (see runs/container-check/apt.log)")
+                raise Skip(f"apt-get install {' '.join(need)} failed (see {shown(LOG_DIR / 'apt.log')})")
         finally:
             if made_policy:
                 policy.unlink(missing_ok=True)
@@ -559,7 +565,7 @@ class ContainerCheck:
 
     def build_image(self) -> None:
         index = self.serve_wheelhouse()
-        say(f"docker build -t {IMAGE} (torch from {index}; log runs/container-check/build.log)")
+        say(f"docker build -t {IMAGE} (torch from {index}; log {shown(LOG_DIR / 'build.log')})")
         (LOG_DIR / "build.log").write_text("")
         seconds, log = self.build(REPO, IMAGE, index, "build")
         cached = self.torch_step_cached(log)
@@ -594,7 +600,7 @@ class ContainerCheck:
         seconds, log = self.build(ctx, REBUILD_IMAGE, self.index, "rebuild")
         shutil.rmtree(ctx, ignore_errors=True)
         if not self.torch_step_cached(log):
-            raise CheckFailed("a change under service/ rebuilt the torch layer (see runs/container-check/rebuild.log)")
+            raise CheckFailed(f"a change under service/ rebuilt the torch layer (see {shown(LOG_DIR / 'rebuild.log')})")
         project = re.search(r"Step \d+/\d+ : RUN [^\n]*--step project[^\n]*\n(.*?)(?=\nStep )", log, re.S)
         if project is None or "Using cache" in project.group(1):
             raise CheckFailed("the code change did not reach the project layer")
@@ -944,7 +950,7 @@ class ContainerCheck:
             secs = self.report["seconds"]
             say(f"image {im['size']}, build {im['build_seconds']:.0f} s (rebuild after a code change "
                 f"{secs.get('rebuild', 0):.0f} s), whole check {secs['total']:.0f} s; "
-                f"report {OUT_JSON.relative_to(REPO)}")
+                f"report {shown(OUT_JSON)}")
             say(f"{passed} passed, 0 failed")
             return 0
         say(f"{passed} passed, 1 failed")
