@@ -30,7 +30,9 @@ COPY docker/entrypoint.sh docker/healthcheck.py docker/
 # The embedded model store, read-only; entrypoint.sh seeds the writable store (a volume) from it on start.
 COPY model_store/ /opt/classmeans/model_store/
 
-RUN useradd --system --no-log-init --uid 10001 --user-group --home-dir /var/lib/classmeans --no-create-home \
+# The group first: `useradd --user-group` would give it a system gid, not 10001.
+RUN groupadd --system --gid 10001 classmeans \
+    && useradd --system --no-log-init --uid 10001 --gid 10001 --home-dir /var/lib/classmeans --no-create-home \
         classmeans \
     && mkdir -p /var/lib/classmeans/model_store \
     && chown -R 10001:10001 /var/lib/classmeans
