@@ -88,7 +88,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     spec = read_spec(Path(args.model_dir))
     loaded = _loaded_on(Path(args.model_dir), args.device)
-    data = load_dataset(args.data, image_size=spec.input_size, limit=args.limit)
+    data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit)
     heads = [HeadConfig(r, m, t) for r in args.reduction.split(",") for m in args.metric.split(",")
              for t in _floats(args.temperature)]
     cfg = CalibrationConfig(heads=heads, search=args.search, samples=args.samples, seed=args.seed,
@@ -109,7 +109,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     spec = read_spec(Path(args.model_dir))
     loaded = _loaded_on(Path(args.model_dir), args.device)
-    data = load_dataset(args.data, image_size=spec.input_size, limit=args.limit)
+    data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit)
     bar = tqdm(total=len(data), desc="evaluate", unit="img", file=sys.stderr)
     report, png = evaluate_model(Path(args.model_dir), data, args.bundle,
                                  progress=lambda i, n: (setattr(bar, "n", i), bar.refresh()), loaded=loaded)
