@@ -164,3 +164,16 @@ def test_refuses_existing_dir_unknown_suffix_and_missing_normalisation(tmp_path,
     rc, _, err = _run(["import", str(ckpt), "--arch", "resnet50", "--classes", ",".join(CLASSES),
                        "--out", str(tmp_path / "m3"), "--normalize", "imagenet"], capsys)
     assert rc == 2 and "--input-size" in err
+
+
+def test_torchvision_features_family_and_its_class_count_error(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = build_backbone({"family": "torchvision", "name": "mobilenet_v3_small"}, 5)
+    torch.save({"model_state_dict": net.module.state_dict()}, tmp_path / "mnv3.pth")
+    args = ["import", str(tmp_path / "mnv3.pth"), "--arch", "mobilenet_v3_small", "--input-size", "64",
+            "--resize-shorter", "72", "--normalize", "imagenet"]
+    rc, stdout, err = _run([*args, "--classes", "a,b,c,d,e", "--out", str(tmp_path / "m")], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["exits"] == 14
+    rc, _, err = _run([*args, "--classes", "a,b,c", "--out", str(tmp_path / "m2")], capsys)
+    assert rc == 2 and "classifier 'classifier.3' has 5 outputs, but 3 classes were given" in err
