@@ -87,13 +87,25 @@ def _floats(s: str) -> list[float]:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    """One process, or one of N under ``torchrun --nproc-per-node N -m service.cli.main calibrate ...``: then
+    each process computes its share of the batches (gloo on CPU, nccl on GPU) and the first writes the bundle."""
+    from service.offline.distributed import init_from_env, shutdown
+
+    dp, device = init_from_env(args.device)
+    try:
+        return _calibrate(args, dp, device)
+    finally:
+        shutdown()
+
+
+def _calibrate(args: argparse.Namespace, dp, device: str) -> int:
     from service.ingest.sources import load_dataset
     from service.offline.calibration import CalibrationConfig, HeadConfig
     from service.offline.operations import calibrate_model
     from service.store.model_dir import read_spec
 
     spec = read_spec(Path(args.model_dir))
-    loaded = _loaded_on(Path(args.model_dir), args.device)
+    loaded = _loaded_on(Path(args.model_dir), device)
     data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit)
     heads = [HeadConfig(r, m, t) for r in args.reduction.split(",") for m in args.metric.split(",")
              for t in _floats(args.temperature)]
@@ -101,13 +113,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, selection=args.selection,
                             exits=[int(v) for v in args.exits.split(",")] if args.exits else None)
     holdout = args.holdout if args.holdout < 1 else int(args.holdout)
+    main_process = dp is None or dp.is_main
     _ids, summary = calibrate_model(Path(args.model_dir), data, cfg, holdout=holdout,
-                                   activate=not args.no_activate, status=_bar("calibrate"), tag=args.tag,
-                                   measure_forward=args.measure_forward, loaded=loaded,
-                                   source=Path(args.data).name, on_overlap="label" if args.allow_overlap else "refuse")
-    for w in summary.get("warnings", []):
-        print(f"WARNING: {w}", file=sys.stderr)
-    print(json.dumps(summary, indent=2))
+                                   activate=not args.no_activate, status=_bar("calibrate") if main_process else None,
+                                   tag=args.tag, measure_forward=args.measure_forward, loaded=loaded,
+                                   source=Path(args.data).name, on_overlap="label" if args.allow_overlap else "refuse",
+                                   dp=dp)
+    if main_process:
+        for w in summary.get("warnings", []):
+            print(f"WARNING: {w}", file=sys.stderr)
+        print(json.dumps(summary, indent=2))
     return 0
 
 

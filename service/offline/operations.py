@@ -15,6 +15,7 @@ from service.backbones import StagedNetwork
 from service.backbones.preprocess import Normalizer
 from service.ingest.labelled import LabelledImages
 from service.offline.calibration import CalibrationConfig, CalibrationResult, StatusFn, calibrate
+from service.offline.distributed import DataParallel
 from service.offline.estimates import SelectionOverlapError, SelectionSplit, overlap_message, provenance
 from service.offline.evaluation import decision_table_for, evaluate_report, plot_curves
 from service.offline.features import plain_forward_seconds
@@ -26,7 +27,7 @@ from service.store.model_dir import ModelSpec, load_model
 def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfig, holdout: int | float = 5000,
                     activate: bool = True, status: StatusFn | None = None, tag: str = "",
                     loaded: tuple[ModelSpec, StagedNetwork] | None = None, measure_forward: int = 0,
-                    source: str | None = None, on_overlap: str = "label",
+                    source: str | None = None, on_overlap: str = "label", dp: DataParallel | None = None,
                     ) -> tuple[list[str], dict[str, Any]]:
     """Calibrate every head variant of ``cfg`` into its own bundle; the first one is activated.
 
@@ -35,6 +36,9 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
     ``source``: the data's file/folder name, checked against ``model.json``'s ``extra.training_data``; when the
     selection split overlaps the backbone's training data, ``on_overlap="refuse"`` raises
     :class:`SelectionOverlapError` before any work, ``"label"`` writes the bundle labelled (and warns).
+    ``dp``: data-parallel (torchrun): every process calls this with the same data and computes its share; the
+    statistics are all-reduced and only the first process writes (and activates) the bundles; the others
+    return no ids.
     Returns the new bundle ids and a summary report.
     """
     spec, net = loaded or load_model(model_dir)
@@ -54,7 +58,7 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
         raise SelectionOverlapError(overlap_message(training_data, split))
     norm = Normalizer(spec.mean, spec.std)
     t0 = time.perf_counter()
-    result = calibrate(net, spec.classes, norm, means_set, selection, cfg, status)
+    result = calibrate(net, spec.classes, norm, means_set, selection, cfg, status, dp=dp)
     seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {"seconds": seconds, "timings": result.timings, "num_means": result.num_means,
                                "num_selection": result.num_selection,
@@ -65,6 +69,10 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
                                if estimate["overlaps_training"] else
                                f"profile accuracies: {estimate['label']} (say what trained the backbone in "
                                "model.json extra.training_data to have the overlap checked)"]
+    if dp is not None:
+        summary["processes"] = dp.world
+        if not dp.is_main:
+            return [], summary
     if measure_forward:
         sub = means_set.images[:measure_forward]
         fwd = plain_forward_seconds(net, sub, norm, cfg.batch_size)
@@ -76,6 +84,7 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
         report = variant_report(result, variant)
         bundle = result.bundle(variant, bid, cfg, report)
         bundle.meta["estimate"] = estimate
+        bundle.meta["calibration_processes"] = dp.world if dp is not None else 1
         curve = plot_curves({"selection hull": [(p.flops_fraction, p.accuracy) for p in variant.profiles]},
                             f"{spec.name} {variant.head_config.key} (selection split)",
                             full_acc=report["full_network_accuracy"])
