@@ -103,28 +103,39 @@ def serve_once(store: Path, model: str) -> dict:
 
 
 def plain_forward(model_dir: Path, data: Path, threads: int) -> float:
-    code = ("import sys,json,torch;from pathlib import Path;torch.set_num_threads(%d);"
+    code = ("import sys,json,torch;from pathlib import Path;torch.set_num_threads(int(sys.argv[3]));"
             "from service.store.model_dir import load_model;from service.ingest.sources import load_dataset;"
             "from service.backbones.preprocess import Normalizer;"
             "from service.offline.features import plain_forward_seconds;"
             "spec,net=load_model(Path(sys.argv[1]));d=load_dataset(sys.argv[2],image_size=spec.preprocessing);"
-            "print(json.dumps({'seconds':plain_forward_seconds(net,d.images,Normalizer(spec.mean,spec.std),250)}))"
-            % threads)
-    return sh(BIN / "python", "-c", code, model_dir, data)[0]["seconds"]
+            "print(json.dumps({'seconds':plain_forward_seconds(net,d.images,Normalizer(spec.mean,spec.std),250)}))")
+    return sh(BIN / "python", "-c", code, model_dir, data, str(threads))[0]["seconds"]
 
 
 def scaling(model_dir: Path, data: Path, holdout: int, repeats: int) -> dict:
+    """Per repeat, side by side: plain forward (1 and 2 threads), calibration in 1 process (1 and 2 threads) and
+    in 2 processes of 1 thread (torchrun). ``seconds`` = calibrate() from a common start (a barrier), without
+    reading the images; ``wall`` = the whole command (start-up, imports, PNG decoding included)."""
     cal = ["calibrate", "--model-dir", str(model_dir), "--data", str(data), "--holdout", str(holdout),
            "--search", "quantile", "--samples", "2000", "--reduction", "pool4", "--no-activate", "--tag", "scale"]
     rows = []
     for _ in range(repeats):
-        fwd = plain_forward(model_dir, data, 2)
-        one = sh(*CLI, *cal, env={"OMP_NUM_THREADS": "2"})[0]["seconds"]
-        two = sh(BIN / "torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                 str(_port()), "-m", "service.cli.main", *cal, env={"OMP_NUM_THREADS": "1"})[0]["seconds"]
-        rows.append({"plain_forward_s": fwd, "calibrate_1proc_s": one, "calibrate_2proc_s": two,
-                     "ratio_1proc": one / fwd, "ratio_2proc": two / fwd})
-    med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+        row: dict = {"plain_forward_1t_s": plain_forward(model_dir, data, 1),
+                     "plain_forward_2t_s": plain_forward(model_dir, data, 2)}
+        for key, threads in (("1proc_1t", "1"), ("1proc_2t", "2")):
+            summary, wall = sh(*CLI, *cal, env={"OMP_NUM_THREADS": threads})
+            row[f"calibrate_{key}_s"], row[f"calibrate_{key}_wall_s"] = summary["seconds"], wall
+            row[f"calibrate_{key}_timings"] = summary["timings"]
+        summary, wall = sh(BIN / "torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", str(_port()), "-m", "service.cli.main", *cal, env={"OMP_NUM_THREADS": "1"})
+        row["calibrate_2proc_1t_s"], row["calibrate_2proc_1t_wall_s"] = summary["seconds"], wall
+        row["calibrate_2proc_1t_timings"] = summary["timings"]
+        row["ratio_1proc_1t_vs_forward_1t"] = row["calibrate_1proc_1t_s"] / row["plain_forward_1t_s"]
+        row["ratio_1proc_2t_vs_forward_2t"] = row["calibrate_1proc_2t_s"] / row["plain_forward_2t_s"]
+        row["ratio_2proc_vs_forward_1t"] = row["calibrate_2proc_1t_s"] / row["plain_forward_1t_s"]
+        row["ratio_2proc_vs_forward_2t"] = row["calibrate_2proc_1t_s"] / row["plain_forward_2t_s"]
+        rows.append(row)
+    med = {k: float(np.median([r[k] for r in rows])) for k in rows[0] if not k.endswith("timings")}
     return {"runs": rows, "median": med}
 
 

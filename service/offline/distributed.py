@@ -37,6 +37,9 @@ class DataParallel:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def sum_int(self, value: int) -> int:
         return int(self.sum_(torch.tensor([value], dtype=torch.int64)).item())
 

@@ -20,7 +20,7 @@ import torch
 
 from service.backbones import architecture_from_name, build_backbone, profile_stages
 from service.offline.checkpoints import CheckpointError, fit_state_dict, read_checkpoint
-from service.store.model_dir import MODEL_FILE, ModelSpec, load_model, save_model, sha256_file
+from service.store.model_dir import ModelSpec, load_model, save_model, sha256_file
 
 NORMALISATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -90,7 +90,9 @@ def normalisation(name: str | None, mean: str | None, std: str | None) -> tuple[
 def import_model(req: ImportRequest) -> dict[str, Any]:
     """Write and verify the model directory ``req.out``; returns a summary. Nothing is left behind on failure."""
     out = Path(req.out)
-    if (out / MODEL_FILE).exists() or (out.exists() and any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory: choose a new --out", code="exists")
+    if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} already exists and is not empty: choose a new --out", code="exists")
     arch = architecture_from_name(req.arch)
     if req.arch_kwargs:

@@ -57,6 +57,8 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
     if estimate["overlaps_training"] and on_overlap == "refuse":
         raise SelectionOverlapError(overlap_message(training_data, split))
     norm = Normalizer(spec.mean, spec.std)
+    if dp is not None:
+        dp.barrier()  # every process has its data: the timings below start together
     t0 = time.perf_counter()
     result = calibrate(net, spec.classes, norm, means_set, selection, cfg, status, dp=dp)
     seconds = time.perf_counter() - t0
