@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measure-forward", type=int, default=0,
                    help="also time a plain forward pass over N images, for the throughput ratio")
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: the forward passes run there")
+    p.add_argument("--stream", action="store_true",
+                   help="ImageFolder directory: decode images batch by batch (bounded memory, any dataset size)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="write the bundle (labelled) even when its selection split overlaps the data that trained "
                         "the backbone (model.json extra.training_data); by default calibration refuses")
@@ -44,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", help="write the report here (a PNG curve goes next to it)")
     e.add_argument("--limit", type=int)
     e.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: the forward pass runs there")
+    e.add_argument("--stream", action="store_true", help="ImageFolder directory: decode batch by batch")
     e.add_argument("--attach", action="store_true",
                    help="attach the measured per-profile accuracy to the bundle (measured.json), shown beside "
                         "the estimate by `classmeans profiles` and GET /profiles")
@@ -106,7 +109,7 @@ def _calibrate(args: argparse.Namespace, dp, device: str) -> int:
 
     spec = read_spec(Path(args.model_dir))
     loaded = _loaded_on(Path(args.model_dir), device)
-    data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit)
+    data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit, stream=args.stream)
     heads = [HeadConfig(r, m, t) for r in args.reduction.split(",") for m in args.metric.split(",")
              for t in _floats(args.temperature)]
     cfg = CalibrationConfig(heads=heads, search=args.search, samples=args.samples, seed=args.seed,
@@ -133,7 +136,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     spec = read_spec(Path(args.model_dir))
     loaded = _loaded_on(Path(args.model_dir), args.device)
-    data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit)
+    data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit, stream=args.stream)
     bar = tqdm(total=len(data), desc="evaluate", unit="img", file=sys.stderr)
     report, png = evaluate_model(Path(args.model_dir), data, args.bundle,
                                  progress=lambda i, n: (setattr(bar, "n", i), bar.refresh()), loaded=loaded)
