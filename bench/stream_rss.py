@@ -23,7 +23,7 @@ MODEL = REPO / "model_store" / "cifar10-resnet20"
 
 
 def write_folder(root: Path, n: int) -> None:
-    if (root / "done").exists():
+    if (root.parent / "done").exists():
         return
     with np.load(CIFAR, allow_pickle=False) as d:
         images, labels, classes = d["images"][:n], d["labels"][:n], [str(c) for c in d["classes"]]
@@ -31,7 +31,7 @@ def write_folder(root: Path, n: int) -> None:
         (root / c).mkdir(parents=True, exist_ok=True)
     for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
         Image.fromarray(img).save(root / classes[int(lab)] / f"{i:05d}.png", compress_level=1)
-    (root / "done").write_text("ok")
+    (root.parent / "done").write_text("ok")
 
 
 def run(mode: str, folder: Path) -> dict:
