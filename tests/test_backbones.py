@@ -85,8 +85,9 @@ def test_architecture_names():
     assert architecture_from_name("resnet56") == {"family": "cifar_resnet", "depth": 56}
     assert architecture_from_name("resnet152") == {"family": "torchvision", "name": "resnet152"}
     assert architecture_from_name("pkg.mod:fn")["family"] == "custom"
+    assert architecture_from_name("vgg16") == {"family": "torchvision", "name": "vgg16"}
     with pytest.raises(BackboneError):
-        architecture_from_name("vgg16")
+        architecture_from_name("alexnet")
     with pytest.raises(BackboneError):
         build_backbone({"family": "custom", "entrypoint": "no_such_module:fn"}, 10)
     with pytest.raises(ValueError):

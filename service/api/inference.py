@@ -47,7 +47,7 @@ INLINE_DECODE_PIXELS = 64 * 64
 async def decode_all(state: AppState, engine: Engine, blobs: list[tuple[str | None, bytes]]) -> np.ndarray:
     """Decode every image into ``uint8 (n, H, W, 3)`` at the model's input size: one image of at most
     :data:`INLINE_DECODE_PIXELS` pixels on the loop, anything else in a worker thread."""
-    size = engine.spec.input_size
+    size = engine.spec.preprocessing
     max_pixels = state.settings.max_image_pixels
 
     def work(cap: int = max_pixels) -> np.ndarray:

@@ -48,6 +48,24 @@ class Operating(BaseModel):
     accuracy: float
 
 
+class MeasuredInfo(BaseModel):
+    accuracy: float = Field(description="accuracy measured by `classmeans evaluate --attach`")
+    flops_fraction: float
+    interval95: list[float] | None = Field(description="95 % Wilson interval over the measured samples")
+    samples: int
+    source: str | None = Field(description="the evaluation data's file/folder name")
+
+
+class EstimateInfo(BaseModel):
+    accuracy: float = Field(description="the estimate: accuracy on the calibration selection split")
+    interval95: list[float] | None = Field(description="95 % Wilson interval over the selection samples")
+    samples: int | None = Field(description="selection samples the estimate is measured on")
+    overlaps_training: bool | None = Field(description="whether the selection split overlaps the data that "
+                                                       "trained the backbone (null: unknown)")
+    data: str = Field(description="what the estimate rests on, in words")
+    measured: MeasuredInfo | None = Field(description="test accuracy attached to the bundle, if any")
+
+
 class ProfileInfo(BaseModel):
     name: str
     mode: str = Field("cm", description="decision mode: cm (class means), ic_prob (SDN: IC top probability), "
@@ -62,6 +80,8 @@ class ProfileInfo(BaseModel):
     default: bool
     active: bool = Field(description="serves now (alone or as one side of a time-shared mix)")
     share: float = Field(description="fraction of traffic this profile gets under the active operating point")
+    estimate: EstimateInfo | None = Field(None, description="class-means profiles: the estimate's data, its 95 % "
+                                                            "interval and any measured test accuracy")
 
 
 class ProfilesResponse(BaseModel):

@@ -3,7 +3,8 @@
 ``architecture`` is one of::
 
     {"family": "cifar_resnet", "depth": 56}
-    {"family": "torchvision", "name": "resnet152"}
+    {"family": "torchvision", "name": "resnet152"}      (also mobilenet_v3_large, efficientnet_b0, convnext_tiny,
+                                                          regnet_y_400mf, vgg16_bn, densenet121, ...)
     {"family": "custom", "entrypoint": "package.module:function", "kwargs": {...}}
 
 A custom entrypoint is any importable callable ``f(num_classes: int, **kwargs) -> StagedNetwork``; build
@@ -18,8 +19,12 @@ from typing import Any
 
 from service.backbones.cifar_resnet import DEPTHS, cifar_resnet
 from service.backbones.staged import StagedNetwork
-from service.backbones.torchvision_resnet import NAMES as TORCHVISION_NAMES
+from service.backbones.torchvision_features import NAMES as FEATURE_NAMES
+from service.backbones.torchvision_features import torchvision_features
+from service.backbones.torchvision_resnet import NAMES as RESNET_NAMES
 from service.backbones.torchvision_resnet import torchvision_resnet
+
+TORCHVISION_NAMES = RESNET_NAMES + FEATURE_NAMES
 
 
 class BackboneError(ValueError):
@@ -43,7 +48,13 @@ def build_backbone(architecture: dict[str, Any], num_classes: int, input_size: i
     if family == "cifar_resnet":
         return cifar_resnet(int(architecture.get("depth", 56)), num_classes)
     if family == "torchvision":
-        return torchvision_resnet(str(architecture["name"]), num_classes, input_size)
+        name = str(architecture["name"])
+        if name in RESNET_NAMES:
+            return torchvision_resnet(name, num_classes, input_size)
+        try:
+            return torchvision_features(name, num_classes, input_size)
+        except ValueError as exc:
+            raise BackboneError(str(exc)) from exc
     if family == "custom":
         entry = str(architecture.get("entrypoint", ""))
         mod_name, _, fn_name = entry.partition(":")

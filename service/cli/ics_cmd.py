@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--epochs must be >= 1")
     model_dir = Path(args.model_dir)
     spec = read_spec(model_dir)
-    data = load_dataset(args.data, image_size=spec.input_size, limit=args.limit)
+    data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit)
     cfg = ICTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                         milestones=tuple(int(v) for v in args.milestones.split(",") if v),
                         source=args.source, flip_views=args.flip_views)

@@ -56,7 +56,7 @@ def read_dataset_upload(fileobj: BinaryIO, filename: str, engine: Engine,
 
     Raises :class:`~service.ingest.labelled.DatasetError` (with its ``code``) for any bad archive.
     """
-    return read_image_folder_archive(fileobj, filename, image_size=engine.spec.input_size,
+    return read_image_folder_archive(fileobj, filename, image_size=engine.spec.preprocessing,
                                      limits=limits or ArchiveLimits.for_upload(),
                                      allowed_classes=list(engine.spec.classes))
 

@@ -49,6 +49,7 @@ import numpy as np
 
 from service.ingest.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from service.ingest.labelled import DatasetError, LabelledImages
+from service.ingest.preprocessing import Preprocessing, as_preprocessing
 
 MiB: Final[int] = 1 << 20
 GiB: Final[int] = 1 << 30
@@ -127,7 +128,7 @@ class ArchiveLimits:
 def read_image_folder_archive(
     fileobj: BinaryIO,
     filename: str,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | Preprocessing | None = None,
     limits: ArchiveLimits = ArchiveLimits.for_upload(),
     allowed_classes: list[str] | None = None,
 ) -> LabelledImages:
@@ -136,7 +137,8 @@ def read_image_folder_archive(
     Args:
         fileobj: the archive, opened for binary reading and seekable (a file, ``BytesIO`` or spooled upload).
         filename: the archive's name, used in messages only; the type comes from the magic bytes.
-        image_size: ``(height, width)`` every image is resized to; ``None`` requires all images to share
+        image_size: ``(height, width)`` every image is resized to, or the model's :class:`Preprocessing`;
+            ``None`` requires all images to share
             one size.
         limits: caps on members, bytes, ratio and pixels.
         allowed_classes: the model's classes. When given, the archive's classes must be exactly these (else
@@ -168,7 +170,7 @@ def read_image_folder_archive(
 
 def read_image_folder_dir(
     path: Path,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | Preprocessing | None = None,
     limits: ArchiveLimits = ArchiveLimits.for_cli(),
     allowed_classes: list[str] | None = None,
 ) -> LabelledImages:
@@ -233,10 +235,13 @@ class _Budget:
                                f"(stopped at {name!r}); pass a smaller image size", code="archive_bomb")
 
 
-def _check_size_argument(image_size: tuple[int, int] | None) -> None:
+def _check_size_argument(image_size: tuple[int, int] | Preprocessing | None) -> None:
     """A bad ``image_size`` is the caller's bug: say so before reading anything."""
-    if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
-        raise ValueError(f"image_size must be a positive (height, width), got {image_size!r}")
+    if image_size is not None:
+        try:
+            as_preprocessing(image_size)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"image_size must be a positive (height, width), got {image_size!r}") from exc
 
 
 def _unsafe(name: str, why: str) -> DatasetError:
@@ -536,7 +541,7 @@ class _Collected:
     bad: list[tuple[tuple[str, ...], str, str]] = field(default_factory=list)  # (parts, name, error code)
 
 
-def _build(entries: Iterable[_Entry], image_size: tuple[int, int] | None, limits: ArchiveLimits,
+def _build(entries: Iterable[_Entry], image_size: tuple[int, int] | Preprocessing | None, limits: ArchiveLimits,
            allowed_classes: list[str] | None, budget: _Budget) -> LabelledImages:
     """Read and decode every entry, then check the layout and assemble the labelled arrays."""
     got = _collect(entries, image_size, limits, budget)
@@ -567,7 +572,7 @@ def _build(entries: Iterable[_Entry], image_size: tuple[int, int] | None, limits
     return LabelledImages(images, labels, classes)
 
 
-def _collect(entries: Iterable[_Entry], image_size: tuple[int, int] | None, limits: ArchiveLimits,
+def _collect(entries: Iterable[_Entry], image_size: tuple[int, int] | Preprocessing | None, limits: ArchiveLimits,
              budget: _Budget) -> _Collected:
     """Skip junk, refuse duplicates and misplaced files early, read (capped) and decode the rest."""
     got = _Collected()

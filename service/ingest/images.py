@@ -26,6 +26,8 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from service.ingest.preprocessing import Preprocessing, as_preprocessing
+
 # Formats whose Pillow decoders may run. TIFF is left out on purpose: it goes through libtiff with many
 # codecs, multi-page files and a long CVE history, and the bad-input checklist (research 2f, P5) refuses it.
 ALLOWED_FORMATS: Final[frozenset[str]] = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF"})
@@ -132,13 +134,14 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def decode_image(
-    data: bytes, size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, size: tuple[int, int] | Preprocessing | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Decode untrusted image bytes into an RGB array.
 
     Args:
         data: the encoded file, in memory.
-        size: ``(height, width)`` to resize to with bilinear filtering, or ``None`` to keep the decoded size.
+        size: ``(height, width)`` to resize to with bilinear filtering, a :class:`Preprocessing` (the model's
+            resize rule, e.g. resize the shorter side then centre-crop), or ``None`` to keep the decoded size.
         max_pixels: largest ``width * height`` accepted, checked from the header before decoding. Pillow's own
             bomb limit (``Image.MAX_IMAGE_PIXELS``) also applies and is never lifted: the cap used is the
             smaller of the two, so the check holds even where the warnings filter does not (below).
@@ -158,8 +161,7 @@ def decode_image(
     < 3.14, so under concurrency the bomb warning may briefly stay a warning; the explicit pixel check above
     still refuses the image, and Pillow's hard limit (twice its warning limit) raises regardless.
     """
-    if size is not None and (len(size) != 2 or min(size) <= 0):
-        raise ValueError(f"size must be a positive (height, width), got {size!r}")
+    prep = None if size is None else as_preprocessing(size)  # ValueError for a bad (height, width)
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if Image.MAX_IMAGE_PIXELS:
@@ -172,7 +174,7 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as im:
-                return _decode_opened(im, size, max_pixels)
+                return _decode_opened(im, prep, max_pixels)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -184,8 +186,8 @@ def decode_image(
         raise _classify_decode_error(exc) from exc
 
 
-def _decode_opened(im: Image.Image, size: tuple[int, int] | None, max_pixels: int) -> np.ndarray:
-    """Check an opened (not yet decoded) image, decode its first frame, convert to RGB and resize."""
+def _decode_opened(im: Image.Image, prep: Preprocessing | None, max_pixels: int) -> np.ndarray:
+    """Check an opened (not yet decoded) image, decode its first frame, convert to RGB and preprocess."""
     if im.format not in ALLOWED_FORMATS:  # Image.open(formats=...) already guarantees this; keep it explicit.
         raise ImageError(f"image format {im.format} is not accepted", code="unsupported_image_format")
     width, height = im.size
@@ -198,8 +200,8 @@ def _decode_opened(im: Image.Image, size: tuple[int, int] | None, max_pixels: in
     if im.size != (width, height):
         raise ImageError("the decoded image size differs from its header", code="invalid_image")
     rgb = _to_rgb(_apply_exif_orientation(im))
-    if size is not None and rgb.size != (size[1], size[0]):
-        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    if prep is not None:
+        rgb = prep.apply(rgb)
     arr = np.asarray(rgb, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError("the image could not be converted to RGB", code="invalid_image")

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from service.ingest.labelled import DatasetError, LabelledImages
 from service.ingest.npz import load_npz
 
 
-def load_dataset(src: Path | str, image_size: tuple[int, int] | None = None,
-                 limit: int | None = None) -> LabelledImages:
+def load_dataset(src: Path | str, image_size=None, limit: int | None = None, stream: bool = False
+                 ) -> LabelledImages:
+    """``image_size``: ``(H, W)`` or the model's ``Preprocessing``. ``stream``: an ImageFolder directory is listed
+    now and decoded batch by batch when used (bounded memory; see :mod:`service.ingest.streaming`)."""
     path = Path(src)
+    if stream:
+        if not path.is_dir():
+            raise DatasetError(f"{path}: --stream reads an ImageFolder directory")
+        if image_size is None:
+            raise DatasetError("streaming needs the model's input size")
+        from service.ingest.streaming import stream_image_folder_dir
+
+        data = stream_image_folder_dir(path, image_size)
+        return data.subset(np.arange(min(limit, len(data)))) if limit is not None else data
     name = path.name.lower()
     if name.endswith(".npz"):
         return load_npz(path, limit=limit)

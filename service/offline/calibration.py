@@ -34,7 +34,8 @@ from service.earlyexit.exit_head import MOMENTS_FOR_METRIC
 from service.earlyexit.probabilities import class_probabilities
 from service.earlyexit.search import SearchResult
 from service.ingest.labelled import LabelledImages
-from service.offline.features import iter_exit_features
+from service.offline.distributed import DataParallel
+from service.offline.features import iter_shard_features
 from service.store.bundle_model import Bundle
 
 StatusFn = Callable[[str, int, int], None]
@@ -123,7 +124,8 @@ def profiles_from_search(result: SearchResult, costs: ExitCosts, tolerance: floa
 
 def _accumulate_means(net: StagedNetwork, data: LabelledImages, norm: Normalizer, cfg: CalibrationConfig,
                       exits: list[int], shapes: list[tuple[int, ...]], classes: list[str],
-                      status: StatusFn | None) -> dict[tuple[str, str], dict[int, ClassStatsAccumulator]]:
+                      status: StatusFn | None, dp: DataParallel | None = None,
+                      ) -> dict[tuple[str, str], dict[int, ClassStatsAccumulator]]:
     moments_needed: dict[str, str] = {}
     order = ["none", "diag", "full"]
     for h in cfg.heads:
@@ -133,21 +135,36 @@ def _accumulate_means(net: StagedNetwork, data: LabelledImages, norm: Normalizer
     accs: dict[str, dict[int, ClassStatsAccumulator]] = {
         r: {j: ClassStatsAccumulator(len(classes), reduced_dim(shapes[j], r), m, exit_name=str(j)) for j in exits}
         for r, m in moments_needed.items()}
-    for feats, _, labels in iter_exit_features(net, data.images, data.labels, norm, cfg.batch_size,
-                                               progress=(lambda i, n: status("means", i, n)) if status else None):
+    rank, world = (dp.rank, dp.world) if dp else (0, 1)
+    for _, feats, _, labels in iter_shard_features(net, data.images, data.labels, norm, cfg.batch_size, rank, world,
+                                                   progress=(lambda i, n: status("means", i, n)) if status else None):
         for r, per_exit in accs.items():
             for j, acc in per_exit.items():
                 acc.update(reduce_feature(feats[j], r), labels)
     for per_exit in accs.values():
         for acc in per_exit.values():
+            if dp is not None:
+                _all_reduce_stats(acc, dp)
             acc.check_complete(classes)
     return {(h.reduction, h.metric): accs[h.reduction] for h in cfg.heads}
 
 
+def _all_reduce_stats(acc: ClassStatsAccumulator, dp: DataParallel) -> None:
+    """Sum an exit's float64 class sums (and second moments) and its counts over all processes."""
+    for t in (acc.sums, acc.counts, acc.sq, acc.xtx):
+        if t is not None:
+            dp.sum_(t)
+
+
 def calibrate(net: StagedNetwork, classes: list[str], norm: Normalizer, means_set: LabelledImages,
               selection_set: LabelledImages | None, cfg: CalibrationConfig,
-              status: StatusFn | None = None) -> CalibrationResult:
-    """Run the whole calibration; ``selection_set`` None means choose on the means data (paper mode)."""
+              status: StatusFn | None = None, dp: DataParallel | None = None) -> CalibrationResult:
+    """Run the whole calibration; ``selection_set`` None means choose on the means data (paper mode).
+
+    ``dp``: run data-parallel (every process calls this with the same arguments and data); each process
+    computes its share of the batches, the statistics are all-reduced, and every process returns the same
+    result as one process would.
+    """
     net.eval()
     stage_profile = profile_stages(net)
     shapes = list(stage_profile.shapes)
@@ -155,7 +172,7 @@ def calibrate(net: StagedNetwork, classes: list[str], norm: Normalizer, means_se
     exits = sorted(cfg.exits) if cfg.exits is not None else list(range(m - 1))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    stats = _accumulate_means(net, means_set, norm, cfg, exits, shapes, classes, status)
+    stats = _accumulate_means(net, means_set, norm, cfg, exits, shapes, classes, status, dp)
     timings["pass1_means_seconds"] = time.perf_counter() - t0
 
     heads_by_variant: list[dict[int, ExitHead]] = []
@@ -185,21 +202,24 @@ def calibrate(net: StagedNetwork, classes: list[str], norm: Normalizer, means_se
             c, p = torch.softmax(logits.float(), 1).max(1)
             final_top[lo:hi], final_pred[lo:hi] = c, p
 
-    lo = 0
-    for feats, logits, _ in iter_exit_features(net, means_set.images, means_set.labels, norm, cfg.batch_size,
-                                               progress=(lambda i, n: status("normalisers", i, n)) if status
-                                               else None):
-        hi = lo + logits.shape[0]
-        record(1 | (2 if same else 0), feats, logits, lo, hi)
-        lo = hi
+    rank, world = (dp.rank, dp.world) if dp else (0, 1)
+    for lo, feats, logits, _ in iter_shard_features(net, means_set.images, means_set.labels, norm, cfg.batch_size,
+                                                    rank, world, progress=(lambda i, n: status("normalisers", i, n))
+                                                    if status else None):
+        record(1 | (2 if same else 0), feats, logits, lo, lo + logits.shape[0])
     if not same:
-        lo = 0
-        for feats, logits, _ in iter_exit_features(net, sel.images, sel.labels, norm, cfg.batch_size,
-                                                   progress=(lambda i, n: status("selection", i, n)) if status
-                                                   else None):
-            hi = lo + logits.shape[0]
-            record(2, feats, logits, lo, hi)
-            lo = hi
+        for lo, feats, logits, _ in iter_shard_features(net, sel.images, sel.labels, norm, cfg.batch_size,
+                                                        rank, world, progress=(lambda i, n: status("selection", i, n))
+                                                        if status else None):
+            record(2, feats, logits, lo, lo + logits.shape[0])
+    if dp is not None:  # every selection row was written by exactly one process, zeros elsewhere
+        for v in range(len(cfg.heads)):
+            dp.sum_(sel_dist[v])
+            for acc in norms[v].values():
+                dp.sum_(acc.sums)
+                acc.count = dp.sum_int(acc.count)
+        dp.sum_(final_top)
+        dp.sum_(final_pred)
     timings["pass2_seconds"] = time.perf_counter() - t0
 
     variants = []

@@ -13,7 +13,6 @@ from service.backbones.preprocess import Normalizer
 ProgressFn = Callable[[int, int], None]
 
 
-@torch.inference_mode()
 def iter_exit_features(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, norm: Normalizer,
                        batch_size: int = 250, progress: ProgressFn | None = None
                        ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
@@ -22,15 +21,28 @@ def iter_exit_features(net: StagedNetwork, images: np.ndarray, labels: np.ndarra
     The forward pass runs where the network's parameters are (a GPU when it was moved there); the
     features and logits come back as float32 CPU tensors, where the class-mean statistics live.
     """
+    for _lo, feats, logits, labs in iter_shard_features(net, images, labels, norm, batch_size, progress=progress):
+        yield feats, logits, labs
+
+
+@torch.inference_mode()
+def iter_shard_features(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, norm: Normalizer,
+                        batch_size: int = 250, rank: int = 0, world: int = 1, progress: ProgressFn | None = None
+                        ) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """Like :func:`iter_exit_features` over this process's share: batches ``rank, rank + world, ...`` of the
+    one-process batching (so every batch, and every float32 batch sum, is the one a single process computes),
+    each with ``lo``, the index of its first sample."""
     net.eval()
     device = net.device
     n = images.shape[0]
-    for lo in range(0, n, batch_size):
+    for b, lo in enumerate(range(0, n, batch_size)):
+        if b % world != rank:
+            continue
         feats, logits = net.forward_all(norm(images[lo:lo + batch_size], device))
         if device.type != "cpu":
             feats = [f.float().cpu() for f in feats]
             logits = logits.float().cpu()
-        yield feats, logits, torch.from_numpy(np.ascontiguousarray(labels[lo:lo + batch_size]))
+        yield lo, feats, logits, torch.from_numpy(np.ascontiguousarray(labels[lo:lo + batch_size]))
         if progress is not None:
             progress(min(n, lo + batch_size), n)
 

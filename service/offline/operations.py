@@ -15,6 +15,8 @@ from service.backbones import StagedNetwork
 from service.backbones.preprocess import Normalizer
 from service.ingest.labelled import LabelledImages
 from service.offline.calibration import CalibrationConfig, CalibrationResult, StatusFn, calibrate
+from service.offline.distributed import DataParallel
+from service.offline.estimates import SelectionOverlapError, SelectionSplit, overlap_message, provenance
 from service.offline.evaluation import decision_table_for, evaluate_report, plot_curves
 from service.offline.features import plain_forward_seconds
 from service.store.active import activate_bundle, resolve_bundle
@@ -25,11 +27,18 @@ from service.store.model_dir import ModelSpec, load_model
 def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfig, holdout: int | float = 5000,
                     activate: bool = True, status: StatusFn | None = None, tag: str = "",
                     loaded: tuple[ModelSpec, StagedNetwork] | None = None, measure_forward: int = 0,
+                    source: str | None = None, on_overlap: str = "label", dp: DataParallel | None = None,
                     ) -> tuple[list[str], dict[str, Any]]:
     """Calibrate every head variant of ``cfg`` into its own bundle; the first one is activated.
 
     ``holdout``: number (or fraction when < 1) of samples kept out of the means for threshold selection;
     ignored when ``cfg.selection == "means"`` (the paper's protocol).
+    ``source``: the data's file/folder name, checked against ``model.json``'s ``extra.training_data``; when the
+    selection split overlaps the backbone's training data, ``on_overlap="refuse"`` raises
+    :class:`SelectionOverlapError` before any work, ``"label"`` writes the bundle labelled (and warns).
+    ``dp``: data-parallel (torchrun): every process calls this with the same data and computes its share; the
+    statistics are all-reduced and only the first process writes (and activates) the bundles; the others
+    return no ids.
     Returns the new bundle ids and a summary report.
     """
     spec, net = loaded or load_model(model_dir)
@@ -41,13 +50,31 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
         means_set, selection = data.split_holdout(n_hold, seed=cfg.seed)
         if len(selection) == 0:
             raise ValueError("holdout selection needs at least one held-out sample (use --holdout)")
+    split = SelectionSplit(source, len(data), 0 if selection is None else n_hold, cfg.seed, cfg.selection,
+                           len(selection) if selection is not None else len(means_set))
+    training_data = spec.extra.get("training_data")
+    estimate = provenance(training_data, split)
+    if estimate["overlaps_training"] and on_overlap == "refuse":
+        raise SelectionOverlapError(overlap_message(training_data, split))
     norm = Normalizer(spec.mean, spec.std)
+    if dp is not None:
+        dp.barrier()  # every process has its data: the timings below start together
     t0 = time.perf_counter()
-    result = calibrate(net, spec.classes, norm, means_set, selection, cfg, status)
+    result = calibrate(net, spec.classes, norm, means_set, selection, cfg, status, dp=dp)
     seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {"seconds": seconds, "timings": result.timings, "num_means": result.num_means,
                                "num_selection": result.num_selection,
-                               "images_per_second_pass1": len(means_set) / result.timings["pass1_means_seconds"]}
+                               "images_per_second_pass1": len(means_set) / result.timings["pass1_means_seconds"],
+                               "estimate": estimate}
+    if estimate["overlaps_training"] is not False:
+        summary["warnings"] = [f"profile accuracies are measured on a selection split that {estimate['label']}"
+                               if estimate["overlaps_training"] else
+                               f"profile accuracies: {estimate['label']} (say what trained the backbone in "
+                               "model.json extra.training_data to have the overlap checked)"]
+    if dp is not None:
+        summary["processes"] = dp.world
+        if not dp.is_main:
+            return [], summary
     if measure_forward:
         sub = means_set.images[:measure_forward]
         fwd = plain_forward_seconds(net, sub, norm, cfg.batch_size)
@@ -58,6 +85,8 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
         bid = new_bundle_id(tag)
         report = variant_report(result, variant)
         bundle = result.bundle(variant, bid, cfg, report)
+        bundle.meta["estimate"] = estimate
+        bundle.meta["calibration_processes"] = dp.world if dp is not None else 1
         curve = plot_curves({"selection hull": [(p.flops_fraction, p.accuracy) for p in variant.profiles]},
                             f"{spec.name} {variant.head_config.key} (selection split)",
                             full_acc=report["full_network_accuracy"])

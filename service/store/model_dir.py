@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from service.backbones import StagedNetwork, build_backbone
+from service.ingest.preprocessing import Preprocessing
 from service.store.atomic import write_bytes_atomic, write_json_atomic
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -41,10 +42,16 @@ class ModelSpec:
     std: tuple[float, ...] = CIFAR10_STD
     weights_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    resize: dict[str, Any] = field(default_factory=lambda: {"mode": "direct"})
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The one resize rule every decoded image goes through (calibration, evaluation, serving)."""
+        return Preprocessing.from_json(self.input_size, self.resize)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +59,7 @@ class ModelSpec:
             "architecture": self.architecture,
             "classes": list(self.classes),
             "input": {"size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
+                      "resize": self.preprocessing.to_json(),
                       "color": "RGB", "scale": "pixel / 255, then (x - mean) / std"},
             "weights": WEIGHTS_FILE,
             "weights_sha256": self.weights_sha256,
@@ -72,7 +80,9 @@ class ModelSpec:
                 std=tuple(float(v) for v in inp.get("std", CIFAR10_STD)),
                 weights_sha256=str(obj.get("weights_sha256", "")),
                 extra=dict(obj.get("extra", {})),
+                resize=dict(inp.get("resize") or {"mode": "direct"}),
             )
+            spec.preprocessing  # noqa: B018 -- validates the resize rule now, not at the first image
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelDirError(f"malformed model.json: {exc!r}") from exc
         if len(spec.classes) < 2 or len(set(spec.classes)) != len(spec.classes):

@@ -13,8 +13,10 @@ from service.api.errors import ApiError
 from service.api.inference import operating_info
 from service.api.limits import read_body_capped, require_json_object
 from service.serving.engine import Engine
-from service.serving.ic_serving import profile_rows
+from service.serving.ic_serving import CM, profile_rows
 from service.serving.snapshot import Snapshot
+from service.store.bundles import BundleError
+from service.store.estimates import estimate_info, read_measured
 
 router = APIRouter(tags=["data plane"])
 
@@ -32,6 +34,13 @@ def _share(snap: Snapshot, name: str) -> float:
     return op.lam if name == op.a else (1.0 - op.lam if name == op.b else 0.0)
 
 
+def _measured(engine: Engine, bundle_id: str) -> dict | None:
+    try:
+        return read_measured(engine.model_dir, bundle_id)
+    except BundleError:  # a damaged measured.json hides the measurement, never the profiles
+        return None
+
+
 def active_state(snap: Snapshot) -> schemas.ActiveState:
     return schemas.ActiveState(bundle=snap.bundle_id, profile=snap.profile_name, version=snap.version)
 
@@ -47,10 +56,13 @@ async def list_profiles(engine: EngineDep) -> schemas.ProfilesResponse:
     mode), with its mode, held-out accuracy and FLOPs fraction (IC costs included)."""
     snap = engine.snapshot
     b = snap.bundle
+    measured = await anyio.to_thread.run_sync(_measured, engine, b.bundle_id)
     rows = [schemas.ProfileInfo(name=name, mode=mode, accuracy=p.accuracy, flops=p.flops,
                                 flops_fraction=p.flops_fraction, thresholds=thr, exits=exits,
                                 default=name == b.default_profile, active=name in (snap.operating.a, snap.operating.b),
-                                share=_share(snap, name)) for name, mode, thr, exits, p in profile_rows(b, snap.ic)]
+                                share=_share(snap, name),
+                                estimate=estimate_info(b, p, measured) if mode == CM else None)
+            for name, mode, thr, exits, p in profile_rows(b, snap.ic)]
     ic_info = engine.ic_store.info(snap.ic)
     return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
                                     active=operating_info(snap), default_profile=b.default_profile,
