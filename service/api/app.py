@@ -19,6 +19,7 @@ from service.api.middleware import MetricsMiddleware
 from service.api.routes import admin, classify, health, profiles, v2
 from service.api.state import AppState
 from service.control.jobs import JobManager
+from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.batcher import Batcher
 from service.serving.engine import Engine, EngineLoadError
 from service.serving.metrics import Metrics
@@ -58,6 +59,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                           on_wait=lambda sec: m.queue_wait.labels(m.model).observe(sec))
         await batcher.start()
         state.engine, state.batcher = engine, batcher
+        state.autopilot = AutopilotRuntime(engine, batcher, state.latency, m)  # off unless active.json says on
+        state.autopilot.start()
         state.mark_ready()
         snap = engine.snapshot
         log.info("ready: model %s, bundle %s, profile %s (version %d)", engine.spec.name, snap.bundle_id,
@@ -66,6 +69,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.begin_shutdown()
+        if state.autopilot is not None:
+            await state.autopilot.stop()
         if state.batcher is not None:
             await state.batcher.stop(timeout=s.graceful_timeout_s)
         active = state.jobs.active
@@ -91,5 +96,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ClassifyFastLane, state=app.state.classmeans, route=classify_route)
     app.add_middleware(BodyLimitMiddleware, default=settings.max_body_bytes,
                        limits={"/admin/class-means": settings.max_upload_bytes})
-    app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static, window=app.state.classmeans.latency)
     return app

@@ -7,7 +7,8 @@ hull point for the FLOPs budget it returns.
 **Output.** A continuous FLOPs-fraction budget ``f`` in ``[f_floor, f_ceiling]``; the engine turns ``f`` into
 the most accurate hull point costing at most ``f`` (a time-shared mix of two vertices between vertices), so
 the operating point moves continuously. ``f_floor`` is the cheapest point meeting the operator's
-``min_accuracy`` (or the cheapest point of the mode), ``f_ceiling`` the cheapest of the most accurate points.
+``min_accuracy`` (or the cheapest point of the mode), ``f_ceiling`` the full network (or, when the full network
+is estimated below ``min_accuracy``, the costliest vertex that meets it).
 
 **Pressure.** One number per tick, the worst of three ratios to the target ``T`` (``> 1``: over target)::
 

@@ -28,6 +28,7 @@ from service.earlyexit.hull import TargetUnreachable
 from service.serving.autopilot import AutopilotConfig, Clock, Controller, LatencyWindow, Signal, Tuning
 from service.serving.ic_serving import mode_candidates
 from service.store.active import read_active_or_none
+from service.store.bundles import BundleError
 
 if TYPE_CHECKING:
     from service.serving.batcher import Batcher
@@ -38,14 +39,15 @@ log = logging.getLogger("classmeans.autopilot")
 
 
 def bounds(candidates: list[Profile], min_accuracy: float | None) -> tuple[float, float]:
-    """``(f_floor, f_ceiling)``: the cheapest point with accuracy ``>= min_accuracy`` (the cheapest point
-    when None), and the cheapest of the most accurate points. Raises :class:`TargetUnreachable`."""
-    best = max(p.accuracy for p in candidates)
-    ceiling = min(p.flops_fraction for p in candidates if p.accuracy >= best - 1e-12)
+    """``(f_floor, f_ceiling)``: the cheapest point with accuracy ``>= min_accuracy`` (the cheapest point when
+    None), and the costliest vertex that still meets it (the full network, unless it falls below the floor's
+    accuracy). Every budget in between gives a point at least ``min_accuracy`` accurate (estimated). Raises
+    :class:`TargetUnreachable` when no point meets ``min_accuracy``."""
     if min_accuracy is None:
-        return min(p.flops_fraction for p in candidates), ceiling
+        return min(p.flops_fraction for p in candidates), max(p.flops_fraction for p in candidates)
     floor = select_by_target(candidates, min_accuracy=min_accuracy).flops_fraction
-    return min(floor, ceiling), ceiling
+    ceiling = max(p.flops_fraction for p in candidates if p.accuracy >= min_accuracy - 1e-12)
+    return floor, max(floor, ceiling)
 
 
 @dataclass
@@ -112,9 +114,15 @@ class AutopilotRuntime:
         try:
             config = AutopilotConfig.from_json(raw)
             self._engage(config, snap.version)
-        except (ValueError, TargetUnreachable) as exc:
+        except (ValueError, TargetUnreachable, BundleError) as exc:
             log.error("autopilot configuration in active.json (version %d) is unusable: %s", snap.version, exc)
             self._disengage(f"unusable configuration: {exc}")
+
+    def check(self, config: AutopilotConfig) -> tuple[float, float]:
+        """``(f_floor, f_ceiling)`` of ``config`` on the serving bundle; raises what :func:`bounds` and
+        :func:`mode_candidates` raise (floor no point meets, mode not available now)."""
+        snap = self.engine.snapshot
+        return bounds(mode_candidates(snap.bundle, snap.ic, config.mode), config.min_accuracy)
 
     def _engage(self, config: AutopilotConfig, version: int) -> None:
         snap = self.engine.snapshot
@@ -122,7 +130,7 @@ class AutopilotRuntime:
         if old is not None and old.config == config and old.bundle == snap.bundle_id:
             old.version = version  # same request re-persisted or adopted: keep the controller's state
             return
-        floor, ceiling = bounds(mode_candidates(snap.bundle, snap.ic, config.mode), config.min_accuracy)
+        floor, ceiling = self.check(config)
         ctl = Controller(config.target_s, floor, ceiling, snap.operating.flops_fraction, self.clock, self.tuning)
         self.state = _Engaged(config, ctl, version, snap.bundle_id)
         log.warning("autopilot on: p99 target %.1f ms, floor f=%.3f, ceiling f=%.3f, mode %s", config.target_ms,

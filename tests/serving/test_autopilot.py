@@ -197,9 +197,11 @@ def _profiles() -> list[Profile]:
 
 
 def test_bounds_floor_and_ceiling():
-    assert bounds(_profiles(), None) == (0.05, 0.8)
+    assert bounds(_profiles(), None) == (0.05, 1.0)  # the full network is the ceiling
     floor, ceiling = bounds(_profiles(), 0.8)
-    assert ceiling == 0.8 and floor == pytest.approx(0.2 + (0.5 - 0.2) * (0.8 - 0.7) / (0.85 - 0.7))
+    assert ceiling == 1.0 and floor == pytest.approx(0.2 + (0.5 - 0.2) * (0.8 - 0.7) / (0.85 - 0.7))
+    floor, ceiling = bounds(_profiles(), 0.895)  # the full network (0.89) is below this floor
+    assert ceiling == 0.8 and floor == pytest.approx(0.5 + (0.8 - 0.5) * (0.895 - 0.85) / (0.9 - 0.85))
     with pytest.raises(TargetUnreachable):
         bounds(_profiles(), 0.95)
 
