@@ -14,7 +14,7 @@ import pytest
 from service.serving.autopilot import LatencyWindow
 from service.serving.autopilot_runtime import AutopilotRuntime
 from tests.api.conftest import AUTH, MODEL, assert_envelope, make_settings, sample_pngs, serve, store_digest
-from tests.api.test_e2e import start, stop
+from tests.api.test_e2e import metric, start, stop
 from tests.factories import REPO
 
 
@@ -182,14 +182,14 @@ def test_real_server_engages_moves_and_disengages(tiny_store_root: Path, tmp_pat
             assert r.json()["autopilot"]["enabled"] and active_json(store / MODEL)["autopilot"]["latency_slo_ms"] == 1
             version = r.json()["version"]
             info = _post_until_moved(c, png)
-            assert info["moves"] >= 1 and info["p99_ms"] is not None
+            assert info["moves"] >= 1
             assert info["operating"]["flops_fraction"] < info["ceiling_flops_fraction"]
             assert info["operating"]["name"] != "full" and info["why"]
             answer = c.post("/classify", content=png, headers={"Content-Type": "image/png"}).json()
             assert answer["version"] == version and answer["profile"] != "full"  # moved in memory, same version
             metrics = c.get("/metrics").text
             assert 'classmeans_autopilot_enabled{model="tiny"} 1.0' in metrics
-            assert 'classmeans_autopilot_moves_total{direction="down",model="tiny"}' in metrics
+            assert metric(metrics, "classmeans_autopilot_moves_total", direction="down") >= 1  # 1 ms: it cut
 
             r = c.post("/profiles", json={"name": "full"}, headers=AUTH)
             assert r.status_code == 200 and r.json()["autopilot"]["enabled"] is False
