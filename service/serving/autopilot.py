@@ -17,11 +17,13 @@ is estimated below ``min_accuracy``, the costliest vertex that meets it).
              reject_pressure if rejected )  # any 503/504 since the last move is an emergency
 
 The queue term is the leading indicator (latency percentiles lag); it may use a share ``q`` of the budget.
+The runtime takes the larger of the batcher's backlog over its recent throughput and the event loop's lag
+(how late its own timer fires: requests waiting to be parsed are invisible to the batcher).
 
 **Moves** (AIMD with a dead band):
 
 * ``x > high``: multiplicative decrease, ``f <- max(f_floor, f * clip((high / x) ** gain, max_cut, min_cut))``
-  at most every ``down_dwell_s``: the further over, the bigger the cut (at most ``max_cut``, e.g. halve).
+  at most every ``down_dwell_s``: the further over, the bigger the cut (at most ``max_cut``: a quarter).
 * ``x < low``: additive increase, ``f <- min(f_ceiling, f + up_step * (f_ceiling - f_floor))`` at most every
   ``up_dwell_s`` (slow up, fast down).
 * ``low <= x <= high``: the dead band; hold.
@@ -30,8 +32,8 @@ The queue term is the leading indicator (latency percentiles lag); it may use a 
 ``f`` only falls (to the floor at worst), below it ``f`` only rises. Under a load that depends on ``f``,
 a cut at ``f_bad`` remembers ``f_bad``: for ``hold_s`` seconds an up-move stops half a step below it. A cut
 right after an up-move (a failed probe) doubles ``hold_s`` (up to ``max_hold_s``), so probes into a
-region known to be too expensive become rare (exponential back-off); ``hold_s`` resets after ``max_hold_s``
-without cuts.
+region known to be too expensive become rare (exponential back-off) and start from the lowest point known too
+expensive; ``hold_s`` resets after ``2 * max_hold_s`` without cuts.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class Tuning:
     queue_share: float = 0.5
     reject_pressure: float = 2.0
     gain: float = 1.0
-    max_cut: float = 0.5
+    max_cut: float = 0.25
     min_cut: float = 0.9
     up_step: float = 0.1
     down_dwell_s: float = 0.5
@@ -190,12 +192,15 @@ class Controller:
             return self._hold_at(x, f"pressure {x:.2f} over {self.t.high} but at the floor f={self.floor:.3f}")
         if now - self.last_move_t < self.t.down_dwell_s:
             return self._hold_at(x, f"pressure {x:.2f}: waiting out the dwell time before cutting")
-        if now - self._last_down_t > self.t.max_hold_s:
-            self._hold = self.t.hold_s
+        if now - self._last_down_t > 2 * self.t.max_hold_s:
+            self._hold = self.t.hold_s  # long quiet: forget the back-off
         failed_probe = self._last_dir > 0 and now - self.last_move_t <= self.t.probe_window_s
+        bad = self.f
         if failed_probe:
             self._hold = min(2 * self._hold, self.t.max_hold_s)
-        self._bad_f, self._bad_until = self.f, now + self._hold
+            if self._bad_f is not None:
+                bad = min(bad, self._bad_f)  # the lower point known too slow is still too slow
+        self._bad_f, self._bad_until = bad, now + self._hold
         cut = min(self.t.min_cut, max(self.t.max_cut, (self.t.high / x) ** self.t.gain))
         old = self.f
         self.f = self._clip(self.f * cut)

@@ -73,6 +73,7 @@ class AutopilotRuntime:
         self._samples = batcher.stats.samples
         self._samples_t = clock()
         self._rate = 0.0
+        self.loop_lag_s = 0.0
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -90,7 +91,9 @@ class AutopilotRuntime:
 
     async def _loop(self) -> None:
         while True:
+            t0 = time.monotonic()
             await asyncio.sleep(self.tick_s)
+            self.loop_lag_s = max(0.0, time.monotonic() - t0 - self.tick_s)  # a busy loop fires timers late
             try:
                 self.tick()
             except Exception:  # the loop must survive anything; the operating point stays as it is
@@ -159,7 +162,7 @@ class AutopilotRuntime:
         w = self.window.stats(self.window_s, since=since)
         queued = self.batcher.queued_samples
         delay = queued / self._rate if self._rate > 0 else (self.window_s if queued else 0.0)
-        return Signal(w.p99_s, delay, w.rejected, w.count)
+        return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count)
 
     def tick(self) -> None:
         self.follow()

@@ -107,9 +107,9 @@ def test_a_constant_signal_never_reverses(p99):
 def test_dwell_time_limits_the_rate_of_cuts():
     clock = FakeClock()
     ctl = controller(clock, down_dwell_s=1.0)
-    trace = drive(ctl, clock, [Signal(0.1, 0.0, 0, 100)] * 8)  # 2 s of pressure 2.5
+    trace = drive(ctl, clock, [Signal(0.2, 0.0, 0, 100)] * 8)  # 2 s of pressure 5
     assert sum(1 for _, d in trace if d) == 2
-    assert trace[0][0] == pytest.approx(CEILING * 0.5)  # a big overshoot cuts by the most allowed
+    assert trace[0][0] == pytest.approx(CEILING * 0.25)  # a big overshoot cuts by the most allowed
 
 
 def test_small_overshoot_cuts_a_little():
@@ -153,6 +153,23 @@ def test_settles_under_constant_load(lam):
     assert all(d == 0 for _, d in trace[settled:]), [i * TICK for i, (_, d) in enumerate(trace) if d]
     assert max(p99s[settled:]) <= 0.04
     assert FLOOR <= trace[-1][0] <= CEILING
+
+
+def test_backs_off_from_a_cliff():
+    """A capacity cliff: fine (pressure 0.3) up to f = 0.5, far over (1.5) above it; the dead band alone
+    cannot stop an up-step from crossing it. The memory of the failed point, with a hold that doubles on
+    every failed probe, keeps the probes rare: few cuts in 10 minutes, almost no time over the cliff."""
+    clock = FakeClock()
+    ctl = controller(clock)
+    trace = []
+    for _ in range(int(600 / TICK)):
+        clock.t += TICK
+        d = ctl.step(Signal(0.3 * 0.04 if ctl.f <= 0.5 else 1.5 * 0.04, 0.0, 0, 100))
+        trace.append((d.f, d.direction))
+    cuts = sum(1 for _, d in trace if d < 0)
+    assert cuts <= 8, cuts  # without the memory: a cut every few seconds (~150)
+    assert sum(1 for f, _ in trace if f > 0.5) <= 0.01 * len(trace)
+    assert 0.4 < trace[-1][0] <= 0.5
 
 
 def test_follows_a_burst_down_and_back_up():
