@@ -1,6 +1,6 @@
 """The latency autopilot's controller: hold a p99 target by moving along the accuracy-cost curve.
 
-Pure logic, no HTTP, no disk, no torch; the clock is injected (tests drive it by hand). The runtime loop
+Pure logic, no HTTP, no disk; the clock is injected (tests drive it by hand). The runtime loop
 (:mod:`service.serving.autopilot_runtime`) feeds it a :class:`Signal` a few times a second and publishes the
 hull point for the FLOPs budget it returns.
 
@@ -47,11 +47,12 @@ from typing import Any
 
 import numpy as np
 
+from service.earlyexit.ic_rules import MODES
+
 Clock = Callable[[], float]
 
 MIN_TARGET_MS = 1.0  # below: not a latency a network can be served in over HTTP
 MAX_TARGET_MS = 60_000.0  # above: not a latency target but a timeout
-AUTOPILOT_MODES = ("cm", "ic_prob", "ic_entropy", "combined")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class AutopilotConfig:
             raise ValueError(f"latency_slo_ms must be between {MIN_TARGET_MS:g} and {MAX_TARGET_MS:g}")
         if self.min_accuracy is not None and not (math.isfinite(self.min_accuracy) and 0 <= self.min_accuracy <= 1):
             raise ValueError("min_accuracy must be between 0 and 1")
-        if self.mode not in AUTOPILOT_MODES:
+        if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}")
 
     @property

@@ -131,7 +131,8 @@ class AutopilotRuntime:
         snap = self.engine.snapshot
         old = self.state
         if old is not None and old.config == config and old.bundle == snap.bundle_id:
-            old.version = version  # same request re-persisted or adopted: keep the controller's state
+            old.version = version  # same configuration re-persisted or adopted from the store: keep the
+            self._publish(old.controller.f, 0)  # controller's state, and its point (not the persisted one)
             return
         floor, ceiling = self.check(config)
         ctl = Controller(config.target_s, floor, ceiling, snap.operating.flops_fraction, self.clock, self.tuning)

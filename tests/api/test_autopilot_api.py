@@ -200,3 +200,30 @@ def test_real_server_engages_moves_and_disengages(tiny_store_root: Path, tmp_pat
             assert c.get("/profiles").json()["autopilot"]["enabled"] is False
     finally:
         stop(srv)
+
+
+async def test_a_new_version_with_the_same_configuration_keeps_the_controllers_point(tiny_store: Path):
+    """What a follower process sees when another process re-persists the same configuration: the controller
+    and the point it moved to survive the version bump."""
+    async with serve(make_settings(tiny_store)) as s:
+        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
+        assert (await s.client.post("/profiles", json={"latency_slo_ms": 10}, headers=AUTH)).status_code == 200
+        await s.state.autopilot.stop()
+        clock = FakeClock()
+        window = LatencyWindow(clock=clock)
+        rt = AutopilotRuntime(s.state.engine, s.state.batcher, window, s.state.metrics, clock=clock)
+        rt.follow()
+        for _ in range(3):
+            for _ in range(30):
+                window.record(0.05, ok=True, now=clock.t)
+            clock.t += 0.5
+            rt.tick()
+        moved, ctl = s.state.engine.snapshot.operating, rt.state.controller
+        assert moved.flops_fraction < 1.0
+        engine = s.state.engine
+        engine.move_operating(1.0, "cm", engine.snapshot.version)  # as a follower adopting a persisted state
+        engine.persist_autopilot(rt.state.config.to_json())  # at the full network: a version bump, same config
+        assert engine.snapshot.operating != moved
+        rt.follow()
+        assert rt.state.controller is ctl and rt.state.version == s.state.engine.snapshot.version
+        assert s.state.engine.snapshot.operating == moved
