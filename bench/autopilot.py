@@ -118,6 +118,17 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def wait_quiet(max_load: float, max_wait_s: float) -> float | None:
+    """Wait (bounded) until the 1-minute load average is at most ``max_load``; returns the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        reading = loadavg()
+        one = float(reading.split()[0]) if reading else None
+        if one is None or one <= max_load or time.monotonic() >= deadline:
+            return one
+        time.sleep(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
@@ -136,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--no-litserve", action="store_true")
+    ap.add_argument("--wait-quiet", type=float, default=None, metavar="LOAD",
+                    help="first wait (up to --wait-max-s) until the 1-minute load average is at most LOAD")
+    ap.add_argument("--wait-max-s", type=float, default=600.0)
     args = ap.parse_args(argv)
+    if args.wait_quiet is not None:
+        got = wait_quiet(args.wait_quiet, args.wait_max_s)
+        print(f"[autopilot] waited for load average <= {args.wait_quiet}: now {got}", flush=True)
     t0 = time.perf_counter()
     images = load_images(args.images)
     results: dict[str, Any] = {"environment": environment(args.torch_threads),
