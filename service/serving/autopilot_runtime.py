@@ -62,11 +62,12 @@ class AutopilotRuntime:
     """One per serving process: follows the persisted configuration and runs the controller."""
 
     def __init__(self, engine: Engine, batcher: Batcher, window: LatencyWindow, metrics: Metrics | None = None,
-                 tuning: Tuning | None = None, tick_s: float = 0.25, window_s: float = 3.0,
+                 tuning: Tuning | None = None, tick_s: float = 0.25, window_s: float = 3.0, min_samples: int = 50,
                  clock: Clock = time.monotonic) -> None:
         self.engine, self.batcher, self.window, self.metrics = engine, batcher, window, metrics
         self.tuning = tuning or Tuning()
         self.tick_s, self.window_s, self.clock = tick_s, window_s, clock
+        self.min_samples = min_samples  # fewer answers since the last move: no p99 (the max of a few is noise)
         self.state: _Engaged | None = None
         self.last_signal = Signal(None)
         self._seen_version: int | None = None
@@ -160,7 +161,7 @@ class AutopilotRuntime:
             self._rate = inst if self._rate == 0.0 else 0.5 * self._rate + 0.5 * inst
         self._samples, self._samples_t = samples, now
         since = self.state.controller.last_move_t if self.state is not None else -float("inf")
-        w = self.window.stats(self.window_s, since=since)
+        w = self.window.stats(self.window_s, since=since, min_samples=self.min_samples)
         queued = self.batcher.queued_samples
         delay = queued / self._rate if self._rate > 0 else (self.window_s if queued else 0.0)
         return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count)

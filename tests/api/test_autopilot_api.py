@@ -119,8 +119,8 @@ async def test_moves_stay_in_memory_and_answers_name_the_point(tiny_store: Path)
         ceiling = rt.state.controller.ceiling
         assert rt.state.controller.f == ceiling  # starts where the service stood (the full network)
         version, before = s.state.engine.snapshot.version, store_digest(tiny_store)
-        for _ in range(6):  # 3 s of answers at 50 ms against a 10 ms target
-            for _ in range(30):
+        for _ in range(6):  # 3 s of answers (120/s) at 50 ms against a 10 ms target
+            for _ in range(60):
                 window.record(0.05, ok=True, now=clock.t)
             clock.t += 0.5
             rt.tick()
@@ -214,7 +214,7 @@ async def test_a_new_version_with_the_same_configuration_keeps_the_controllers_p
         rt = AutopilotRuntime(s.state.engine, s.state.batcher, window, s.state.metrics, clock=clock)
         rt.follow()
         for _ in range(3):
-            for _ in range(30):
+            for _ in range(60):
                 window.record(0.05, ok=True, now=clock.t)
             clock.t += 0.5
             rt.tick()
