@@ -23,6 +23,7 @@ from service.api.state import AppState
 from service.api.ui import install_ui
 from service.control.jobs import JobManager
 from service.control.recompute import abandoned_cleanup
+from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.batcher import Batcher
 from service.serving.engine import Engine, EngineLoadError
 from service.serving.follower import start_follower
@@ -67,6 +68,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
         state.engine, state.batcher = engine, batcher
         state.follower = start_follower(engine, s.follow_interval_s)  # switches made by other processes
+        state.autopilot = AutopilotRuntime(engine, batcher, state.latency, m)  # off unless active.json says on
+        state.autopilot.start()
         state.mark_ready()
         snap = engine.snapshot
         log.info("ready: model %s, bundle %s, profile %s (version %d)", engine.spec.name, snap.bundle_id,
@@ -77,6 +80,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.begin_shutdown()
         if state.follower is not None:
             state.follower.stop()
+        if state.autopilot is not None:
+            await state.autopilot.stop()
         if state.batcher is not None:
             await state.batcher.stop(timeout=s.graceful_timeout_s)
         restore_signals()
@@ -107,5 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, default=settings.max_body_bytes,
                        limits={"/admin/class-means": settings.max_upload_bytes})
     app.add_middleware(OipErrorMiddleware)  # /v2 paths: the protocol's error body (inside metrics: final status)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static,
+                       window=app.state.classmeans.latency)
     return app

@@ -7,10 +7,13 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.replica import add_worker_header
+from service.serving.autopilot import LatencyWindow
 from service.serving.metrics import Metrics
 
 # Probes and scrapes are neither "in flight" work nor admission-controlled.
 UNCOUNTED_INFLIGHT = frozenset({"/metrics", "/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
+# Inference routes whose latencies feed the autopilot's window (2xx/3xx: answered; 503/504: refused).
+INFERENCE_ENDPOINTS = frozenset({"/classify", "/v2/models/{model_name}/infer"})
 
 
 class MetricsMiddleware:
@@ -21,10 +24,12 @@ class MetricsMiddleware:
     matched no route is labelled with its path only if the path is a known static route, else ``unmatched``.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, static_paths: frozenset[str] = frozenset()) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, static_paths: frozenset[str] = frozenset(),
+                 window: LatencyWindow | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.static_paths = static_paths
+        self.window = window
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,7 +57,10 @@ class MetricsMiddleware:
                 m.inflight.labels(m.model).dec()
             endpoint = self._endpoint(scope)
             m.requests.labels(m.model, endpoint, str(status)).inc()
-            m.latency.labels(m.model, endpoint).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            m.latency.labels(m.model, endpoint).observe(seconds)
+            if self.window is not None and endpoint in INFERENCE_ENDPOINTS and (status < 400 or status in (503, 504)):
+                self.window.record(seconds, ok=status < 400)
 
     def _endpoint(self, scope: Scope) -> str:
         route = scope.get("route")

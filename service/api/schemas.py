@@ -94,27 +94,57 @@ class ProfilesResponse(BaseModel):
     internal_classifiers: dict[str, Any] = Field(
         description="the IC set: status (absent, loaded, failed), id, exits, modes, and why a mode is unavailable")
     profiles: list[ProfileInfo]
+    autopilot: AutopilotInfo = Field(default_factory=lambda: AutopilotInfo(enabled=False))
 
 
 class ProfileSwitch(BaseModel):
     """Exactly one of: a profile ``name``; ``min_accuracy`` (cheapest point at least this accurate);
-    ``max_flops_fraction`` (most accurate point at most this costly). ``mode`` picks the decision mode
-    whose hull a target is chosen on (default ``cm``); with a ``name`` it must be that profile's mode."""
+    ``max_flops_fraction`` (most accurate point at most this costly); ``latency_slo_ms`` (the latency
+    autopilot: hold this p99, never below ``min_accuracy`` when given). ``mode`` picks the decision mode
+    whose hull a target is chosen on (default ``cm``); with a ``name`` it must be that profile's mode.
+    Any switch without ``latency_slo_ms`` turns the autopilot off."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, min_length=1, max_length=200)
     min_accuracy: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_flops_fraction: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    latency_slo_ms: float | None = Field(None, ge=1.0, le=60_000.0, allow_inf_nan=False,
+                                         description="autopilot: p99 latency target in ms (1 .. 60000); "
+                                                     "min_accuracy is then its floor")
     mode: str | None = Field(None, min_length=1, max_length=40,
                              description="cm, ic_prob, ic_entropy or combined")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ProfileSwitch:
+        if self.latency_slo_ms is not None:
+            if self.name is not None or self.max_flops_fraction is not None:
+                raise ValueError("latency_slo_ms takes only min_accuracy (the floor) and mode")
+            return self
         given = [k for k in ("name", "min_accuracy", "max_flops_fraction") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of name, min_accuracy, max_flops_fraction")
+            raise ValueError("give exactly one of name, min_accuracy, max_flops_fraction, latency_slo_ms")
         return self
+
+
+class AutopilotInfo(BaseModel):
+    """The latency autopilot of the process that answered (each process steers on its own load)."""
+
+    enabled: bool
+    target_ms: float | None = Field(None, description="p99 target")
+    min_accuracy: float | None = Field(None, description="the floor asked for (estimated accuracy)")
+    mode: str | None = None
+    floor_flops_fraction: float | None = Field(None, description="cheapest point meeting min_accuracy")
+    ceiling_flops_fraction: float | None = Field(None, description="costliest point meeting the floor (1: the "
+                                                                   "full network)")
+    budget_flops_fraction: float | None = Field(None, description="the controller's FLOPs budget now")
+    operating: Operating | None = Field(None, description="the point it holds now (a mix of two vertices)")
+    why: str | None = Field(None, description="reason of the last decision")
+    pressure: float | None = Field(None, description="max(p99 / target, queue delay / (0.5 target)); >1 is over")
+    moves: int | None = None
+    p99_ms: float | None = Field(None, description="p99 of recent answers (None: too few)")
+    queue_delay_ms: float = Field(0.0, description="expected queue wait of a request arriving now")
+    window_samples: int = 0
 
 
 class ActiveState(BaseModel):
@@ -129,6 +159,7 @@ class SwitchResponse(BaseModel):
     version: int
     active: Operating
     previous: ActiveState
+    autopilot: AutopilotInfo | None = None
 
 
 # -- classify ------------------------------------------------------------------------------------------

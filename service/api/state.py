@@ -9,6 +9,8 @@ from typing import Any
 import anyio
 
 from service.control.jobs import JobManager
+from service.serving.autopilot import LatencyWindow
+from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.batcher import Batcher
 from service.serving.engine import Engine
 from service.serving.metrics import Metrics
@@ -28,6 +30,8 @@ class AppState:
     not_ready_reason: str = "the model is still loading"
     shutting_down: bool = False
     decode_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2))
+    latency: LatencyWindow = field(default_factory=LatencyWindow)  # recent inference latencies (autopilot)
+    autopilot: AutopilotRuntime | None = None
 
     def mark_ready(self) -> None:
         self.ready = True

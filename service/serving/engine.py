@@ -257,6 +257,49 @@ class Engine:
             self.metrics.set_active(new.bundle_id, new.profile_name, version)
         return True
 
+    # -- autopilot (service/serving/autopilot_runtime.py) ------------------------------------------------
+
+    def move_operating(self, max_flops_fraction: float, mode: str, version: int) -> Snapshot | None:
+        """In-memory move (the autopilot): serve the hull point for a FLOPs budget WITHOUT writing
+        ``active.json``; the version stays. Returns None, changing nothing, when the state is no longer at
+        ``version`` (a persisted switch won)."""
+        with self._lock:
+            snap = self._snapshot
+            if snap.version != version:
+                return None
+            op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode), max_flops_fraction=max_flops_fraction)
+            if op == snap.operating:
+                return snap
+            self._snapshot = make_snapshot(self.net, snap.bundle, op, snap.version, snap.updated, runner=snap.runner,
+                                           thresholds=snap.thresholds, fallback_from=snap.fallback_from, ic=snap.ic)
+            return self._snapshot
+
+    def persist_autopilot(self, config: dict[str, Any]) -> Snapshot:
+        """Persist the autopilot configuration as ``active.json``'s ``"autopilot"`` key (version + 1) with the
+        operating point serving now; every other persisted switch writes ``active.json`` without the key,
+        which turns the autopilot off."""
+        with self._lock:
+            old = self._snapshot
+            made: list[Snapshot] = []
+
+            def decide(stored: dict[str, Any] | None, base: int) -> dict[str, Any]:
+                if stored is not None and base > old.version and str(stored.get("bundle")) != old.bundle_id:
+                    raise BundleError(f"bundle {stored.get('bundle')} was activated elsewhere (version {base}); "
+                                      "retry", code="active_conflict")
+                new = make_snapshot(self.net, old.bundle, old.operating, max(base, old.version) + 1, _now_iso(),
+                                    runner=old.runner, thresholds=old.thresholds, ic=old.ic)
+                made.append(new)
+                return {"bundle": new.bundle_id, "operating": new.operating_json(), "version": new.version,
+                        "updated": new.updated, "autopilot": config}
+
+            update_active(self.model_dir, decide)  # under the store's writer lock, versions only grow
+            new = made[-1]
+            self._snapshot = new
+            log.info("autopilot %s persisted (version %d)", config, new.version)
+            if self.metrics is not None:
+                self.metrics.set_active(new.bundle_id, new.profile_name, new.version)
+            return new
+
     # -- inference (worker thread) -----------------------------------------------------------------------
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:

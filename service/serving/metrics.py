@@ -94,10 +94,23 @@ class Metrics:
                                       ["kind"], buckets=JOB_BUCKETS, registry=r)
         self.up = Gauge("classmeans_up", "1 when the model is loaded, warmed up and ready (with several worker "
                         "processes: how many are).", ["model"], registry=r, multiprocess_mode="livesum")
+        self.autopilot_enabled = Gauge("classmeans_autopilot_enabled", "1 while the latency autopilot steers the "
+                                       "operating point of this process (per process: pid label).", ["model"],
+                                       registry=r, multiprocess_mode="liveall")
+        self.autopilot_flops_fraction = Gauge("classmeans_autopilot_flops_fraction", "FLOPs fraction of the "
+                                              "operating point the autopilot holds now in this process (last value "
+                                              "once off; per process: pid label).", ["model"], registry=r,
+                                              multiprocess_mode="liveall")
+        self.autopilot_moves = Counter("classmeans_autopilot_moves", "Operating point moves made by the autopilot "
+                                       "(in memory, no active.json write), by direction (down: cheaper).",
+                                       ["model", "direction"], registry=r)
         self._active_labels: tuple[str, str] | None = None
         self.up.labels(model).set(0)
         self.inflight.labels(model).set(0)
         self.queue_depth.labels(model).set(0)
+        self.autopilot_enabled.labels(model).set(0)
+        for direction in ("down", "up"):
+            self.autopilot_moves.labels(model, direction)
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
         for outcome in ("succeeded", "failed"):

@@ -8,12 +8,15 @@ from pydantic import ValidationError
 
 from service.api import schemas
 from service.api.auth import require_admin
-from service.api.deps import EngineDep
+from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
 from service.api.inference import operating_info
 from service.api.limits import read_body_capped, require_json_object
+from service.earlyexit.hull import TargetUnreachable
+from service.serving.autopilot import AutopilotConfig
+from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.engine import Engine
-from service.serving.ic_serving import CM, profile_rows
+from service.serving.ic_serving import CM, check_mode, profile_rows
 from service.serving.snapshot import Snapshot
 from service.store.bundles import BundleError
 from service.store.estimates import estimate_info, read_measured
@@ -24,7 +27,8 @@ SWITCH_ERRORS = {401: {"model": schemas.ErrorBody, "description": "unauthorized"
                  404: {"model": schemas.ErrorBody, "description": "profile_not_found"},
                  409: {"model": schemas.ErrorBody, "description": "mode_unavailable (no usable ICs for that mode)"},
                  422: {"model": schemas.ErrorBody,
-                       "description": "invalid_target, target_unreachable, unknown_mode, mode_mismatch"}}
+                       "description": "invalid_target, target_unreachable, floor_unreachable, unknown_mode, "
+                                      "mode_mismatch"}}
 
 
 def _share(snap: Snapshot, name: str) -> float:
@@ -50,8 +54,13 @@ def switch_response(engine: Engine, new: Snapshot, old: Snapshot) -> schemas.Swi
                                   active=operating_info(new), previous=active_state(old))
 
 
+def autopilot_info(runtime: AutopilotRuntime | None) -> schemas.AutopilotInfo:
+    return schemas.AutopilotInfo.model_validate(runtime.info()) if runtime is not None else \
+        schemas.AutopilotInfo(enabled=False)
+
+
 @router.get("/profiles", response_model=schemas.ProfilesResponse)
-async def list_profiles(engine: EngineDep) -> schemas.ProfilesResponse:
+async def list_profiles(state: StateDep, engine: EngineDep) -> schemas.ProfilesResponse:
     """Every profile that can serve now (the bundle's class-means profiles, then the IC profiles of each
     mode), with its mode, held-out accuracy and FLOPs fraction (IC costs included)."""
     snap = engine.snapshot
@@ -66,7 +75,8 @@ async def list_profiles(engine: EngineDep) -> schemas.ProfilesResponse:
     ic_info = engine.ic_store.info(snap.ic)
     return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
                                     active=operating_info(snap), default_profile=b.default_profile,
-                                    modes=ic_info["modes"], internal_classifiers=ic_info, profiles=rows)
+                                    modes=ic_info["modes"], internal_classifiers=ic_info, profiles=rows,
+                                    autopilot=autopilot_info(state.autopilot))
 
 
 SWITCH_BODY = {"requestBody": {"required": True, "content": {
@@ -75,8 +85,9 @@ SWITCH_BODY = {"requestBody": {"required": True, "content": {
 
 @router.post("/profiles", response_model=schemas.SwitchResponse, responses=SWITCH_ERRORS,
              dependencies=[Depends(require_admin)], openapi_extra=SWITCH_BODY)
-async def switch_profile(request: Request, engine: EngineDep) -> schemas.SwitchResponse:
-    """Switch by name, or by target (maybe a time-shared mix); persisted, atomic for in-flight requests."""
+async def switch_profile(request: Request, state: StateDep, engine: EngineDep) -> schemas.SwitchResponse:
+    """Switch by name, or by target (maybe a time-shared mix); persisted, atomic for in-flight requests.
+    ``latency_slo_ms`` turns the latency autopilot on (persisted); any other switch turns it off."""
     raw = require_json_object(await read_body_capped(request, 64 * 1024, "body"))
     try:
         target = schemas.ProfileSwitch.model_validate(raw)
@@ -85,10 +96,30 @@ async def switch_profile(request: Request, engine: EngineDep) -> schemas.SwitchR
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise ApiError(422, "invalid_target", f"{where}: {first.get('msg', 'invalid target')}") from None
     old = engine.snapshot
-    if target.name is not None:
+    if target.latency_slo_ms is not None:
+        new = await _engage_autopilot(state.autopilot, engine, target)
+    elif target.name is not None:
         new = await anyio.to_thread.run_sync(engine.switch_profile, target.name, target.mode)
     else:
         new = await anyio.to_thread.run_sync(
             lambda: engine.switch_target(min_accuracy=target.min_accuracy,
                                          max_flops_fraction=target.max_flops_fraction, mode=target.mode))
-    return switch_response(engine, new, old)
+    if state.autopilot is not None:
+        state.autopilot.follow()  # on with the new configuration, or off after any other switch
+    out = switch_response(engine, engine.snapshot if target.latency_slo_ms is not None else new, old)
+    out.autopilot = autopilot_info(state.autopilot)
+    return out
+
+
+async def _engage_autopilot(runtime: AutopilotRuntime | None, engine: Engine,
+                            target: schemas.ProfileSwitch) -> Snapshot:
+    """Validate everything first (nothing changes on a 4xx), then persist the configuration."""
+    check_mode(target.mode)  # 422 unknown_mode
+    if runtime is None:
+        raise ApiError(503, "not_ready", "the autopilot is not running")
+    config = AutopilotConfig(float(target.latency_slo_ms or 0), target.min_accuracy, target.mode or "cm")
+    try:
+        runtime.check(config)  # 409 mode_unavailable
+    except TargetUnreachable as exc:
+        raise ApiError(422, "floor_unreachable", f"min_accuracy {target.min_accuracy}: {exc}") from None
+    return await anyio.to_thread.run_sync(engine.persist_autopilot, config.to_json())

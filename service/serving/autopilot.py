@@ -1,0 +1,277 @@
+"""The latency autopilot's controller: hold a p99 target by moving along the accuracy-cost curve.
+
+Pure logic, no HTTP, no disk; the clock is injected (tests drive it by hand). The runtime loop
+(:mod:`service.serving.autopilot_runtime`) feeds it a :class:`Signal` a few times a second and publishes the
+hull point for the FLOPs budget it returns.
+
+**Output.** A continuous FLOPs-fraction budget ``f`` in ``[f_floor, f_ceiling]``; the engine turns ``f`` into
+the most accurate hull point costing at most ``f`` (a time-shared mix of two vertices between vertices), so
+the operating point moves continuously. ``f_floor`` is the cheapest point meeting the operator's
+``min_accuracy`` (or the cheapest point of the mode), ``f_ceiling`` the full network (or, when the full network
+is estimated below ``min_accuracy``, the costliest vertex that meets it).
+
+**Pressure.** One number per tick, the worst of three ratios to the target ``T`` (``> 1``: over target)::
+
+    x = max( p99 / T,                       # recent p99 of answered requests (after the last move)
+             queue_delay / (q * T),         # expected wait of a request arriving now; q = queue_share
+             reject_pressure if rejected )  # any 503/504 since the last move is an emergency
+
+The queue term is the leading indicator (latency percentiles lag); it may use a share ``q`` of the budget.
+The runtime takes the larger of the batcher's backlog over its recent throughput and the event loop's lag
+(how late its own timer fires: requests waiting to be parsed are invisible to the batcher).
+
+**Moves** (AIMD with a dead band):
+
+* ``x > high``: multiplicative decrease, ``f <- max(f_floor, f * clip((high / x) ** gain, max_cut, min_cut))``
+  at most every ``down_dwell_s``: the further over, the bigger the cut (at most ``max_cut``: a quarter).
+* ``x < low``: additive increase, ``f <- min(f_ceiling, f + up_step * (f_ceiling - f_floor))`` at most every
+  ``up_dwell_s`` (slow up, fast down).
+* ``low <= x <= high``: the dead band; hold.
+
+**Hysteresis.** A constant signal never reverses the direction: inside the band nothing moves, above it
+``f`` only falls (to the floor at worst), below it ``f`` only rises. Under a load that depends on ``f``,
+a cut at ``f_bad`` remembers ``f_bad``: for ``hold_s`` seconds an up-move stops half a step below it. A cut
+right after an up-move (a failed probe) doubles ``hold_s`` (up to ``max_hold_s``), so probes into a
+region known to be too expensive become rare (exponential back-off) and start from the lowest point known too
+expensive; ``hold_s`` resets after ``2 * max_hold_s`` without cuts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.earlyexit.ic_rules import MODES
+
+Clock = Callable[[], float]
+
+MIN_TARGET_MS = 1.0  # below: not a latency a network can be served in over HTTP
+MAX_TARGET_MS = 60_000.0  # above: not a latency target but a timeout
+
+
+@dataclass(frozen=True)
+class AutopilotConfig:
+    """What the operator asked for: a p99 target, an optional accuracy floor, the decision mode.
+
+    This (not the moving operating point) is what ``active.json`` persists under ``"autopilot"``.
+    """
+
+    target_ms: float
+    min_accuracy: float | None = None
+    mode: str = "cm"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.target_ms) and MIN_TARGET_MS <= self.target_ms <= MAX_TARGET_MS):
+            raise ValueError(f"latency_slo_ms must be between {MIN_TARGET_MS:g} and {MAX_TARGET_MS:g}")
+        if self.min_accuracy is not None and not (math.isfinite(self.min_accuracy) and 0 <= self.min_accuracy <= 1):
+            raise ValueError("min_accuracy must be between 0 and 1")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}")
+
+    @property
+    def target_s(self) -> float:
+        return self.target_ms / 1000.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"latency_slo_ms": self.target_ms, "min_accuracy": self.min_accuracy, "mode": self.mode}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> AutopilotConfig:
+        """From ``active.json``'s ``"autopilot"`` object; raises ``ValueError`` when malformed."""
+        if not isinstance(obj, dict) or "latency_slo_ms" not in obj:
+            raise ValueError("autopilot must be an object with latency_slo_ms")
+        try:
+            floor = obj.get("min_accuracy")
+            return cls(float(obj["latency_slo_ms"]), None if floor is None else float(floor),
+                       str(obj.get("mode") or "cm"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"autopilot: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The controller's constants (see the module docstring for what each does)."""
+
+    high: float = 0.8
+    low: float = 0.6
+    queue_share: float = 0.5
+    reject_pressure: float = 2.0
+    gain: float = 1.0
+    max_cut: float = 0.25
+    min_cut: float = 0.9
+    up_step: float = 0.1
+    down_dwell_s: float = 0.5
+    up_dwell_s: float = 1.5
+    hold_s: float = 10.0
+    max_hold_s: float = 120.0
+    probe_window_s: float = 5.0  # a cut this soon after an up-move counts as a failed probe
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high:
+            raise ValueError("need 0 < low < high")
+        if not 0 < self.max_cut <= self.min_cut < 1:
+            raise ValueError("need 0 < max_cut <= min_cut < 1")
+        if not 0 < self.up_step <= 1 or self.queue_share <= 0:
+            raise ValueError("up_step must be in (0, 1], queue_share positive")
+
+
+@dataclass(frozen=True)
+class Signal:
+    """What the server knows now. ``p99_s``: None when too few answers since the last move."""
+
+    p99_s: float | None
+    queue_delay_s: float = 0.0
+    rejected: int = 0
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    f: float  # the FLOPs-fraction budget to serve now
+    direction: int  # -1 cheaper, +1 more accurate, 0 held
+    pressure: float
+    reason: str
+
+
+class Controller:
+    """AIMD on the pressure ratio with a dead band, dwell times and a back-off memory (module docstring)."""
+
+    def __init__(self, target_s: float, f_floor: float, f_ceiling: float, f_start: float | None = None,
+                 clock: Clock = time.monotonic, tuning: Tuning | None = None) -> None:
+        if not (target_s > 0 and 0 < f_floor <= f_ceiling):
+            raise ValueError("need target_s > 0 and 0 < f_floor <= f_ceiling")
+        self.target_s = target_s
+        self.floor, self.ceiling = f_floor, f_ceiling
+        self.t = tuning or Tuning()
+        self.clock = clock
+        self.f = self._clip(f_ceiling if f_start is None else f_start)
+        self.moves = 0
+        self.pressure = 0.0
+        self.reason = "engaged"
+        self.last_move_t = -math.inf
+        self._last_dir = 0
+        self._last_down_t = -math.inf
+        self._bad_f: float | None = None
+        self._bad_until = -math.inf
+        self._hold = self.t.hold_s
+
+    def _clip(self, f: float) -> float:
+        return min(self.ceiling, max(self.floor, f))
+
+    def pressure_of(self, s: Signal) -> float:
+        x = s.queue_delay_s / (self.t.queue_share * self.target_s)
+        if s.p99_s is not None:
+            x = max(x, s.p99_s / self.target_s)
+        if s.rejected:
+            x = max(x, self.t.reject_pressure)
+        return x
+
+    def step(self, s: Signal) -> Decision:
+        """One tick: maybe move ``f``; returns the budget, the direction and why."""
+        now = self.clock()
+        x = self.pressure = self.pressure_of(s)
+        if x > self.t.high:
+            d = self._down(now, x)
+        elif x < self.t.low:
+            d = self._up(now, x)
+        else:
+            d = self._hold_at(x, f"pressure {x:.2f} inside the dead band [{self.t.low}, {self.t.high}]")
+        self.reason = d.reason
+        return d
+
+    def _hold_at(self, x: float, why: str) -> Decision:
+        return Decision(self.f, 0, x, why)
+
+    def _down(self, now: float, x: float) -> Decision:
+        if self.f <= self.floor:
+            return self._hold_at(x, f"pressure {x:.2f} over {self.t.high} but at the floor f={self.floor:.3f}")
+        if now - self.last_move_t < self.t.down_dwell_s:
+            return self._hold_at(x, f"pressure {x:.2f}: waiting out the dwell time before cutting")
+        if now - self._last_down_t > 2 * self.t.max_hold_s:
+            self._hold = self.t.hold_s  # long quiet: forget the back-off
+        failed_probe = self._last_dir > 0 and now - self.last_move_t <= self.t.probe_window_s
+        bad = self.f
+        if failed_probe:
+            self._hold = min(2 * self._hold, self.t.max_hold_s)
+            if self._bad_f is not None:
+                bad = min(bad, self._bad_f)  # the lower point known too slow is still too slow
+        self._bad_f, self._bad_until = bad, now + self._hold
+        cut = min(self.t.min_cut, max(self.t.max_cut, (self.t.high / x) ** self.t.gain))
+        old = self.f
+        self.f = self._clip(self.f * cut)
+        self._moved(now, -1)
+        self._last_down_t = now
+        why = (f"pressure {x:.2f} > {self.t.high}: cut f {old:.3f} -> {self.f:.3f}"
+               + (f" (failed probe; hold {self._hold:.0f} s)" if failed_probe else ""))
+        return Decision(self.f, -1, x, why)
+
+    def _up(self, now: float, x: float) -> Decision:
+        if self.f >= self.ceiling:
+            return self._hold_at(x, f"pressure {x:.2f} < {self.t.low}: at full accuracy")
+        if now - self.last_move_t < self.t.up_dwell_s:
+            return self._hold_at(x, f"pressure {x:.2f}: waiting out the dwell time before raising")
+        step = self.t.up_step * (self.ceiling - self.floor)
+        new = min(self.ceiling, self.f + step)
+        if self._bad_f is not None and now < self._bad_until:
+            new = min(new, self._bad_f - step / 2)
+            if new <= self.f + 1e-9:
+                return self._hold_at(x, f"pressure {x:.2f} < {self.t.low}, but f={self._bad_f:.3f} was too slow; "
+                                        f"holding for {self._bad_until - now:.0f} s more")
+        old = self.f
+        self.f = new
+        self._moved(now, +1)
+        return Decision(self.f, +1, x, f"pressure {x:.2f} < {self.t.low}: raise f {old:.3f} -> {self.f:.3f}")
+
+    def _moved(self, now: float, direction: int) -> None:
+        self.moves += 1
+        self.last_move_t = now
+        self._last_dir = direction
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    count: int  # answered requests considered
+    p99_s: float | None
+    rejected: int
+
+
+class LatencyWindow:
+    """A ring buffer of recent inference requests: ``(end time, latency, ok)``.
+
+    Fed on the event loop (one ``record`` per answered request); read by the runtime loop on the same loop,
+    so it needs no lock. Old entries fall off the end (``maxlen``) and out of the time window.
+    """
+
+    def __init__(self, maxlen: int = 8192, clock: Clock = time.monotonic) -> None:
+        self._buf: deque[tuple[float, float, bool]] = deque(maxlen=maxlen)
+        self.clock = clock
+
+    def record(self, latency_s: float, ok: bool, now: float | None = None) -> None:
+        self._buf.append((self.clock() if now is None else now, latency_s, ok))
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def stats(self, window_s: float, since: float = -math.inf, min_samples: int = 20) -> WindowStats:
+        """Requests that ended in the last ``window_s`` and started at or after ``since``: their p99
+        (None under ``min_samples`` answers) and how many were refused (non-2xx)."""
+        now = self.clock()
+        lat: list[float] = []
+        rejected = 0
+        for end, seconds, ok in reversed(self._buf):
+            if end < now - window_s:
+                break
+            if end - seconds < since:
+                continue
+            if ok:
+                lat.append(seconds)
+            else:
+                rejected += 1
+        p99 = float(np.percentile(lat, 99)) if len(lat) >= min_samples else None
+        return WindowStats(len(lat), p99, rejected)

@@ -1,0 +1,1 @@
+"""Tests of the online serving layer (service/serving) without HTTP."""
