@@ -138,7 +138,8 @@ def test_entrypoint_seeds_the_store_once(tmp_path):
     (seed / ".admin_token").write_text("not a model")
     store = tmp_path / "store"
     store.mkdir()
-    (store / ".seed-m1").mkdir()  # the leftover of a crashed copy
+    (store / ".seed-m1.host.12").mkdir()  # the leftover of a crashed copy, two hours old
+    os.utime(store / ".seed-m1.host.12", (time.time() - 7200, time.time() - 7200))
     env = {"PATH": os.environ["PATH"], "CLASSMEANS_STORE": str(store), "EMBEDDED_MODEL_STORE": str(seed)}
 
     def start() -> subprocess.CompletedProcess:
@@ -152,6 +153,26 @@ def test_entrypoint_seeds_the_store_once(tmp_path):
     (store / "m1" / "model.json").write_text('{"v": "uploaded"}')
     assert start().returncode == 0
     assert (store / "m1" / "model.json").read_text() == '{"v": "uploaded"}', "an existing model is kept"
+
+
+def test_entrypoint_seeds_once_when_replicas_start_together(tmp_path):
+    """`docker compose up --scale`: replicas seeding one shared volume at once end with one whole model and no
+    leftovers, and every one of them starts."""
+    seed = tmp_path / "seed"
+    (seed / "m1" / "bundles").mkdir(parents=True)
+    for i in range(200):
+        (seed / "m1" / "bundles" / f"f{i}").write_text("x" * 1000)
+    (seed / "m1" / "model.json").write_text('{"v": 1}')
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {"PATH": os.environ["PATH"], "CLASSMEANS_STORE": str(store), "EMBEDDED_MODEL_STORE": str(seed)}
+    procs = [subprocess.Popen(["sh", str(ENTRYPOINT_SH), "true"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(4)]
+    codes = [p.wait(timeout=60) for p in procs]
+    assert codes == [0, 0, 0, 0]
+    assert sorted(p.name for p in store.iterdir()) == ["m1"]
+    assert sorted(p.name for p in (store / "m1").iterdir()) == ["bundles", "model.json"], "no copy nested inside"
+    assert len(list((store / "m1" / "bundles").iterdir())) == 200
 
 
 def test_healthcheck_fails_when_nothing_listens():
