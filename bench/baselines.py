@@ -48,7 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from service.backbones import StageProfile
 from service.backbones.internal_classifiers import place_ics, pooling_kernel
-from service.earlyexit.ic_rules import CascadeCosts, CascadeTable, ICCosts, ICDecisionTable
+from service.earlyexit.cascade_table import CascadeCosts, CascadeTable
+from service.earlyexit.ic_rules import ICCosts, ICDecisionTable
 from service.offline.ics import FeatureCache, ICTrainConfig, ProgressFn, lr_at, optimiser_step, torch_threads
 
 BRANCH_TARGETS = (0.0, 1.0 / 3.0)

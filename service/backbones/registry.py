@@ -20,10 +20,14 @@ from service.backbones.cifar_resnet import DEPTHS, cifar_resnet
 from service.backbones.staged import StagedNetwork
 from service.backbones.torchvision_resnet import NAMES as TORCHVISION_NAMES
 from service.backbones.torchvision_resnet import torchvision_resnet
+from service.errors import ServiceError
 
 
-class BackboneError(ValueError):
+class BackboneError(ServiceError, ValueError):
     """The architecture description cannot be turned into a staged network."""
+
+    code = "invalid_backbone"
+    status = 422
 
 
 def architecture_from_name(name: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Layout: ``class_name/file.ext``, optionally under one common top-level folder, which is stripped. Class names
 are sorted alphabetically (as torchvision's ``ImageFolder`` does) unless the caller passes the model's.
 
-Security rules (DESIGN.md section 5; research 2b and checklist rows A4-A11):
+Security rules (docs/design.md, "Untrusted input"):
 
 - Members are iterated and read into memory; nothing is extracted and nothing named by the archive touches
   the disk. The container type comes from magic bytes, not from the file name.

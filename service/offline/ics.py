@@ -42,7 +42,8 @@ from service.backbones import StagedNetwork, StageProfile
 from service.backbones.internal_classifiers import SDN_TARGETS, ICSet, place_ics, pool_pair, pooling_kernel
 from service.backbones.preprocess import Normalizer
 from service.earlyexit import ExitHead
-from service.earlyexit.ic_rules import MODES, ICCosts, ICDecisionTable, combined_seeds, search_mode
+from service.earlyexit.cascade_search import combined_seeds, search_mode
+from service.earlyexit.ic_rules import MODES, ICCosts, ICDecisionTable
 from service.ingest.labelled import LabelledImages
 from service.offline.training import augment_batch
 from service.store.bundles import BundleError

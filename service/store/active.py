@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.errors import ProfileNotFound
 from service.store.bundle_model import Bundle, load_bundle
 from service.store.bundles import BundleError, list_bundle_ids, read_active, write_active
 from service.store.model_dir import ModelSpec, load_model
@@ -23,7 +24,7 @@ def activate_bundle(model_dir: Path, bundle_id: str, profile: str | None = None,
     bundle = load_bundle(model_dir, bundle_id, spec, num_exits)
     name = profile or bundle.default_profile
     if name not in bundle.profile_names():
-        raise BundleError(f"profile {name!r} is not in bundle {bundle_id}", code="profile_not_found")
+        raise ProfileNotFound(f"profile {name!r} is not in bundle {bundle_id}")
     prev = read_active_or_none(model_dir)
     active = {"bundle": bundle_id, "operating": {"a": name}, "version": int((prev or {}).get("version", 0)) + 1,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

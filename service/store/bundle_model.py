@@ -18,7 +18,7 @@ from service.earlyexit import ExitCosts, ExitHead, Profile
 from service.earlyexit.exit_head import METRICS
 from service.earlyexit.reduction import reduced_dim
 from service.store.bundles import BundleError, BundleFiles, read_bundle, write_bundle
-from service.store.model_dir import ModelSpec
+from service.store.model_dir import ModelSpec, check_provenance
 
 FORMAT_VERSION = 1
 
@@ -90,11 +90,7 @@ def bundle_from_files(files: BundleFiles, spec: ModelSpec, num_exits: int | None
     try:
         if meta.get("format") != FORMAT_VERSION:
             raise BundleError(f"bundle {bid}: unsupported format {meta.get('format')!r}")
-        if spec.weights_sha256 and meta.get("weights_sha256") != spec.weights_sha256:
-            raise BundleError(f"bundle {bid} was calibrated on other weights than {spec.name}'s",
-                              code="bundle_model_mismatch")
-        if list(meta.get("classes", [])) != list(spec.classes):
-            raise BundleError(f"bundle {bid}: classes differ from the model's", code="bundle_model_mismatch")
+        check_provenance(meta, spec, f"bundle {bid}", "calibrated", BundleError, "bundle_model_mismatch")
         exits = meta["exits"]
         m = len(exits)
         if num_exits is not None and m != num_exits:

@@ -26,17 +26,10 @@ from service import __version__
 from service.api import schemas
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
-from service.api.inference import (
-    admit,
-    check_profile,
-    deadline_for,
-    decode_all,
-    rule_of,
-    run_inference,
-    state_headers,
-)
+from service.api.inference import Payload, check_profile, classify_samples, deadline_for, decode_all, state_headers
+from service.api.state import AppState
 from service.serving.engine import Engine
-from service.serving.snapshot import InferenceOutcome, InferenceRequest
+from service.serving.snapshot import InferenceOutcome
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
@@ -157,7 +150,7 @@ def _outputs(req: schemas.InferRequest, outcome: InferenceOutcome, engine: Engin
         "exit_layer": ("INT64", [n], [p.exit_index for p in preds]),
         "flops": ("FP64", [n], [p.flops for p in preds]),
         "probabilities": ("FP32", [n, k], probs.flatten().tolist()),
-        "rule": ("BYTES", [n], [rule_of(p, engine.net.num_exits) for p in preds]),
+        "rule": ("BYTES", [n], [p.rule for p in preds]),
     }
     out = []
     for o in req.outputs or [schemas.InferRequestedOutput(name=name) for name in OUTPUTS]:
@@ -170,6 +163,19 @@ def _outputs(req: schemas.InferRequest, outcome: InferenceOutcome, engine: Engin
         dt, shape, data = tensors[o.name]
         out.append(schemas.InferOutput(name=o.name, datatype=dt, shape=shape, data=data))
     return out
+
+
+def _payload(state: AppState, engine: Engine, inp: schemas.InferInput, n: int) -> Payload:
+    """The input's ``n`` samples, read after admission: base64 image files (BYTES) or normalised pixels (FP32)."""
+
+    async def load() -> np.ndarray | torch.Tensor:
+        if inp.datatype == "BYTES":
+            return await decode_all(state, engine, _decode_b64(inp.data, n))
+        if inp.datatype == "FP32":
+            return _fp32(inp, engine)
+        raise _bad(f"datatype {inp.datatype!r} is not accepted; use BYTES or FP32")
+
+    return Payload(n, load)
 
 
 @router.post("/models/{model_name}/infer", response_model=schemas.InferResponse, responses=ERRORS)
@@ -195,17 +201,9 @@ async def infer(model_name: str, body: schemas.InferRequest, state: StateDep, en
         raise ApiError(413, "too_many_files", f"at most {state.settings.max_files} samples per request")
     if n < 1:
         raise _bad("the input is empty")
-    admit(state, n)
-    if inp.datatype == "BYTES":
-        pixels = await decode_all(state, engine, _decode_b64(inp.data, n))
-        req = InferenceRequest(snap, pixels=pixels, profile=profile, exits_off=exits_off,
-                               top_k=engine.spec.num_classes)
-    elif inp.datatype == "FP32":
-        req = InferenceRequest(snap, tensor=_fp32(inp, engine), profile=profile, exits_off=exits_off,
-                               top_k=engine.spec.num_classes)
-    else:
-        raise _bad(f"datatype {inp.datatype!r} is not accepted; use BYTES or FP32")
-    outcome, _ = await run_inference(state, req, deadline)
+    done = await classify_samples(state, snap, _payload(state, engine, inp, n), deadline, profile, exits_off,
+                                  engine.spec.num_classes)
+    req, outcome = done.request, done.outcome
     preds = outcome.predictions
     full = snap.bundle.costs.full
     parameters: dict[str, Any] = {"bundle": snap.bundle_id, "profile": req.served_as, "version": snap.version,
@@ -214,11 +212,11 @@ async def infer(model_name: str, body: schemas.InferRequest, state: StateDep, en
         p = preds[0]
         parameters.update({"profile": p.profile, "exit_layer": p.exit_index, "exit_name": p.exit_name,
                            "flops": p.flops, "flops_fraction": p.flops / full, "confidence": p.confidence,
-                           "mode": p.mode, "rule": rule_of(p, snap.bundle.num_exits)})
+                           "mode": p.mode, "rule": p.rule})
         if p.profile != req.served_as:
             parameters["operating_point"] = req.served_as
     else:
-        parameters["rules"] = [rule_of(q, snap.bundle.num_exits) for q in preds]
+        parameters["rules"] = [q.rule for q in preds]
     resp = schemas.InferResponse(model_name=engine.spec.name, model_version=snap.bundle_id, id=body.id,
                                  parameters=parameters, outputs=_outputs(body, outcome, engine))
     return JSONResponse(resp.model_dump(), headers=state_headers(snap, req.served_as))
