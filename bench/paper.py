@@ -60,11 +60,9 @@ from service.earlyexit.hull import TargetUnreachable
 from service.earlyexit.ic_rules import ICCosts, ICDecisionTable, to_score_thresholds
 from service.ingest.npz import load_npz
 from service.offline.evaluation import evaluate_report, plot_curves, smallest_fraction_within
+from service.offline.ic_cache import FeatureCache, cache_key, extract_cache
 from service.offline.ics import (
-    FeatureCache,
     ICTrainConfig,
-    cache_key,
-    extract_cache,
     ic_costs,
     ic_table_from_cache,
     train_on_cache,

@@ -25,8 +25,6 @@ set of ICs names the bundle it was calibrated against.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,177 +37,18 @@ import torch
 import torch.nn.functional as F
 
 from service.backbones import StagedNetwork, StageProfile
-from service.backbones.internal_classifiers import SDN_TARGETS, ICSet, place_ics, pool_pair, pooling_kernel
+from service.backbones.internal_classifiers import SDN_TARGETS, ICSet, place_ics
 from service.backbones.preprocess import Normalizer
-from service.earlyexit import ExitHead
 from service.earlyexit.cascade_search import combined_seeds, search_mode
 from service.earlyexit.ic_rules import MODES, ICCosts, ICDecisionTable
 from service.ingest.labelled import LabelledImages
+from service.offline.ic_cache import FeatureCache, extract_cache
 from service.offline.training import augment_batch
 from service.store.bundles import BundleError
 from service.store.ic_sets import ic_costs, save_ics
 
 ProgressFn = Callable[[str, int, int], None]
 
-
-
-# --------------------------------------------------------------------------------------------- the cache
-
-
-@dataclass
-class FeatureCache:
-    """Per image, what the exit heads read, computed once with the backbone in eval mode.
-
-    ``pooled_max[i]``, ``pooled_avg[i]``: ``(N, D_i)`` flattened SDN-pooled maps at IC exit ``exits[i]``
-    (``D_i = C * 4 * 4``; equal when no pooling applies). ``logits (N, K)`` float32: the network's own.
-    ``labels (N,)`` int64. ``cm_top``, ``cm_pred`` ``(N, E)``: class-means top probability and nearest
-    mean at each IC exit (absent without heads); ``cm_all_top``, ``cm_all_pred`` ``(N, M - 1)``: the same at
-    every early exit of the backbone (0 where there is no head). ``maps[j]``: full ``(N, C, H, W)`` stage-``j`` outputs
-    (for conv branches). Arrays are numpy (memory, or ``.npy`` memory maps when a directory is given).
-    ``views``: 1, or 2 when the second half holds horizontally flipped copies of the first.
-    """
-
-    exits: tuple[int, ...]
-    pooled_max: list[np.ndarray]
-    pooled_avg: list[np.ndarray]
-    logits: np.ndarray
-    labels: np.ndarray
-    cm_top: np.ndarray | None = None
-    cm_pred: np.ndarray | None = None
-    maps: dict[int, np.ndarray] = field(default_factory=dict)
-    views: int = 1
-    cm_all_top: np.ndarray | None = None
-    cm_all_pred: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-def _alloc(out_dir: Path | None, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    if out_dir is None:
-        return np.empty(shape, dtype=dtype)
-    return np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-
-
-def _open(out_dir: Path, name: str) -> np.ndarray:
-    # Copy-on-write: readers may wrap it in a tensor; the file itself is never modified.
-    return np.load(out_dir / f"{name}.npy", mmap_mode="c", allow_pickle=False)
-
-
-def cache_key(spec_sha: str, images: np.ndarray, exits: Sequence[int], map_exits: Sequence[int],
-              bundle_id: str | None, dtype: str, flip: bool, map_grid: int | None = None) -> str:
-    """Identifies a cache: backbone weights, images (their sha256), exits, bundle, dtype, views."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(images).data)
-    return hashlib.sha256(json.dumps([spec_sha, h.hexdigest(), list(exits), list(map_exits), bundle_id, dtype,
-                                      flip, map_grid, 2]).encode()).hexdigest()[:20]
-
-
-@torch.inference_mode()
-def extract_cache(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, norm: Normalizer,
-                  exits: Sequence[int], cm_heads: dict[int, ExitHead] | None = None,
-                  map_exits: Sequence[int] = (), batch_size: int = 250, dtype: np.dtype | type = np.float32,
-                  flip_views: bool = False, progress: Callable[[int, int], None] | None = None,
-                  out_dir: Path | None = None, key: str | None = None, map_grid: int | None = None) -> FeatureCache:
-    """One pass (two with ``flip_views``) of the frozen backbone over ``images`` ``(N, H, W, 3)`` uint8.
-
-    ``map_exits``: stage outputs kept whole (float16), max-pooled to ``map_grid x map_grid`` when given.
-
-    With ``out_dir`` and ``key``: a finished cache with the same key there is reopened (memory-mapped)
-    instead of recomputed; a new one is written there as ``.npy`` files plus ``meta.json`` (last).
-    """
-    exits = tuple(int(e) for e in exits)
-    map_exits = tuple(int(e) for e in map_exits)
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        meta_path = out_dir / "meta.json"
-        if key is not None and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key and meta.get("complete"):
-                return reopen_cache(out_dir, meta)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)
-    net.eval()
-    n0 = images.shape[0]
-    views = 2 if flip_views else 1
-    n = n0 * views
-    x0 = norm(images[:1])
-    feats = net.run_stages(x0)
-    shapes = [tuple(f.shape[1:]) for f in feats]
-    k = int(net.head(feats[-1]).shape[1])
-    dims = []
-    for e in exits:
-        kern = pooling_kernel(shapes[e])
-        c, h, w = shapes[e]
-        dims.append(c * (h // kern) * (w // kern))
-    pmax = [_alloc(out_dir, f"max{i}", (n, d), dtype) for i, d in enumerate(dims)]
-    pavg = [_alloc(out_dir, f"avg{i}", (n, d), dtype) for i, d in enumerate(dims)]
-    logits_a = _alloc(out_dir, "logits", (n, k), np.float32)
-    labels_a = _alloc(out_dir, "labels", (n,), np.int64)
-    has_cm = cm_heads is not None
-    cm_top = _alloc(out_dir, "cm_top", (n, len(exits)), np.float32) if has_cm else None
-    cm_pred = _alloc(out_dir, "cm_pred", (n, len(exits)), np.int64) if has_cm else None
-    cm_all_top = _alloc(out_dir, "cm_all_top", (n, len(shapes)), np.float32) if has_cm else None
-    cm_all_pred = _alloc(out_dir, "cm_all_pred", (n, len(shapes)), np.int64) if has_cm else None
-    map_k = {j: (shapes[j][1] // map_grid if map_grid and shapes[j][1] > map_grid else 1) for j in map_exits}
-    maps = {j: _alloc(out_dir, f"map{j}", (n, shapes[j][0], shapes[j][1] // map_k[j], shapes[j][2] // map_k[j]),
-                      np.float16) for j in map_exits}
-    done = 0
-    for v in range(views):
-        for lo in range(0, n0, batch_size):
-            hi = min(n0, lo + batch_size)
-            x = norm(images[lo:hi])
-            if v == 1:
-                x = x.flip(3)
-            rlo, rhi = v * n0 + lo, v * n0 + hi
-            f = x
-            for j, stage in enumerate(net.stages):  # all of them: the network's own logits are needed too
-                f = stage(f)
-                if j in map_exits:
-                    fm = F.max_pool2d(f, map_k[j]) if map_k[j] > 1 else f
-                    maps[j][rlo:rhi] = fm.to(torch.float16).numpy()
-                if has_cm:
-                    assert cm_all_top is not None and cm_all_pred is not None and cm_heads is not None
-                    head = cm_heads.get(j)
-                    if head is None:
-                        cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j] = 0.0, 0
-                    else:
-                        c_, p_ = head.probabilities(f).max(1)
-                        cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j] = c_.numpy(), p_.numpy()
-                if j in exits:
-                    i = exits.index(j)
-                    mx, av = pool_pair(f, pooling_kernel(shapes[j]))
-                    pmax[i][rlo:rhi] = torch.flatten(mx, 1).numpy().astype(dtype, copy=False)
-                    pavg[i][rlo:rhi] = torch.flatten(av, 1).numpy().astype(dtype, copy=False)
-                    if has_cm:
-                        assert cm_top is not None and cm_pred is not None
-                        cm_top[rlo:rhi, i], cm_pred[rlo:rhi, i] = cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j]
-            logits_a[rlo:rhi] = net.head(f).float().numpy()
-            labels_a[rlo:rhi] = labels[lo:hi]
-            done += hi - lo
-            if progress is not None:
-                progress(done, n)
-    cache = FeatureCache(exits, pmax, pavg, logits_a, labels_a, cm_top, cm_pred, maps, views, cm_all_top, cm_all_pred)
-    if out_dir is not None:
-        for arr in [*pmax, *pavg, logits_a, labels_a, *maps.values(),
-                    *(a for a in (cm_top, cm_pred, cm_all_top, cm_all_pred) if a is not None)]:
-            if isinstance(arr, np.memmap):
-                arr.flush()
-        meta = {"key": key, "complete": True, "exits": list(exits), "map_exits": list(map_exits), "views": views,
-                "num_pooled": len(exits), "cm": has_cm}
-        (out_dir / "meta.json").write_text(json.dumps(meta) + "\n")
-    return cache
-
-
-def reopen_cache(out_dir: Path, meta: dict[str, Any]) -> FeatureCache:
-    e = int(meta["num_pooled"])
-    cm = bool(meta["cm"])
-    return FeatureCache(tuple(int(v) for v in meta["exits"]), [_open(out_dir, f"max{i}") for i in range(e)],
-                        [_open(out_dir, f"avg{i}") for i in range(e)], _open(out_dir, "logits"),
-                        _open(out_dir, "labels"), _open(out_dir, "cm_top") if cm else None,
-                        _open(out_dir, "cm_pred") if cm else None,
-                        {int(j): _open(out_dir, f"map{j}") for j in meta["map_exits"]}, int(meta["views"]),
-                        _open(out_dir, "cm_all_top") if cm else None, _open(out_dir, "cm_all_pred") if cm else None)
 
 
 # ------------------------------------------------------------------------------------------ the training

@@ -21,7 +21,8 @@ import torch
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.ingest.labelled import LabelledImages
 from service.offline.evaluation import decision_table_for
-from service.offline.ics import extract_cache, ic_table_from_cache
+from service.offline.ic_cache import extract_cache
+from service.offline.ics import ic_table_from_cache
 from service.serving.snapshot import Snapshot
 from service.store.ic_sets import ic_costs
 from tests.api.conftest import (
