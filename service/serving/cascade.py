@@ -289,7 +289,8 @@ class _Outputs:
         self.exit_index = torch.full((b,), num_exits - 1, dtype=torch.int64)
         self.pred = torch.zeros(b, dtype=torch.int64)
         self.conf = torch.zeros(b, dtype=torch.float32)
-        self.rule = torch.full((b,), FINAL_RULE, dtype=torch.int64)
+        self.codes = [FINAL_RULE] * num_exits  # rule of the rows leaving at exit j where one criterion family fired
+        self.rule: torch.Tensor | None = None  # per-row rules (-1: see ``codes``), once an exit had both families
         self.probs: torch.Tensor | None = None
         self.flops = torch.zeros(b, dtype=torch.float64)
         self.rows = torch.arange(b)
@@ -309,13 +310,12 @@ class _Outputs:
         fire = s.fire
         out = self.rows[fire]
         self.exit_index[out] = j
-        fc = s.fired_cm[fire] if s.fired_cm is not None else None
-        fi = s.fired_ic[fire] if s.fired_ic is not None else None
-        if fc is None:
-            self.rule[out] = _IC
-        elif fi is None:
-            self.rule[out] = _CM
+        if s.fired_cm is None or s.fired_ic is None:  # one family at this exit: its rule, for every row
+            self.codes[j] = _IC if s.fired_cm is None else _CM
         else:
+            fc, fi = s.fired_cm[fire], s.fired_ic[fire]
+            if self.rule is None:
+                self.rule = torch.full((self.b,), -1, dtype=torch.int64)
             self.rule[out] = torch.where(fi & fc, _BOTH, torch.where(fi, _IC, _CM))
         self.set_rows(out, s.pred[fire], s.top[fire], s.probs[fire])
         keep = ~fire
@@ -324,4 +324,7 @@ class _Outputs:
 
     def result(self) -> ExitResult:
         assert self.probs is not None
-        return ExitResult(self.exit_index, self.pred, self.conf, self.probs, self.flops, self.rule)
+        rule = torch.tensor(self.codes, dtype=torch.int64)[self.exit_index]
+        if self.rule is not None:
+            rule = torch.where(self.rule >= 0, self.rule, rule)
+        return ExitResult(self.exit_index, self.pred, self.conf, self.probs, self.flops, rule)

@@ -153,27 +153,35 @@ def load_ics(model_dir: Path, spec: ModelSpec, stage_profile: StageProfile, ics_
         except (SafetensorError, OSError, ValueError) as exc:
             raise ICError(f"IC set {ics_id}: cannot read tensors: {exc}") from exc
         ics = ICSet(exits, shapes, spec.num_classes, seed=None)
-        expected = ics.state_dict()
-        state = {}
-        for i in range(len(exits)):
-            for k in ("alpha", "linear.weight", "linear.bias"):
-                name = f"ic{i}.{k}"
-                t = tensors.get(name)
-                want = expected[f"ics.{i}.{k}"]
-                if t is None or t.dtype != torch.float32 or t.shape != want.shape:
-                    raise ICError(f"IC set {ics_id}: tensor {name} missing or not float32 {tuple(want.shape)}")
-                if not torch.isfinite(t).all():
-                    raise ICError(f"IC set {ics_id}: tensor {name} has non-finite values")
-                state[f"ics.{i}.{k}"] = t
-            if not 0.0 <= float(state[f"ics.{i}.alpha"]) <= 1.0:
-                raise ICError(f"IC set {ics_id}: alpha of IC {i} outside [0, 1]")
-        extra = set(tensors) - {f"ic{i}.{k}" for i in range(len(exits)) for k in ("alpha", "linear.weight",
-                                                                                  "linear.bias")}
-        if extra:
-            raise ICError(f"IC set {ics_id}: unexpected tensors {sorted(extra)}")
-        ics.load_state_dict(state, strict=True)
+        ics.load_state_dict(_checked_state(ics_id, tensors, ics.state_dict(), len(exits)), strict=True)
     except ICError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ICError(f"IC set {ics_id} is malformed: {exc!r}") from exc
     return ics.eval(), meta, profiles
+
+
+_IC_TENSORS = ("alpha", "linear.weight", "linear.bias")
+
+
+def _checked_state(ics_id: str, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], n: int
+                   ) -> dict[str, torch.Tensor]:
+    """The stored ``ic{i}.*`` tensors as the ICs' state dict: present, float32, the right shapes, finite,
+    ``0 <= alpha <= 1``, nothing else."""
+    state = {}
+    for i in range(n):
+        for k in _IC_TENSORS:
+            name = f"ic{i}.{k}"
+            t = tensors.get(name)
+            want = expected[f"ics.{i}.{k}"]
+            if t is None or t.dtype != torch.float32 or t.shape != want.shape:
+                raise ICError(f"IC set {ics_id}: tensor {name} missing or not float32 {tuple(want.shape)}")
+            if not torch.isfinite(t).all():
+                raise ICError(f"IC set {ics_id}: tensor {name} has non-finite values")
+            state[f"ics.{i}.{k}"] = t
+        if not 0.0 <= float(state[f"ics.{i}.alpha"]) <= 1.0:
+            raise ICError(f"IC set {ics_id}: alpha of IC {i} outside [0, 1]")
+    extra = set(tensors) - {f"ic{i}.{k}" for i in range(n) for k in _IC_TENSORS}
+    if extra:
+        raise ICError(f"IC set {ics_id}: unexpected tensors {sorted(extra)}")
+    return state

@@ -29,11 +29,11 @@ from service.cli.main import main
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.earlyexit.policy import ic_policy
 from service.offline.evaluation import decision_table_for
-from service.offline.ic_cache import extract_cache
+from service.offline.ic_operation import search_profiles
 from service.offline.ics import (
     ICTrainConfig,
+    extract_cache,
     ic_table_from_cache,
-    search_profiles,
     train_ics,
 )
 from service.serving.cascade import CascadeRunner
