@@ -120,7 +120,8 @@ def spawn(name: str, argv: list[str], log: Path, env: dict[str, str], port: int,
 
 def classmeans_env(store: Path, model: str, port: int, token: str, **settings: object) -> dict[str, str]:
     env = {"CLASSMEANS_STORE": str(store), "CLASSMEANS_MODEL": model, "CLASSMEANS_HOST": "127.0.0.1",
-           "CLASSMEANS_PORT": str(port), "CLASSMEANS_ADMIN_TOKEN": token, "CLASSMEANS_LOG_LEVEL": "warning"}
+           "CLASSMEANS_PORT": str(port), "CLASSMEANS_ADMIN_TOKEN": token, "CLASSMEANS_LOG_LEVEL": "warning",
+           "CLASSMEANS_WORKERS": "1"}
     env.update({f"CLASSMEANS_{k.upper()}": str(v) for k, v in settings.items()})
     return child_env(env)
 

@@ -80,9 +80,11 @@ def copy_store(model_dir: Path, work: Path) -> Path:
 
 
 def store_digest(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``model_dir``: equal digests mean the store did not change."""
+    """sha256 of every file under ``model_dir``: equal digests mean the store did not change. Job records and
+    lock files (``jobs/``, ``locks/``) are bookkeeping shared by the processes, not serving state: left out."""
     return {str(p.relative_to(model_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(model_dir.rglob("*")) if p.is_file()}
+            for p in sorted(model_dir.rglob("*"))
+            if p.is_file() and p.relative_to(model_dir).parts[0] not in ("jobs", "locks")}
 
 
 def tmp_leftovers(model_dir: Path) -> list[str]:

@@ -16,11 +16,16 @@ from service.api.errors import install_error_handlers
 from service.api.fastlane import ClassifyFastLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.middleware import MetricsMiddleware
+from service.api.oip.errors import OipErrorMiddleware
+from service.api.replica import drain_on_signal
 from service.api.routes import admin, classify, health, profiles, v2
 from service.api.state import AppState
+from service.api.ui import install_ui
 from service.control.jobs import JobManager
+from service.control.recompute import abandoned_cleanup
 from service.serving.batcher import Batcher
 from service.serving.engine import Engine, EngineLoadError
+from service.serving.follower import start_follower
 from service.serving.metrics import Metrics
 from service.serving.settings import Settings
 
@@ -41,7 +46,10 @@ def _load(settings: Settings, metrics: Metrics) -> Engine:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.classmeans
     s = state.settings
+    restore_signals = drain_on_signal(state)  # readiness flips to 503 on SIGTERM in every worker process
     state.token = await anyio.to_thread.run_sync(resolve_admin_token, s)
+    if (s.model_dir / "model.json").is_file():  # jobs whose process died are reported failed
+        await anyio.to_thread.run_sync(state.jobs.recover, abandoned_cleanup(s.model_dir))
     try:
         engine = await anyio.to_thread.run_sync(_load, s, state.metrics)
     except EngineLoadError as exc:
@@ -58,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                           on_wait=lambda sec: m.queue_wait.labels(m.model).observe(sec))
         await batcher.start()
         state.engine, state.batcher = engine, batcher
+        state.follower = start_follower(engine, s.follow_interval_s)  # switches made by other processes
         state.mark_ready()
         snap = engine.snapshot
         log.info("ready: model %s, bundle %s, profile %s (version %d)", engine.spec.name, snap.bundle_id,
@@ -66,8 +75,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.begin_shutdown()
+        if state.follower is not None:
+            state.follower.stop()
         if state.batcher is not None:
             await state.batcher.stop(timeout=s.graceful_timeout_s)
+        restore_signals()
         active = state.jobs.active
         if active is not None:
             log.warning("job %s is still running at shutdown; it is abandoned (the store stays consistent)",
@@ -78,18 +90,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
     metrics = Metrics(settings.model)
-    app = FastAPI(title="classmeans-serve", version=__version__, lifespan=lifespan,
+    # docs_url/redoc_url None: FastAPI's own pages load their assets from a CDN; install_ui serves /docs offline.
+    app = FastAPI(title="classmeans-serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image classification with training-free early exit (E2CM class means).")
-    app.state.classmeans = AppState(settings=settings, metrics=metrics, jobs=JobManager(metrics),
+    jobs = JobManager(metrics, model_dir=settings.model_dir)  # job records live in the store
+    app.state.classmeans = AppState(settings=settings, metrics=metrics, jobs=jobs,
                                     decode_limiter=anyio.CapacityLimiter(settings.decode_threads))
     install_error_handlers(app)
     for r in (health.router, classify.router, profiles.router, v2.router, admin.router):
         app.include_router(r)
+    install_ui(app)  # /ui, /ui/api/stats, /docs and /static (packaged files)
     static = frozenset(getattr(r, "path", "") for r in app.routes if "{" not in getattr(r, "path", "{"))
     classify_route = next((r for r in classify.router.routes if getattr(r, "path", None) == "/classify"), None)
     # Innermost (added first): the lean lane for raw-body /classify, inside the body limit and metrics.
     app.add_middleware(ClassifyFastLane, state=app.state.classmeans, route=classify_route)
     app.add_middleware(BodyLimitMiddleware, default=settings.max_body_bytes,
                        limits={"/admin/class-means": settings.max_upload_bytes})
+    app.add_middleware(OipErrorMiddleware)  # /v2 paths: the protocol's error body (inside metrics: final status)
     app.add_middleware(MetricsMiddleware, metrics=metrics, static_paths=static)
     return app

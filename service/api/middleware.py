@@ -6,6 +6,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.replica import add_worker_header
 from service.serving.metrics import Metrics
 
 # Probes and scrapes are neither "in flight" work nor admission-controlled.
@@ -13,7 +14,8 @@ UNCOUNTED_INFLIGHT = frozenset({"/metrics", "/livez", "/readyz", "/v2/health/liv
 
 
 class MetricsMiddleware:
-    """Observe every HTTP request: ``classmeans_requests_total``, latency, in-flight gauge.
+    """Observe every HTTP request: ``classmeans_requests_total``, latency, in-flight gauge; and name the
+    process that answered (``X-Classmeans-Worker``).
 
     The endpoint label is the matched route's template (``/v2/models/{model_name}/infer``); a request that
     matched no route is labelled with its path only if the path is a known static route, else ``unmatched``.
@@ -36,6 +38,7 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                add_worker_header(message)
             await send(message)
 
         m = self.metrics

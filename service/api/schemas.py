@@ -191,17 +191,27 @@ class BundlesResponse(BaseModel):
 
 # -- Open Inference Protocol v2 ------------------------------------------------------------------------
 
+class OipError(BaseModel):
+    """The Open Inference Protocol's error body, with this service's stable code beside the message."""
+
+    error: str = Field(description="what went wrong, for humans (the protocol's field)")
+    code: str = Field(description="stable machine-readable code (also in the X-Classmeans-Error-Code header)")
+
+
 class InferInput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    parameters: dict[str, Any] | None = None
-    data: Any
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: the input's bytes follow the JSON header (binary tensor extension)")
+    data: Any = Field(None, description="the tensor's elements (row-major, may be nested); BYTES images as "
+                                        "base64 strings. Absent when parameters.binary_data_size is given")
 
 
 class InferRequestedOutput(BaseModel):
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data: true for raw bytes after the JSON; classification: k for the top k")
 
 
 class InferRequest(BaseModel):
@@ -216,7 +226,7 @@ class InferOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = Field(None, description="absent for a binary output (parameters.binary_data_size)")
 
 
 class InferResponse(BaseModel):

@@ -4,6 +4,7 @@ engine's own swaps write them, so a request never sees a half-built state."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -21,6 +22,7 @@ class AppState:
     jobs: JobManager
     engine: Engine | None = None
     batcher: Batcher | None = None
+    follower: Any = None  # service.serving.follower.ActiveFollower once the engine is loaded
     token: str = ""
     ready: bool = False
     not_ready_reason: str = "the model is still loading"

@@ -1,45 +1,116 @@
-"""``classmeans serve``: the HTTP server (uvicorn, one worker) over ``create_app(settings)``.
+"""``classmeans serve``: the HTTP server (uvicorn) over ``create_app(settings)``, one or several worker processes.
 
-One worker per process on purpose: admin actions (profile switches, new bundles) change the state held in
-process memory, and metrics live in one registry. Scale by running more replicas (containers), each with
-its own store volume or a shared one. On SIGTERM readiness flips to 503 at once, uvicorn stops accepting
-connections, in-flight requests finish (up to ``graceful_timeout_s``), then the batcher drains.
+``--workers N`` (env ``CLASSMEANS_WORKERS``; default one per CPU core this process may use) runs N processes
+under uvicorn's own supervisor, all answering on the same port; uvicorn replaces a worker that dies. Every
+worker is a replica of the model store: it loads the model, runs its own batcher, and follows
+``active.json``, so a switch made on any worker (or any other replica sharing the store volume) serves
+everywhere within a poll interval. Metrics of all workers are merged on every scrape (prometheus_client's
+multiprocess mode, in a fresh folder made here). Responses name the process that answered
+(``X-Classmeans-Worker``).
+
+On SIGTERM readiness flips to 503 at once (in each worker), uvicorn stops accepting connections, in-flight
+requests finish (up to ``graceful_timeout_s``), then the batcher drains.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve the model over HTTP (one uvicorn worker; scale by replicas)",
+    p = sub.add_parser("serve", help="serve the model over HTTP (N uvicorn workers, each a replica of the store)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="model store root (env CLASSMEANS_STORE, default model_store)")
     p.add_argument("--model", help="model folder to serve (env CLASSMEANS_MODEL, default cifar10-resnet20)")
     p.add_argument("--host", help="bind address (env CLASSMEANS_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="bind port (env CLASSMEANS_PORT, default 8000)")
+    p.add_argument("--workers", type=int, help="worker processes (env CLASSMEANS_WORKERS; default 0: one per "
+                   "CPU core)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def default_workers() -> int:
+    """One worker per CPU core this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
-    from service.api import create_app
+
+def run(args: argparse.Namespace) -> int:
     from service.serving.settings import Settings
 
     overrides: dict[str, Any] = {k: v for k, v in (("store", args.store), ("model", args.model),
-                                                   ("host", args.host), ("port", args.port)) if v is not None}
+                                                   ("host", args.host), ("port", args.port),
+                                                   ("workers", args.workers)) if v is not None}
     settings = Settings(**overrides)
     level = settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    workers = settings.workers or default_workers()
+    if workers == 1:
+        return _serve_one(settings)
+    return _serve_workers(settings, workers, overrides)
+
+
+def _uvicorn_options(settings: Any) -> dict[str, Any]:
+    return {"host": settings.host, "port": settings.port, "lifespan": "on", "log_level": settings.log_level.lower(),
+            "timeout_graceful_shutdown": settings.graceful_timeout_s, "timeout_keep_alive": settings.keep_alive_s,
+            "proxy_headers": False, "server_header": False}
+
+
+def _serve_one(settings: Any) -> int:
+    import uvicorn
+
+    from service.api import create_app
+
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, lifespan="on",
-                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.graceful_timeout_s,
-                            timeout_keep_alive=settings.keep_alive_s, proxy_headers=False, server_header=False)
+    config = uvicorn.Config(app, workers=1, **_uvicorn_options(settings))
     _make_server(config, app.state.classmeans).run()
     return 0
+
+
+def _serve_workers(settings: Any, workers: int, overrides: dict[str, Any]) -> int:
+    """uvicorn's multi-worker mode: an import string + factory, settings passed through the environment."""
+    import uvicorn
+
+    from service.api.auth import resolve_admin_token
+
+    for key, value in overrides.items():
+        os.environ[f"CLASSMEANS_{key.upper()}"] = str(value)
+    # One token for all workers: resolved (and, if new, stored) once here, before any worker starts.
+    os.environ["CLASSMEANS_ADMIN_TOKEN"] = resolve_admin_token(settings)
+    metrics_dir = _fresh_multiproc_dir()
+    log = logging.getLogger("classmeans.serve")
+    log.info("starting %d worker processes on %s:%d (metrics merged in %s)", workers, settings.host, settings.port,
+             metrics_dir)
+    try:
+        uvicorn.run("service.api.replica:worker_app", factory=True, workers=workers, **_uvicorn_options(settings))
+    finally:
+        if metrics_dir.name.startswith("classmeans-metrics-"):
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _fresh_multiproc_dir() -> Path:
+    """``$PROMETHEUS_MULTIPROC_DIR`` emptied (values of an earlier run must not add up), or a new temp folder."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for f in path.glob("*.db"):
+            f.unlink(missing_ok=True)
+    else:
+        path = Path(tempfile.mkdtemp(prefix="classmeans-metrics-"))
+        os.environ[MULTIPROC_ENV] = str(path)
+    return path
 
 
 def _make_server(config: Any, state: Any) -> Any:

@@ -55,10 +55,11 @@ def check_device(name: str) -> None:
         raise ValueError(f"device {name!r}: training runs on cpu or cuda")
 
 
-def training_data_record(source: str, full_set, held_out, seed: int) -> dict:
+def training_data_record(source: str, full_set, held_out, requested: int, seed: int) -> dict:
     """What ``model.json`` says about the backbone's training data, so calibration can check its selection
     split against it: the source, its size, and the stratified held-out split (count, seed, class balance)."""
-    return {"source": Path(source).name, "images": len(full_set), "held_out": len(held_out),
+    return {"source": Path(source).name, "images": len(full_set), "holdout_requested": requested,
+            "held_out": len(held_out),
             "split": "stratified split_holdout", "seed": seed,
             "trained_on": len(full_set) - len(held_out)}
 
@@ -103,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     bar.n = cfg.epochs
     bar.close()
     spec.extra = {"training": {k: v for k, v in summary.items() if k != "history"},
-                  "training_data": training_data_record(args.data, full_set, held_out, args.holdout_seed)}
+                  "training_data": training_data_record(args.data, full_set, held_out, args.holdout,
+                                                        args.holdout_seed)}
     save_model(out, spec, net)
     write_training_report(out / "training.json", summary)
     print(json.dumps({"model_dir": str(out), "test_acc": summary.get("test_acc"),

@@ -6,6 +6,10 @@ either failed early (bad upload) or started. Its state moves ``receiving -> runn
 an exception with a ``code`` attribute keeps that code, anything else is ``internal_error`` with no
 internals in the message (the traceback goes to the log). Jobs themselves must leave no trace on failure:
 that is the job function's contract, this module only records the outcome.
+
+With a model directory, jobs live in the store (:mod:`service.control.job_store`): every process answers
+for every job, one job runs at a time across all processes and replicas, and a job whose process died is
+reported failed by the next process that starts (:meth:`JobManager.recover`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from service.control.job_store import JobStore, process_info
 from service.errors import ServiceError
 from service.serving.metrics import Metrics
 
@@ -68,6 +74,9 @@ def _iso(t: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t is not None else None
 
 
+PROGRESS_SAVE_S = 1.0
+
+
 @dataclass
 class Job:
     id: str
@@ -81,6 +90,8 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    process: dict[str, Any] = field(default_factory=process_info)
+    sink: Callable[[Job, bool], None] | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
@@ -88,6 +99,25 @@ class Job:
 
     def set_progress(self, phase: str, done: int = 0, total: int = 0) -> None:
         self.progress = {"phase": phase, "done": int(done), "total": int(total)}
+        if self.sink is not None:
+            self.sink(self, False)
+
+    def to_record(self) -> dict[str, Any]:
+        """The stored form: the API's JSON plus the process that runs it and exact timestamps."""
+        return {**self.to_json(), "process": self.process,
+                "times": {"created": self.created, "started": self.started, "finished": self.finished}}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Job:
+        times = rec.get("times") or {}
+        job = cls(str(rec["id"]), str(rec.get("kind", "")), dict(rec.get("options") or {}),
+                  state=str(rec.get("state", "failed")), created=float(times.get("created") or 0.0),
+                  started=times.get("started"), finished=times.get("finished"),
+                  progress=dict(rec.get("progress") or {}), result=rec.get("result"), error=rec.get("error"),
+                  process=dict(rec.get("process") or {}))
+        if not job.active:
+            job.done.set()
+        return job
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "state": self.state, "options": self.options,
@@ -98,31 +128,97 @@ class Job:
 class JobManager:
     """Holds the recent jobs (the last ``keep``) and enforces one active job at a time."""
 
-    def __init__(self, metrics: Metrics | None = None, keep: int = 50) -> None:
+    def __init__(self, metrics: Metrics | None = None, keep: int = 50, model_dir: Path | None = None) -> None:
         self._metrics = metrics
         self._keep = keep
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._active: Job | None = None
+        self.store = JobStore(model_dir, keep) if model_dir is not None else None
+        self._lock_fd: int | None = None
+        self._saved_at = 0.0
 
     def reserve(self, kind: str, options: dict[str, Any] | None = None) -> Job:
-        """Create a job in state ``receiving``; raises :class:`JobInProgress` while another is active."""
+        """Create a job in state ``receiving``; raises :class:`JobInProgress` while another is active
+        (here, or in any process sharing the store)."""
         with self._lock:
             if self._active is not None and self._active.active:
                 raise JobInProgress(self._active.id)
+            if self.store is not None:
+                self._lock_store_or_raise()
             job = Job(f"{kind.replace('_', '-')}-{secrets.token_hex(6)}", kind, dict(options or {}))
             job.set_progress("receiving")
             self._jobs[job.id] = job
             while len(self._jobs) > self._keep:
                 self._jobs.popitem(last=False)
             self._active = job
-            return job
+        if self.store is not None:
+            job.sink = self._save
+            self._save(job, True)
+            self.store.prune()
+        return job
+
+    def _lock_store_or_raise(self) -> None:
+        assert self.store is not None
+        deadline = time.monotonic() + 0.5  # a process starting up may hold it for a moment (recover)
+        while (fd := self.store.try_lock()) is None:
+            if time.monotonic() >= deadline:
+                other = self.store.running()
+                raise JobInProgress(str(other["id"]) if other else "unknown")
+            time.sleep(0.02)
+        self._lock_fd = fd
+
+    def _save(self, job: Job, force: bool) -> None:
+        """Store the job's record: always on state changes, at most once a second for progress."""
+        now = time.monotonic()
+        if self.store is None or (not force and now - self._saved_at < PROGRESS_SAVE_S):
+            return
+        self._saved_at = now
+        self.store.save(job.to_record())
 
     def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+        job = self._jobs.get(job_id)
+        if job is None and self.store is not None:
+            rec = self.store.load(job_id)
+            job = Job.from_record(rec) if rec is not None else None
+        return job
 
     def list(self) -> list[Job]:
-        return list(self._jobs.values())
+        if self.store is None:
+            return list(self._jobs.values())
+        stored = {r["id"]: Job.from_record(r) for r in self.store.records()}
+        stored.update(self._jobs)
+        return sorted(stored.values(), key=lambda j: j.created)[-self._keep:]
+
+    def recover(self, cleanup: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
+        """Report jobs whose process died as failed (``job_abandoned``); ``cleanup(record)`` removes what such
+        a job may have left in the store. Runs only when no live process holds the job lock; returns the ids."""
+        if self.store is None:
+            return []
+        try:
+            fd = self.store.try_lock()
+        except Exception as exc:  # a read-only store: nothing can be recorded; serving goes on
+            log.warning("cannot check for abandoned jobs: %s", exc)
+            return []
+        if fd is None:
+            return []
+        try:
+            ids = []
+            for rec in self.store.abandoned():
+                who = rec.get("process") or {}
+                job = Job.from_record(rec)
+                if cleanup is not None:
+                    cleanup(rec)
+                job.state, job.finished = "failed", time.time()
+                job.error = {"code": "job_abandoned", "message": f"the process running this job (pid "
+                             f"{who.get('pid')} on {who.get('host')}) stopped before it finished; the store "
+                             "is as it was before the job"}
+                self.store.save(job.to_record())
+                log.error("job %s was abandoned by a process that died; reported failed", job.id)
+                ids.append(job.id)
+            return ids
+        finally:
+            self.store.unlock(fd)
 
     @property
     def active(self) -> Job | None:
@@ -137,6 +233,7 @@ class JobManager:
         """Run ``fn(job)`` in a background thread; its return value becomes ``job.result``."""
         job.state = "running"
         job.started = time.time()
+        self._save(job, True)
         box = [fn]  # the thread must not keep fn (and the dataset it holds) alive after it ran
         threading.Thread(target=self._run, args=(job, box), name=f"classmeans-{job.id}", daemon=True).start()
 
@@ -177,9 +274,14 @@ class JobManager:
         if self._metrics is not None:
             self._metrics.jobs.labels(job.kind, outcome).inc()
             self._metrics.job_duration.labels(job.kind).observe(job.finished - job.created)
+        if self.store is not None:
+            self._save(job, True)
         with self._lock:
             if self._active is job:
                 self._active = None
+                if self._lock_fd is not None and self.store is not None:
+                    self.store.unlock(self._lock_fd)
+                    self._lock_fd = None
         job.done.set()
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -20,6 +22,7 @@ from service.ingest.archives import ArchiveLimits, read_image_folder_archive
 from service.ingest.labelled import LabelledImages
 from service.offline.calibration import CalibrationConfig, HeadConfig
 from service.serving.engine import Engine
+from service.store.active import read_active_or_none
 from service.store.bundle_model import load_bundle
 from service.store.bundles import bundle_path, list_bundle_ids
 
@@ -123,3 +126,23 @@ def _remove_new_bundles(engine: Engine, before: set[str]) -> None:
             continue
         log.warning("removing bundle %s written by a failed job", bid)
         shutil.rmtree(bundle_path(engine.model_dir, bid), ignore_errors=True)
+
+
+def abandoned_cleanup(model_dir: Path) -> Callable[[dict[str, Any]], None]:
+    """What :meth:`~service.control.jobs.JobManager.recover` calls for a recompute job whose process died:
+    remove the bundle it may have published (its tag, written after it started, not the active one).
+    Half-written bundles are ``.tmp`` directories, which the next engine load sweeps anyway."""
+
+    def cleanup(record: dict[str, Any]) -> None:
+        if record.get("kind") != KIND:
+            return
+        tag = str((record.get("options") or {}).get("tag") or "")
+        since = float((record.get("times") or {}).get("created") or 0.0)
+        active = str((read_active_or_none(model_dir) or {}).get("bundle", ""))
+        for bid in list_bundle_ids(model_dir):
+            path = bundle_path(model_dir, bid)
+            if tag and bid.endswith(f"-{tag}") and bid != active and path.stat().st_mtime >= since - 1.0:
+                log.warning("removing bundle %s published by abandoned job %s", bid, record.get("id"))
+                shutil.rmtree(path, ignore_errors=True)
+
+    return cleanup

@@ -31,10 +31,10 @@ from service.serving.ic_serving import ICStore, check_mode, load_ic_store, mode_
 from service.serving.metrics import Metrics
 from service.serving.outcomes import outcomes
 from service.serving.snapshot import FULL, Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
-from service.store.active import read_active_or_none
+from service.store.active import read_active_or_none, update_active
 from service.store.atomic import sweep_tmp
 from service.store.bundle_model import load_bundle
-from service.store.bundles import BundleError, bundle_path, list_bundle_ids, write_active
+from service.store.bundles import BundleError, bundle_path, list_bundle_ids
 from service.store.model_dir import ModelSpec, load_model
 
 log = logging.getLogger("classmeans.engine")
@@ -181,22 +181,61 @@ class Engine:
 
     def _publish(self, catalog: Catalog, op: Operating, profile_switch: bool = False,
                  bundle_activation: bool = False) -> Snapshot:
-        """Persist ``active.json`` (version + 1), then swap the snapshot. Caller holds the lock."""
+        """Compare-and-swap ``active.json`` under the store's writer lock (a version above every stored one),
+        then swap the snapshot. Caller holds the lock. A profile switch computed against a bundle that another
+        process has replaced since is refused (``active_conflict``, 409) instead of undoing that activation."""
         old = self._snapshot
-        version = max(_version(read_active_or_none(self.model_dir)), old.version) + 1
-        new = make_snapshot(catalog, op, version, _now_iso())
-        bundle = catalog.bundle
-        write_active(self.model_dir, {"bundle": bundle.bundle_id, "operating": new.operating_json(),
-                                      "version": version, "updated": new.updated})
+        made: list[Snapshot] = []
+
+        def decide(stored: dict[str, Any] | None, base: int) -> dict[str, Any]:
+            if (stored is not None and base > old.version and not bundle_activation
+                    and str(stored.get("bundle")) != old.bundle_id):
+                raise BundleError(f"bundle {stored.get('bundle')} was activated elsewhere (version {base}) while "
+                                  f"this process served {old.bundle_id}; retry the switch", code="active_conflict")
+            new = make_snapshot(catalog, op, max(base, old.version) + 1, _now_iso())
+            made.append(new)
+            return {"bundle": catalog.bundle.bundle_id, "operating": new.operating_json(), "version": new.version,
+                    "updated": new.updated}
+
+        update_active(self.model_dir, decide)
+        new = made[-1]
         self._snapshot = new
-        log.info("now serving bundle %s, profile %s (version %d)", new.bundle_id, new.profile_name, version)
+        log.info("now serving bundle %s, profile %s (version %d)", new.bundle_id, new.profile_name, new.version)
         if self.metrics is not None:
-            self.metrics.set_active(new.bundle_id, new.profile_name, version)
+            self.metrics.set_active(new.bundle_id, new.profile_name, new.version)
             if profile_switch:
                 self.metrics.profile_switches.labels(self.metrics.model).inc()
             if bundle_activation:
                 self.metrics.bundle_activations.labels(self.metrics.model).inc()
         return new
+
+    # -- following the store (service/serving/follower.py) -----------------------------------------------
+
+    def adopt(self, active: dict[str, Any]) -> bool:
+        """Serve the state another process wrote to ``active.json`` if its version is newer than ours;
+        writes nothing. Returns whether the snapshot was swapped. Raises a :class:`ServiceError` (a
+        :class:`BundleError`, :class:`ProfileNotFound`, :class:`ActiveStateError`) when the named bundle or
+        operating point does not load (the current snapshot keeps serving)."""
+        version, bundle_id = _version(active), str(active.get("bundle", ""))
+        old = self._snapshot
+        if version <= old.version:
+            return False
+        if bundle_id == old.bundle_id:
+            catalog = old.catalog
+        else:
+            bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
+            catalog = Catalog.build(self.net, bundle, self.ic_store.serving_for(self.net, bundle))
+        operating = catalog.operating_from_json(active.get("operating", {"a": catalog.bundle.default_profile}))
+        new = make_snapshot(catalog, operating, version, str(active.get("updated", "")))
+        with self._lock:
+            if version <= self._snapshot.version:
+                return False
+            self._snapshot = new
+        log.info("following the store: bundle %s, profile %s (version %d)", new.bundle_id, new.profile_name,
+                 version)
+        if self.metrics is not None:
+            self.metrics.set_active(new.bundle_id, new.profile_name, version)
+        return True
 
     # -- inference (worker thread) -----------------------------------------------------------------------
 

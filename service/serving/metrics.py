@@ -5,15 +5,26 @@ template, or ``unmatched``), HTTP status, profile (names from the bundle and the
 rule that let a sample out (``cm``, ``ic``, ``ic+cm``, ``final``), job kind and outcome, rejection reason.
 The exit-depth histogram has one bucket per exit index, so ``le="j"`` counts samples that left at exit
 ``j`` or earlier.
+
+Several processes (``classmeans serve --workers N``): ``serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at an
+empty folder before the workers start, prometheus_client keeps every process's values in files there, and
+one scrape of ``/metrics`` on any worker merges them (:func:`render`): counters and histograms add up over
+all processes (those of a worker that died included, so rates stay right); each gauge says how it
+aggregates (``multiprocess_mode``): in-flight requests and queue depth add up over live processes,
+``classmeans_up`` counts the ready ones, and the active state (``classmeans_active_info``,
+``classmeans_active_version``) is reported per live process, with a ``pid`` label.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # One series per counter, without the ``*_created`` companions (a process-wide prometheus_client switch).
 prometheus_client.disable_created_metrics()
@@ -65,13 +76,14 @@ class Metrics:
         self.rejected = Counter("classmeans_rejected", "Inference requests refused or dropped, by reason "
                                 "(overloaded, queue_timeout, deadline).", ["model", "reason"], registry=r)
         self.inflight = Gauge("classmeans_inflight_requests", "HTTP requests being handled (probes and "
-                              "/metrics excluded).", ["model"], registry=r)
+                              "/metrics excluded).", ["model"], registry=r, multiprocess_mode="livesum")
         self.queue_depth = Gauge("classmeans_queue_depth", "Samples waiting in the batch queue.", ["model"],
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livesum")
         self.active_info = Gauge("classmeans_active_info", "1 for the bundle and profile (operating point) that "
-                                 "serve now.", ["model", "bundle", "profile"], registry=r)
+                                 "serve now.", ["model", "bundle", "profile"], registry=r,
+                                 multiprocess_mode="liveall")
         self.active_version = Gauge("classmeans_active_version", "Version of the active state (active.json).",
-                                    ["model"], registry=r)
+                                    ["model"], registry=r, multiprocess_mode="liveall")
         self.profile_switches = Counter("classmeans_profile_switches", "Operating point changes.", ["model"],
                                         registry=r)
         self.bundle_activations = Counter("classmeans_bundle_activations", "Bundle activations (new bundles "
@@ -80,7 +92,8 @@ class Metrics:
                             ["kind", "outcome"], registry=r)
         self.job_duration = Histogram("classmeans_admin_job_duration_seconds", "Wall time of admin jobs.",
                                       ["kind"], buckets=JOB_BUCKETS, registry=r)
-        self.up = Gauge("classmeans_up", "1 when the model is loaded, warmed up and ready.", ["model"], registry=r)
+        self.up = Gauge("classmeans_up", "1 when the model is loaded, warmed up and ready (with several worker "
+                        "processes: how many are).", ["model"], registry=r, multiprocess_mode="livesum")
         self._active_labels: tuple[str, str] | None = None
         self.up.labels(model).set(0)
         self.inflight.labels(model).set(0)
@@ -106,6 +119,7 @@ class Metrics:
         """Point the info gauge at the new (bundle, profile); the old label set is removed."""
         new = (bundle, profile)
         if self._active_labels is not None and self._active_labels != new:
+            self.active_info.labels(self.model, *self._active_labels).set(0)  # the multiprocess file keeps it
             with contextlib.suppress(KeyError):
                 self.active_info.remove(self.model, *self._active_labels)
         self.active_info.labels(self.model, bundle, profile).set(1)
@@ -142,4 +156,33 @@ class Metrics:
         self.rejected.labels(self.model, reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics; in multiprocess mode those of every process of the server."""
+        path = multiproc_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        forget_dead_processes(path)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=str(path))
+        return generate_latest(merged)
+
+
+def multiproc_dir() -> Path | None:
+    """The multiprocess folder when this process runs in prometheus_client's multiprocess mode."""
+    value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(value) if value else None
+
+
+_PID_RE = re.compile(r"_(\d+)\.db$")
+
+
+def forget_dead_processes(path: Path) -> None:
+    """Drop the live-gauge files of processes that are gone (a worker that died and was replaced), so
+    ``live*`` gauges count live processes only; their counters stay (they happened)."""
+    pids = {int(m.group(1)) for f in path.glob("*.db") if (m := _PID_RE.search(f.name))}
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, str(path))
+        except PermissionError:
+            continue

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(65, ge=1, description="idle keep-alive timeout; above a proxy's (often 60 s)")
     warmup: bool = Field(True, description="run the network once per exit mode before reporting ready")
     log_level: str = Field("info", description="log level of `classmeans serve`")
+    workers: int = Field(0, ge=0, le=256, description="worker processes of `classmeans serve`, each a replica "
+                         "of the store (0: one per CPU core this process may use)")
+    follow_interval_s: float = Field(0.2, ge=0, description="how often every process polls active.json for "
+                                     "switches made elsewhere (0: do not follow)")
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -45,7 +45,8 @@ class BundleError(ServiceError, ValueError):
 
     code = "invalid_bundle"
     status = 422
-    STATUS_BY_CODE: ClassVar[dict[str, int]] = {"bundle_not_found": 404}
+    STATUS_BY_CODE: ClassVar[dict[str, int]] = {"bundle_not_found": 404, "active_conflict": 409,
+                                                "store_read_only": 409, "store_busy": 503}
 
 
 @dataclass

@@ -193,9 +193,11 @@ def zip_bomb(member_bytes: int = 64 << 20) -> bytes:
 # -- store checks --------------------------------------------------------------------------------------
 
 def store_digest(store: Path) -> dict[str, str]:
-    """Every file under the store with its sha256: equal before and after means 'the store is unchanged'."""
+    """Every file under the store with its sha256: equal before and after means 'the store is unchanged'.
+    Job records and lock files (``<model>/jobs``, ``<model>/locks``) are bookkeeping, not state, and left out."""
     return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file()}
+            for p in sorted(store.rglob("*"))
+            if p.is_file() and not {"jobs", "locks"} & set(p.relative_to(store).parts[1:2])}
 
 
 def assert_envelope(r: httpx.Response, status: int, code: str) -> dict[str, Any]:

@@ -57,6 +57,7 @@ def start(store: Path, log: Path) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLASSMEANS_")}
     env.update({"CLASSMEANS_ADMIN_TOKEN": TOKEN, "CLASSMEANS_TORCH_THREADS": "1", "CLASSMEANS_GRACEFUL_TIMEOUT_S": "20",
+                "CLASSMEANS_WORKERS": "1",
                 "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"})
     fh = open(log, "wb")  # noqa: SIM115 - owned by the process for its lifetime
     proc = subprocess.Popen(serve_argv(store, port), stdout=fh, stderr=subprocess.STDOUT, env=env,

@@ -8,6 +8,7 @@ import shutil
 
 from service.store.bundles import list_bundle_ids
 from tests.api.conftest import MODEL, assert_envelope, make_settings, sample_pngs, serve
+from tests.oip.helpers import assert_oip_error
 
 
 async def test_live_ready_and_index(served):
@@ -32,7 +33,7 @@ async def test_missing_model_is_live_but_never_ready(tmp_path):
         assert r.headers["Retry-After"] == "1"
         r = await s.client.post("/classify", content=sample_pngs(1)[0], headers={"content-type": "image/png"})
         assert_envelope(r, 503, "not_ready")
-        assert_envelope(await s.client.get(f"/v2/models/{MODEL}/ready"), 503, "not_ready")
+        assert_oip_error(await s.client.get(f"/v2/models/{MODEL}/ready"), 503, "not_ready")  # the OIP body
         assert (await s.client.get("/")).json()["ready"] is False
         assert s.state.metrics.up.labels(MODEL)._value.get() == 0
 

@@ -36,6 +36,7 @@ from tests.api.conftest import (
     serve,
 )
 from tests.factories import CIFAR_DIR, REPO
+from tests.oip.helpers import assert_oip_error
 
 IC_MODES = ("ic_prob", "ic_entropy", "combined")
 RULES_OF_MODE = {"cm": {"cm", "final"}, "ic_prob": {"ic", "final"}, "ic_entropy": {"ic", "final"},
@@ -283,7 +284,7 @@ async def test_mode_mismatch_and_unknown_per_request_profile(ic_served):
     inp = {"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}
     r = await ic_served.client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [inp],
                                                                          "parameters": {"profile": "ic_nope"}})
-    assert_envelope(r, 404, "profile_not_found")
+    assert_oip_error(r, 404, "profile_not_found")
 
 
 async def test_switching_between_cm_and_ic_modes_under_concurrency(ic_served):

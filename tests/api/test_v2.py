@@ -1,4 +1,5 @@
-"""Open Inference Protocol v2: metadata, readiness, infer with BYTES and FP32 inputs, errors."""
+"""Open Inference Protocol v2 (JSON): metadata, readiness, infer with BYTES and FP32 inputs, the protocol's
+error bodies."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from service.backbones.preprocess import Normalizer
-from tests.api.conftest import MODEL, assert_envelope, sample_images, sample_pngs
+from tests.api.conftest import MODEL, sample_images, sample_pngs
+from tests.oip.helpers import assert_oip_error
 
 
 def b64_input(blobs: list[bytes]) -> dict:
@@ -29,7 +31,7 @@ async def test_server_and_model_metadata(served):
     r = await served.client.get(f"/v2/models/{MODEL}/ready")
     assert r.status_code == 200 and r.json() == {"name": MODEL, "ready": True}
     for path in ("/v2/models/other", "/v2/models/other/ready"):
-        assert_envelope(await served.client.get(path), 404, "model_not_found")
+        assert_oip_error(await served.client.get(path), 404, "model_not_found")
 
 
 async def test_infer_one_encoded_image(served):
@@ -81,7 +83,7 @@ def _fp32(shape, data=None):
 INFER_ERRORS = [
     ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["***"]}]}, 400, "invalid_input"),
     ({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGVsbG8="]}]}, 400, "invalid_input"),
-    ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}]}, 415, "not_an_image"),
+    ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}]}, 400, "not_an_image"),
     ({"inputs": [_fp32([1, 3, 8, 8])]}, 400, "invalid_input"),
     ({"inputs": [_fp32([1, 3, 32, 32], [0.0] * 10)]}, 400, "invalid_input"),
     ({"inputs": [_fp32([1, 3, 32, 32], ["x"] * 3072)]}, 400, "invalid_input"),
@@ -92,20 +94,20 @@ INFER_ERRORS = [
     ({"inputs": [_fp32([1, 3, 32, 32])], "parameters": {"exits": "sometimes"}}, 400, "invalid_input"),
     ({"inputs": [{"name": "image", "shape": [33], "datatype": "BYTES", "data": ["aGVsbG8="] * 33}]}, 413,
      "too_many_files"),
-    ({"inputs": []}, 422, "validation_error"),
-    ({"nothing": 1}, 422, "validation_error"),
+    ({"inputs": []}, 400, "validation_error"),
+    ({"nothing": 1}, 400, "validation_error"),
 ]
 
 
 @pytest.mark.parametrize(("body", "status", "code"), INFER_ERRORS)
 async def test_infer_errors(served, body, status, code):
     r = await served.client.post(f"/v2/models/{MODEL}/infer", json=body)
-    assert_envelope(r, status, code)
+    assert_oip_error(r, status, code)
 
 
 async def test_infer_unknown_model_and_bad_json(served):
     r = await served.client.post("/v2/models/other/infer", json={"inputs": [_fp32([1, 3, 32, 32])]})
-    assert_envelope(r, 404, "model_not_found")
+    assert_oip_error(r, 404, "model_not_found")
     headers = {"content-type": "application/json"}
     r = await served.client.post(f"/v2/models/{MODEL}/infer", content=b"{", headers=headers)
-    assert_envelope(r, 422, "validation_error")
+    assert_oip_error(r, 400, "validation_error")

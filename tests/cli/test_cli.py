@@ -34,6 +34,32 @@ def test_train_writes_weights_and_resumes(tmp_path, capsys):
     assert (out / "weights.safetensors").read_bytes() == before
 
 
+def test_train_holdout_keeps_the_selection_split_out(tmp_path, monkeypatch):
+    """``--holdout N`` trains on exactly the images that ``calibrate --holdout N`` uses for the class means,
+    and model.json says so."""
+    import service.offline.training as training
+
+    data = synthetic_images(64)
+    path = _npz(tmp_path / "d.npz", data)
+    seen = {}
+    real_train = training.train
+
+    def spy(net, train_set, *a, **kw):
+        seen["images"] = train_set.images.copy()
+        return real_train(net, train_set, *a, **kw)
+
+    monkeypatch.setattr(training, "train", spy)
+    out = tmp_path / "store" / "m"
+    assert main(["train", "--arch", "resnet20", "--data", str(path), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "16", "--checkpoint", str(tmp_path / "ck.ckpt"), "--holdout", "16"]) == 0
+    means_part, selection = data.split_holdout(16, seed=0)
+    assert np.array_equal(seen["images"], means_part.images)
+    assert not any((seen["images"] == img).all(axis=(1, 2, 3)).any() for img in selection.images)
+    record = load_model(out)[0].extra["training_data"]
+    assert record == {"source": "d.npz", "images": 64, "holdout_requested": 16, "held_out": len(selection),
+                      "split": "stratified split_holdout", "seed": 0, "trained_on": 64 - len(selection)}
+
+
 def test_calibrate_evaluate_profiles(tmp_path, capsys):
     model_dir = tmp_path / "store" / "tiny"
     make_tiny_model(model_dir)

@@ -253,6 +253,7 @@ def service_env(store: Path, port: int, seed: Path | None, token: str, model: st
         "CLASSMEANS_PORT": str(port),
         "CLASSMEANS_ADMIN_TOKEN": token,
         "CLASSMEANS_TORCH_THREADS": "1",
+        "CLASSMEANS_WORKERS": "1",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
         "PYTHONUNBUFFERED": "1",

@@ -46,7 +46,7 @@ Metric = Literal[METRICS]  # type: ignore[valid-type]
 def _job_or_404(state: StateDep, job_id: str) -> Any:
     job = state.jobs.get(job_id)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r} (jobs are kept in memory, the last 50)")
+        raise ApiError(404, "job_not_found", f"no job {job_id!r} (the store keeps the last 50 jobs)")
     return job
 
 
