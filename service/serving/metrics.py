@@ -75,6 +75,21 @@ class Metrics:
                                       registry=r)
         self.rejected = Counter("classmeans_rejected", "Inference requests refused or dropped, by reason "
                                 "(overloaded, queue_timeout, deadline).", ["model", "reason"], registry=r)
+        self._state_collectors(r)
+        self._active_labels: tuple[str, str] | None = None
+        self.up.labels(model).set(0)
+        self.inflight.labels(model).set(0)
+        self.queue_depth.labels(model).set(0)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        for outcome in ("succeeded", "failed"):
+            self.jobs.labels("class_means", outcome)
+        for c in (self.flops_spent, self.flops_full, self.flops_saved, self.flops_overhead,
+                  self.profile_switches, self.bundle_activations):
+            c.labels(model)
+
+    def _state_collectors(self, r: CollectorRegistry) -> None:
+        """The gauges of what serves now (merged across worker processes) and the admin counters."""
         self.inflight = Gauge("classmeans_inflight_requests", "HTTP requests being handled (probes and "
                               "/metrics excluded).", ["model"], registry=r, multiprocess_mode="livesum")
         self.queue_depth = Gauge("classmeans_queue_depth", "Samples waiting in the batch queue.", ["model"],
@@ -94,17 +109,6 @@ class Metrics:
                                       ["kind"], buckets=JOB_BUCKETS, registry=r)
         self.up = Gauge("classmeans_up", "1 when the model is loaded, warmed up and ready (with several worker "
                         "processes: how many are).", ["model"], registry=r, multiprocess_mode="livesum")
-        self._active_labels: tuple[str, str] | None = None
-        self.up.labels(model).set(0)
-        self.inflight.labels(model).set(0)
-        self.queue_depth.labels(model).set(0)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(model, reason)
-        for outcome in ("succeeded", "failed"):
-            self.jobs.labels("class_means", outcome)
-        for c in (self.flops_spent, self.flops_full, self.flops_saved, self.flops_overhead,
-                  self.profile_switches, self.bundle_activations):
-            c.labels(model)
 
     def configure_exits(self, num_exits: int) -> None:
         """Create the exit-depth histogram (buckets ``0 .. M-1``) once the network's exit count is known."""
