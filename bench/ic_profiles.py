@@ -26,7 +26,8 @@ from service.earlyexit import select_by_target
 from service.earlyexit.ic_rules import ICCosts, ICDecisionTable
 from service.ingest.sources import load_dataset
 from service.offline.evaluation import decision_table_for
-from service.offline.ics import extract_cache, ic_table_from_cache
+from service.offline.ic_cache import extract_cache
+from service.offline.ics import ic_table_from_cache
 from service.serving.engine import Engine
 from service.serving.ic_serving import mode_candidates
 from service.store.ic_sets import ic_costs, profile_thresholds

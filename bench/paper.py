@@ -54,24 +54,15 @@ from service.backbones import profile_stages
 from service.backbones.internal_classifiers import ICSet, place_ics
 from service.backbones.preprocess import Normalizer
 from service.earlyexit import DecisionTable, Profile, select_by_target, upper_hull
+from service.earlyexit.cascade_search import combined_seeds, search_cascade, search_mode
+from service.earlyexit.cascade_table import CascadeCosts, CascadeTable
 from service.earlyexit.hull import TargetUnreachable
-from service.earlyexit.ic_rules import (
-    CascadeCosts,
-    CascadeTable,
-    ICCosts,
-    ICDecisionTable,
-    combined_seeds,
-    search_cascade,
-    search_mode,
-    to_score_thresholds,
-)
+from service.earlyexit.ic_rules import ICCosts, ICDecisionTable, to_score_thresholds
 from service.ingest.npz import load_npz
 from service.offline.evaluation import evaluate_report, plot_curves, smallest_fraction_within
+from service.offline.ic_cache import FeatureCache, cache_key, extract_cache
 from service.offline.ics import (
-    FeatureCache,
     ICTrainConfig,
-    cache_key,
-    extract_cache,
     ic_costs,
     ic_table_from_cache,
     train_on_cache,

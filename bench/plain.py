@@ -3,7 +3,7 @@
 Two things are timed in this process, on the same images as the servers (already decoded):
 
 - plain PyTorch: ``net.module(x)`` (the full network) at batch 1 and at batch 32, in ``inference_mode``;
-- the exit runner (``service.serving.runner.ExitRunner``) at each profile of the active bundle, at batch 1
+- the cascade runner (``service.serving.cascade.CascadeRunner``) at each profile of the active bundle, at batch 1
   and 32: the compute the service does per request, without the service around it.
 
 Both use the torch thread count given, the same as the servers get.
@@ -71,6 +71,8 @@ def batch1_costs(net: Any, bundle: Any, runner: Any, x: torch.Tensor, names: lis
     """Where batch-1 time goes: CPU time of each stage and of each class-means head at batch 1, and per
     profile the time its exit distribution predicts with heads (as served) and without (their FLOPs are
     negligible, their per-operation overhead is not), against the FLOPs fraction."""
+    from service.earlyexit.policy import class_means_policy
+
     feats = net.run_stages(x[:1])
     inputs = [x[:1], *feats[:-1]]
     stage_us = [_cpu_us(stage, inp) for stage, inp in zip(net.stages, inputs, strict=True)]
@@ -89,7 +91,7 @@ def batch1_costs(net: Any, bundle: Any, runner: Any, x: torch.Tensor, names: lis
         if name == "full":
             continue
         t = bundle.profile(name).thresholds
-        res = runner.run(x, torch.tensor(t, dtype=torch.float32))
+        res = runner.run(x, class_means_policy(name, t, bundle.costs))
         exits = res.exit_index.tolist()
         no_heads = sum(cum[e] for e in exits) / len(exits)
         with_heads = sum(cum[e] + sum(head_us[i] or 0.0 for i in range(min(e, len(t) - 1) + 1) if t[i] < 1)
@@ -108,7 +110,8 @@ def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, th
             only: list[str] | None = None) -> dict[str, Any]:
     """Plain forward and exit runner timings (``full`` and the profiles in ``only``, default all)."""
     from service.backbones.preprocess import Normalizer
-    from service.serving.runner import ExitRunner
+    from service.earlyexit.policy import class_means_policy
+    from service.serving.cascade import CascadeRunner
     from service.store.bundle_model import load_bundle
     from service.store.bundles import read_active
     from service.store.model_dir import load_model
@@ -135,7 +138,7 @@ def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, th
 
     active = read_active(model_dir) or {}
     bundle = load_bundle(model_dir, str(active["bundle"]), spec, net.num_exits)
-    runner = ExitRunner(net, bundle.heads, bundle.costs)
+    runner = CascadeRunner(net, bundle.heads)
     full = bundle.costs.full
     profiles: dict[str, Any] = {}
     names = ["full", *[p.name for p in bundle.profiles
@@ -143,9 +146,10 @@ def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, th
     for name in names:
         thr = (torch.ones(net.num_exits - 1) if name == "full" and name not in bundle.profile_names()
                else torch.tensor(bundle.profile(name).thresholds, dtype=torch.float32))
+        policy = class_means_policy(name, thr, bundle.costs)
         row: dict[str, Any] = {}
         for batch, n in ((1, n_batch1), (32, n_batch32)):
-            times, res = _time_calls(lambda b, t=thr: runner.run(b, t), _batches(x[:n], batch))
+            times, res = _time_calls(lambda b, p=policy: runner.run(b, p), _batches(x[:n], batch))
             pred = torch.cat([r.pred for r in res])
             flops = torch.cat([r.flops for r in res])
             row[f"batch{batch}"] = {**_summary(times, n, batch),
@@ -153,7 +157,7 @@ def measure(model_dir: Path, images: ImageSet, n_batch1: int, n_batch32: int, th
                                     "mean_flops_fraction": float(flops.mean()) / full}
         profiles[name] = row
     out["runner"] = {"bundle": bundle.bundle_id, "profiles": profiles, "flops_full": full,
-                     "note": "ExitRunner.run on normalised tensors; 'full' = every exit disabled"}
+                     "note": "CascadeRunner.run on normalised tensors; 'full' = every exit disabled"}
     out["batch1_costs"] = batch1_costs(net, bundle, runner, x[:n_batch1], names)
     out["images_source"] = images.source
     out["labels_checksum"] = int(np.asarray(images.labels[:max(n_batch1, n_batch32)]).sum())

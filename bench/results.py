@@ -134,7 +134,7 @@ def prune_bundles(model_dir: Path, keep: set[str]) -> None:
 
 
 def regression_numbers(model_dir: Path, test, n: int = 2000) -> dict[str, Any]:
-    """What tests/test_default_model.py re-measures: the active bundle on the first ``n`` test images."""
+    """What tests/offline/test_default_model.py re-measures: the active bundle on the first ``n`` test images."""
     rep, _ = evaluate_model(model_dir, test.subset(__import__("numpy").arange(min(n, len(test)))))
     d = rep["default_profile_measured"]
     return {"num_samples": rep["num_samples"], "bundle": rep["bundle"], "profile": rep["default_profile"],

@@ -350,7 +350,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["", "## What limits it", ""]
     lines += limits_text(results)
     lines += ["", "## Compute only: the exit runner in process", "",
-              "The same images through `ExitRunner.run` without HTTP (decoded already), per profile: images/s "
+              "The same images through `CascadeRunner.run` without HTTP (decoded already), per profile: images/s "
               "at batch 1 and 32, and the measured FLOPs fraction.", "",
               "| profile | images/s batch 1 | images/s batch 32 | FLOPs fraction | accuracy % (batch 32) |",
               "|---|---|---|---|---|"]

@@ -56,8 +56,9 @@ def make_tiny_store(root: Path, name: str = "tiny", n: int = 300, samples: int =
 def add_tiny_ics(model_dir: Path, n: int = 260, holdout: int = 100, epochs: int = 2, samples: int = 300) -> dict:
     """Train SDN-style ICs on ``model_dir``'s frozen backbone (synthetic data) and store them with threshold
     profiles for every mode, searched on a held-out split with the active bundle's class means; returns
-    the summary of :func:`~service.offline.ics.train_ics_for_model`."""
-    from service.offline.ics import ICTrainConfig, train_ics_for_model
+    the summary of :func:`~service.offline.ic_operation.train_ics_for_model`."""
+    from service.offline.ic_operation import train_ics_for_model
+    from service.offline.ics import ICTrainConfig
 
     cfg = ICTrainConfig(epochs=epochs, batch_size=64, seed=0)
     return train_ics_for_model(model_dir, synthetic_images(n, seed=5), cfg, holdout=holdout, samples=samples)

@@ -1,8 +1,8 @@
 """Property-based fuzzing of the image and archive decoders (Hypothesis): only the documented errors.
 
-The properties live with the decoders' own tests and run in CI there (``tests/test_ingest_images.py``:
+The properties live with the decoders' own tests and run in CI there (``tests/ingest/test_images.py``:
 random bytes and mutated PNG/JPEG/GIF/BMP/WebP seeds must decode to ``uint8 (H, W, 3)`` or raise
-``ImageError`` with a documented code; ``tests/test_ingest_archives.py``: mutated zip/tar/tar.gz seeds must
+``ImageError`` with a documented code; ``tests/ingest/test_archives.py``: mutated zip/tar/tar.gz seeds must
 read or raise ``DatasetError`` with a code). This scenario runs exactly those tests and reports them.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 from bench.rel.common import ScenarioResult, Timer
 from bench.servers import REPO
 
-FUZZ_TESTS = ("tests/test_ingest_images.py::test_fuzz_random_bytes",
-              "tests/test_ingest_images.py::test_fuzz_mutated_images",
-              "tests/test_ingest_archives.py::test_fuzz_mutated_archives")
+FUZZ_TESTS = ("tests/ingest/test_images.py::test_fuzz_random_bytes",
+              "tests/ingest/test_images.py::test_fuzz_mutated_images",
+              "tests/ingest/test_archives.py::test_fuzz_mutated_archives")
 EXAMPLES = {"test_fuzz_random_bytes": 200, "test_fuzz_mutated_images": 200, "test_fuzz_mutated_archives": 100}
 
 

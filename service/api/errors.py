@@ -1,8 +1,10 @@
 """One error envelope for every failure: ``{"error": {"code": "...", "message": "..."}}``.
 
-Codes are stable and documented per route; messages are for humans and never carry a traceback or an
-exception class name. Bad input is always a 4xx; an unexpected exception is a 500 ``internal_error``
-whose details go to the log only.
+Every domain exception derives from :class:`service.errors.ServiceError` and carries its stable ``code``,
+its status, and any headers (``Retry-After``, ``Location``); one handler maps them all. The framework's
+own errors (routing, validation) and :class:`ApiError` (HTTP-only checks in the routes) get the same
+envelope. Messages are for humans and never carry a traceback or an exception class name. Bad input is
+always a 4xx; an unexpected exception is a 500 ``internal_error`` whose details go to the log only.
 """
 
 from __future__ import annotations
@@ -15,25 +17,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.control.jobs import JobInProgress
-from service.earlyexit.hull import TargetUnreachable
-from service.ingest.images import ImageError
-from service.ingest.labelled import DatasetError
-from service.serving.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout
-from service.store.bundles import BundleError
+from service.errors import RETRY_AFTER_S as _RETRY_AFTER
+from service.errors import ServiceError
 
 log = logging.getLogger("classmeans.api")
 
-RETRY_AFTER_S = "1"
+RETRY_AFTER_S = str(_RETRY_AFTER)
 
 # Status of a plain HTTPException (raised by the framework) -> its code.
 CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                   405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                   415: "unsupported_media_type", 422: "validation_error", 503: "unavailable"}
 
-DATASET_STATUS = {"unsupported_archive": 415, "archive_bomb": 413, "too_many_files": 413}
-BUNDLE_STATUS = {"bundle_not_found": 404, "profile_not_found": 404, "mode_unavailable": 409,
-                 "active_conflict": 409, "store_read_only": 409, "store_busy": 503}
 
 
 class ApiError(StarletteHTTPException):
@@ -87,45 +82,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_error", message, details=details)
 
 
-async def _image_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ImageError)
-    return error_response(exc.status, exc.code, str(exc))
-
-
-async def _dataset_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DatasetError)
-    return error_response(DATASET_STATUS.get(exc.code, 422), exc.code, str(exc))
-
-
-async def _bundle_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, BundleError)
-    retry = {"Retry-After": RETRY_AFTER_S} if exc.code == "store_busy" else None
-    return error_response(BUNDLE_STATUS.get(exc.code, 422), exc.code, str(exc), headers=retry)
-
-
-async def _target_unreachable(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(422, "target_unreachable", str(exc))
-
-
-async def _job_in_progress(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, JobInProgress)
-    return error_response(409, "job_in_progress", f"job {exc.job_id} is still running; one job at a time",
-                          headers={"Location": f"/admin/jobs/{exc.job_id}"}, job_id=exc.job_id)
-
-
-async def _batcher_error(request: Request, exc: Exception) -> JSONResponse:
-    retry = {"Retry-After": RETRY_AFTER_S}
-    if isinstance(exc, Overloaded):
-        return error_response(503, "overloaded", "the server is at capacity; retry shortly",
-                              headers={"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, QueueTimeout):
-        return error_response(503, "queue_timeout", "the request waited in the queue past its deadline",
-                              headers=retry)
-    if isinstance(exc, DeadlineExceeded):
-        return error_response(504, "deadline_exceeded", "the request did not finish before its deadline")
-    if isinstance(exc, BatcherClosed):
-        return error_response(503, "not_ready", "the server is shutting down", headers=retry)
-    return await _internal_error(request, exc)  # pragma: no cover - every subclass is listed above
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every domain exception: its own code, status hint, headers and extra envelope fields."""
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status, exc.code, exc.message, exc.headers(), **exc.extra())
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -134,12 +94,8 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _handlers() -> dict[type[Exception], Any]:
-    from service.serving.batcher import BatcherError
-
     return {StarletteHTTPException: _http_error, RequestValidationError: _validation_error,
-            ImageError: _image_error, DatasetError: _dataset_error, BundleError: _bundle_error,
-            TargetUnreachable: _target_unreachable, JobInProgress: _job_in_progress,
-            BatcherError: _batcher_error, Exception: _internal_error}
+            ServiceError: _service_error, Exception: _internal_error}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,9 +1,10 @@
 """A lean ASGI lane for the hot request: ``POST /classify`` with one raw ``image/*`` body.
 
 The same checks in the same order, the same answer and the same error envelope as the FastAPI route
-(:mod:`service.api.routes.classify`, which shares every step through :mod:`service.api.inference`), without
-FastAPI's per-request routing, dependency solving, query validation and response-model construction: about
-a fifth of the server's CPU per request at 32 clients (py-spy, docs/benchmarks.md).
+(:mod:`service.api.routes.classify`: both call the one pipeline,
+:func:`service.api.inference.classify_samples`), without FastAPI's per-request routing, dependency
+solving, query validation and response-model construction: about a fifth of the server's CPU per request
+at 32 clients (py-spy, docs/benchmarks.md).
 
 Only the plain case takes this lane: a raw ``image/*`` body, a ready engine, and a query string whose
 parameters (``profile``, ``top_k``, ``exits``) are each given at most once and well-formed. Everything else
@@ -23,19 +24,9 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import handle_exception
-from service.api.inference import (
-    admit,
-    check_profile,
-    classify_payload,
-    deadline_for,
-    decode_all,
-    request_t0,
-    run_inference,
-    state_headers,
-)
+from service.api.inference import classify_json, deadline_for, request_t0
 from service.api.limits import read_body_capped
 from service.api.state import AppState
-from service.serving.snapshot import InferenceRequest
 
 _TOP_K = re.compile(r"[1-9][0-9]{0,3}")
 _PARAMS = frozenset({"profile", "top_k", "exits"})
@@ -114,14 +105,9 @@ class ClassifyFastLane:
         snap = engine.snapshot  # read once: this request is served by exactly this state
         deadline = deadline_for(state)
         data = await read_body_capped(request, state.settings.max_file_bytes)
-        check_profile(snap, profile)
-        admit(state, 1)
-        pixels = await decode_all(state, engine, [(None, data)])
-        req = InferenceRequest(snap, pixels=pixels, profile=profile, exits_off=exits_off, top_k=top_k)
-        outcome, sub = await run_inference(state, req, deadline)
-        payload = classify_payload(engine, req, outcome, sub, [None], request_t0(request))
+        payload, named = await classify_json(state, engine, snap, [(None, data)], deadline, request_t0(request),
+                                             profile, exits_off, top_k)
         body = json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None,
                           separators=(",", ":")).encode("utf-8")
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                   for k, v in state_headers(snap, payload["profile"]).items()]
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in named.items()]
         return body, headers

@@ -1,30 +1,37 @@
-"""What /classify and the v2 infer route share: decode, admit, batch, shape the answer."""
+"""The one classify pipeline of the fast lane, ``POST /classify`` and v2 infer: check -> admit -> decode ->
+predict (:func:`classify_samples`), then each protocol encodes the answer (:func:`classify_payload` for /classify).
+
+A request names its samples as a :class:`Payload` (encoded image files, base64 strings, a tensor); the
+pipeline checks the profile, admits the samples to the batcher's queue (a fast 503 when it is full), only
+then decodes them (a small image on the event loop, larger ones in a thread), and waits for the batch.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import numpy as np
+import torch
 from starlette.requests import Request
 
 from service.api import schemas
 from service.api.state import AppState
+from service.errors import ProfileNotFound
 from service.ingest.images import ImageError, decode_image
 from service.serving.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout, Submitted
 from service.serving.engine import Engine
-from service.serving.ic_serving import rule_for_cm_exit
-from service.serving.snapshot import InferenceOutcome, InferenceRequest, SamplePrediction, Snapshot
-from service.store.bundles import BundleError
+from service.serving.snapshot import InferenceOutcome, InferenceRequest, Snapshot
 
 
 def check_profile(snapshot: Snapshot, profile: str | None) -> None:
     """404 ``profile_not_found`` for a per-request profile the serving bundle does not have."""
     if profile is not None and not snapshot.has_profile(profile):
         names = ", ".join(sorted(snapshot.profile_names()))
-        raise BundleError(f"profile {profile!r} is not in bundle {snapshot.bundle_id} (have: {names})",
-                          code="profile_not_found")
+        raise ProfileNotFound(f"profile {profile!r} is not in bundle {snapshot.bundle_id} (have: {names})")
 
 
 def admit(state: AppState, n: int) -> None:
@@ -106,13 +113,13 @@ def operating_info(snapshot: Snapshot) -> schemas.Operating:
                              accuracy=op.accuracy)
 
 
-def classify_payload(engine: Engine, req: InferenceRequest, outcome: InferenceOutcome, sub: Submitted,
-                     filenames: list[str | None], t0: float) -> dict[str, Any]:
+def classify_payload(engine: Engine, done: Classified, filenames: list[str | None], t0: float) -> dict[str, Any]:
     """The ``ClassifyResponse`` body as plain JSON-able data (``t0``: when the request arrived).
 
     Built directly rather than through the pydantic models (their construction and ``model_dump`` cost
     more than the rest of the answer); a test checks it is exactly what ``schemas.ClassifyResponse`` gives.
     """
+    req, outcome, sub = done.request, done.outcome, done.submitted
     snap = req.snapshot
     full = float(snap.bundle.costs.full)
     m = snap.bundle.num_exits
@@ -121,7 +128,7 @@ def classify_payload(engine: Engine, req: InferenceRequest, outcome: InferenceOu
               "top_k": [{"index": i_, "label": l_, "probability": float(pr)} for i_, l_, pr in p.top_k],
               "exit_index": p.exit_index, "exit_name": p.exit_name, "num_exits": m, "flops": float(p.flops),
               "flops_full": full, "flops_fraction": p.flops / full, "profile": p.profile, "mode": p.mode,
-              "rule": rule_of(p, m)}
+              "rule": p.rule}
              for i, p in enumerate(outcome.predictions)]
     mixed = req.profile is None and not req.exits_off and snap.operating.b is not None
     return {"model": engine.spec.name, "bundle": snap.bundle_id, "profile": req.served_as,
@@ -136,18 +143,53 @@ def request_t0(request: Request) -> float:
     return request.scope.get("state", {}).get("t0", time.perf_counter())
 
 
-def classify_response(engine: Engine, req: InferenceRequest, outcome: InferenceOutcome, sub: Submitted,
-                      filenames: list[str | None], request: Request) -> schemas.ClassifyResponse:
-    return schemas.ClassifyResponse.model_validate(
-        classify_payload(engine, req, outcome, sub, filenames, request_t0(request)))
-
-
-def rule_of(p: SamplePrediction, num_exits: int) -> str:
-    """The rule a prediction reports; class-means rows carry none: ``cm``, or ``final`` at the head."""
-    return p.rule or rule_for_cm_exit(p.exit_index, num_exits)
+async def classify_json(state: AppState, engine: Engine, snap: Snapshot, blobs: list[tuple[str | None, bytes]],
+                        deadline: float, t0: float, profile: str | None = None, exits_off: bool = False,
+                        top_k: int = 5) -> tuple[dict[str, Any], dict[str, str]]:
+    """``POST /classify`` (the route and the fast lane): the pipeline on image files, then the answer's
+    body and headers."""
+    done = await classify_samples(state, snap, encoded_images(state, engine, blobs), deadline, profile,
+                                  exits_off, top_k)
+    body = classify_payload(engine, done, [name for name, _ in blobs], t0)
+    return body, state_headers(snap, body["profile"])
 
 
 def state_headers(snap: Snapshot, profile: str) -> dict[str, str]:
     """Response headers naming what served (handy for curl -i and load generators)."""
     return {"X-Classmeans-Bundle": snap.bundle_id, "X-Classmeans-Profile": profile,
             "X-Classmeans-Version": str(snap.version)}
+
+
+@dataclass
+class Payload:
+    """The samples of one request: ``n`` of them, and how to turn them into model input after admission
+    (uint8 ``pixels (n, H, W, 3)`` or a normalised ``tensor (n, 3, H, W)``)."""
+
+    n: int
+    load: Callable[[], Awaitable[np.ndarray | torch.Tensor]]
+
+
+def encoded_images(state: AppState, engine: Engine, blobs: list[tuple[str | None, bytes]]) -> Payload:
+    """Image files (``(filename or None, bytes)``), decoded under the model's input size and pixel cap."""
+    return Payload(len(blobs), lambda: decode_all(state, engine, blobs))
+
+
+@dataclass
+class Classified:
+    request: InferenceRequest
+    outcome: InferenceOutcome
+    submitted: Submitted
+
+
+async def classify_samples(state: AppState, snap: Snapshot, payload: Payload, deadline: float,
+                           profile: str | None = None, exits_off: bool = False, top_k: int = 5) -> Classified:
+    """check the profile -> admit ``payload.n`` samples (fast 503) -> decode -> predict, under ``snap``."""
+    check_profile(snap, profile)
+    admit(state, payload.n)
+    data = await payload.load()
+    if isinstance(data, torch.Tensor):
+        req = InferenceRequest(snap, tensor=data, profile=profile, exits_off=exits_off, top_k=top_k)
+    else:
+        req = InferenceRequest(snap, pixels=data, profile=profile, exits_off=exits_off, top_k=top_k)
+    outcome, sub = await run_inference(state, req, deadline)
+    return Classified(req, outcome, sub)

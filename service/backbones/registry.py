@@ -23,12 +23,16 @@ from service.backbones.torchvision_features import NAMES as FEATURE_NAMES
 from service.backbones.torchvision_features import torchvision_features
 from service.backbones.torchvision_resnet import NAMES as RESNET_NAMES
 from service.backbones.torchvision_resnet import torchvision_resnet
+from service.errors import ServiceError
 
 TORCHVISION_NAMES = RESNET_NAMES + FEATURE_NAMES
 
 
-class BackboneError(ValueError):
+class BackboneError(ServiceError, ValueError):
     """The architecture description cannot be turned into a staged network."""
+
+    code = "invalid_backbone"
+    status = 422
 
 
 def architecture_from_name(name: str) -> dict[str, Any]:

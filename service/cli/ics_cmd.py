@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.ingest.sources import load_dataset
-    from service.offline.ics import ICTrainConfig, train_ics_for_model
+    from service.offline.ic_operation import train_ics_for_model
+    from service.offline.ics import ICTrainConfig
     from service.store.model_dir import read_spec
 
     if args.epochs < 1:

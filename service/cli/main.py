@@ -18,13 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.ingest.labelled import DatasetError
-    from service.store.bundles import BundleError
-    from service.store.model_dir import ModelDirError
+    from service.errors import ServiceError
 
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, BundleError, ModelDirError, ValueError) as exc:
+    except (ServiceError, ValueError) as exc:
         print(f"classmeans {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from service.control.job_store import JobStore, process_info
+from service.errors import ServiceError
 from service.serving.metrics import Metrics
 
 log = logging.getLogger("classmeans.jobs")
@@ -35,20 +36,30 @@ log = logging.getLogger("classmeans.jobs")
 ACTIVE_STATES = ("receiving", "running")
 
 
-class JobInProgress(Exception):
-    """Another job is receiving or running; ``job_id`` names it."""
+class JobInProgress(ServiceError):
+    """Another job is receiving or running; ``job_id`` names it (409, with a ``Location`` to poll)."""
+
+    code = "job_in_progress"
+    status = 409
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id} is still in progress")
+        super().__init__(f"job {job_id} is still running; one job at a time")
         self.job_id = job_id
 
+    def headers(self) -> dict[str, str]:
+        return {"Location": f"/admin/jobs/{self.job_id}"}
 
-class JobFailure(Exception):
+    def extra(self) -> dict[str, str]:
+        return {"job_id": self.job_id}
+
+
+class JobFailure(ServiceError):
     """An expected failure of a job, with a stable ``code`` and a message for the operator."""
 
+    status = 422
+
     def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 def release_memory() -> None:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import torch
 
+from service.errors import ServiceError
+
 SECOND_MOMENTS = ("none", "diag", "full")
 MAX_FULL_COVARIANCE_DIM = 4096
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ServiceError, ValueError):
     """Statistics cannot be formed: a class has no samples, or a feature is not finite."""
+
+    code = "calibration_error"
+    status = 422
 
 
 class ClassStatsAccumulator:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from service.earlyexit.cascade_table import CascadeCosts
+
 
 @dataclass(frozen=True)
 class ExitCosts:
@@ -29,14 +31,14 @@ class ExitCosts:
         """FLOPs of the plain network (no exit consulted)."""
         return float(self.backbone_cum[-1])
 
+    def cascade(self) -> CascadeCosts:
+        """The same table as a one-criterion cascade (the class-means head is the predictor and the score)."""
+        return CascadeCosts(self.backbone_cum, self.head_cost, (tuple(0.0 for _ in self.head_cost),))
+
     def per_exit(self, thresholds: torch.Tensor) -> torch.Tensor:
         """``(S, M-1)`` thresholds -> ``(S, M)`` FLOPs of a sample that leaves at each exit.
 
         ``cost[s, e] = backbone_cum[e] + sum_{j <= e, j < M-1, T[s, j] < 1} head_cost[j]``: every enabled
         exit on the way is consulted, a disabled one (``T >= 1``) costs nothing.
         """
-        t = thresholds.to(torch.float64)
-        enabled = (t < 1.0).to(torch.float64)
-        consulted = torch.cumsum(enabled * torch.tensor(self.head_cost, dtype=torch.float64), dim=1)
-        consulted = torch.cat([consulted, consulted[:, -1:]], dim=1)
-        return torch.tensor(self.backbone_cum, dtype=torch.float64).unsqueeze(0) + consulted
+        return self.cascade().per_exit(thresholds.unsqueeze(1), (1.0,))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.errors import ServiceError
+
 
 @dataclass
 class Profile:
@@ -78,8 +80,11 @@ def upper_hull(flops: np.ndarray, acc: np.ndarray) -> list[int]:
     return hull
 
 
-class TargetUnreachable(ValueError):
+class TargetUnreachable(ServiceError, ValueError):
     """No point on the hull meets the requested target."""
+
+    code = "target_unreachable"
+    status = 422
 
 
 def select_by_target(profiles: list[Profile], min_accuracy: float | None = None,

@@ -1,6 +1,6 @@
 """Decode one untrusted image from memory into a ``uint8 (H, W, 3)`` RGB array.
 
-Security rules (DESIGN.md section 5):
+Security rules (docs/design.md, "Untrusted input"):
 
 - Decode from memory with Pillow; nothing touches the disk.
 - Only the formats in :data:`ALLOWED_FORMATS` are ever handed to a Pillow decoder. Other formats are
@@ -26,6 +26,7 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from service.errors import ServiceError
 from service.ingest.preprocessing import Preprocessing, as_preprocessing
 
 # Formats whose Pillow decoders may run. TIFF is left out on purpose: it goes through libtiff with many
@@ -101,17 +102,16 @@ _DECODE_ERRORS: Final[tuple[type[BaseException], ...]] = (
 )
 
 
-class ImageError(ValueError):
+class ImageError(ServiceError, ValueError):
     """An uploaded image cannot be used.
 
     ``code`` is a stable machine-readable string (see :data:`STATUS_BY_CODE`) and ``status`` the HTTP status
     the API answers with. The message is for humans and contains no internals.
     """
 
-    def __init__(self, message: str, code: str = "invalid_image") -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = STATUS_BY_CODE.get(code, 422)
+    code = "invalid_image"
+    status = 422
+    STATUS_BY_CODE = STATUS_BY_CODE
 
 
 def sniff_format(data: bytes) -> str | None:

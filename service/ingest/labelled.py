@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from service.errors import ServiceError
 
-class DatasetError(ValueError):
+
+class DatasetError(ServiceError, ValueError):
     """A dataset cannot be used: the message says why (file, member, class)."""
 
     code = "invalid_dataset"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code:
-            self.code = code
+    status = 422
+    STATUS_BY_CODE: ClassVar[dict[str, int]] = {"unsupported_archive": 415, "archive_bomb": 413, "too_many_files": 413}
 
 
 @dataclass

@@ -181,12 +181,30 @@ def calibrate(net: StagedNetwork, classes: list[str], norm: Normalizer, means_se
         heads_by_variant.append({j: fit_exit_head(per_exit[j], h.reduction, h.metric, h.temperature)
                                  for j in exits})
 
-    # Pass 2: normalisers over the means data, distances on the selection data.
     t0 = time.perf_counter()
-    norms = [{j: NormaliserAccumulator(len(classes)) for j in exits} for _ in cfg.heads]
     sel = selection_set if selection_set is not None and len(selection_set) else means_set
+    norms, sel_dist, final = _second_pass(net, norm, means_set, sel, cfg, heads_by_variant, len(classes), status,
+                                          dp)
+    timings["pass2_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    variants = _search_variants(cfg, stage_profile, heads_by_variant, norms, sel_dist, final, sel, m)
+    timings["search_seconds"] = time.perf_counter() - t0
+    return CalibrationResult(stage_profile, list(net.exit_names), variants, timings, len(means_set),
+                             len(sel))
+
+
+def _second_pass(net: StagedNetwork, norm: Normalizer, means_set: LabelledImages, sel: LabelledImages,
+                 cfg: CalibrationConfig, heads_by_variant: list[dict[int, ExitHead]], k: int,
+                 status: StatusFn | None, dp: DataParallel | None = None
+                 ) -> tuple[list[dict[int, NormaliserAccumulator]], list[torch.Tensor],
+                                                   tuple[torch.Tensor, torch.Tensor]]:
+    """Pass 2: normalisers over the means data, distances on the selection data (the same pass when they
+    are the same set). Returns (normaliser accumulators per variant and exit, selection distances per
+    variant ``(N, M-1, K)``, the network's own (top probability, prediction) on the selection data)."""
+    m = net.num_exits
+    norms = [{j: NormaliserAccumulator(k) for j in heads} for heads in heads_by_variant]
     same = sel is means_set
-    sel_dist = [torch.zeros(len(sel), m - 1, len(classes)) for _ in cfg.heads]
+    sel_dist = [torch.zeros(len(sel), m - 1, k) for _ in heads_by_variant]
     final_top = torch.zeros(len(sel))
     final_pred = torch.zeros(len(sel), dtype=torch.int64)
 
@@ -203,37 +221,37 @@ def calibrate(net: StagedNetwork, classes: list[str], norm: Normalizer, means_se
             final_top[lo:hi], final_pred[lo:hi] = c, p
 
     rank, world = (dp.rank, dp.world) if dp else (0, 1)
-    for lo, feats, logits, _ in iter_shard_features(net, means_set.images, means_set.labels, norm, cfg.batch_size,
-                                                    rank, world, progress=(lambda i, n: status("normalisers", i, n))
-                                                    if status else None):
-        record(1 | (2 if same else 0), feats, logits, lo, lo + logits.shape[0])
-    if not same:
-        for lo, feats, logits, _ in iter_shard_features(net, sel.images, sel.labels, norm, cfg.batch_size,
-                                                        rank, world, progress=(lambda i, n: status("selection", i, n))
+    passes = [(means_set, "normalisers", 1 | (2 if same else 0))] + ([] if same else [(sel, "selection", 2)])
+    for data, stage, dst in passes:
+        for lo, feats, logits, _ in iter_shard_features(net, data.images, data.labels, norm, cfg.batch_size,
+                                                        rank, world, progress=(lambda i, n, s_=stage: status(s_, i, n))
                                                         if status else None):
-            record(2, feats, logits, lo, lo + logits.shape[0])
+            record(dst, feats, logits, lo, lo + logits.shape[0])
     if dp is not None:  # every selection row was written by exactly one process, zeros elsewhere
-        for v in range(len(cfg.heads)):
+        for v in range(len(heads_by_variant)):
             dp.sum_(sel_dist[v])
             for acc in norms[v].values():
                 dp.sum_(acc.sums)
                 acc.count = dp.sum_int(acc.count)
         dp.sum_(final_top)
         dp.sum_(final_pred)
-    timings["pass2_seconds"] = time.perf_counter() - t0
+    return norms, sel_dist, (final_top, final_pred)
 
+
+def _search_variants(cfg: CalibrationConfig, stage_profile: StageProfile, heads_by_variant: list[dict[int, ExitHead]],
+                     norms: list[dict[int, NormaliserAccumulator]], sel_dist: list[torch.Tensor],
+                     final: tuple[torch.Tensor, torch.Tensor], sel: LabelledImages, m: int) -> list[VariantResult]:
+    """Per head variant: fill the normalisers, build the decision table, search thresholds, pick profiles."""
     variants = []
     labels = torch.from_numpy(sel.labels)
-    t0 = time.perf_counter()
     for v, (h, heads) in enumerate(zip(cfg.heads, heads_by_variant, strict=True)):
         top = torch.zeros(len(sel), m)
         pred = torch.zeros(len(sel), m, dtype=torch.int64)
-        top[:, :] = 0.0
         for j, head in heads.items():
             head.normaliser = norms[v][j].value().to(torch.float32)
             p = class_probabilities(sel_dist[v][:, j], head.normaliser, head.temperature)
             top[:, j], pred[:, j] = p.max(1)
-        top[:, m - 1], pred[:, m - 1] = final_top, final_pred
+        top[:, m - 1], pred[:, m - 1] = final
         table = DecisionTable(top, pred, labels)
         costs = exit_costs(stage_profile, heads)
         result = search_thresholds(_restrict(table, heads, m), costs, cfg.search, cfg.samples, cfg.seed)
@@ -241,9 +259,7 @@ def calibrate(net: StagedNetwork, classes: list[str], norm: Normalizer, means_se
         result.thresholds[:, missing] = 1.0  # they never fire and cost nothing: say so in the profile
         profiles, default = profiles_from_search(result, costs, cfg.tolerance)
         variants.append(VariantResult(h, heads, table, result, profiles, default))
-    timings["search_seconds"] = time.perf_counter() - t0
-    return CalibrationResult(stage_profile, list(net.exit_names), variants, timings, len(means_set),
-                             len(sel))
+    return variants
 
 
 def _restrict(table: DecisionTable, heads: dict[int, ExitHead], m: int) -> DecisionTable:

@@ -1,4 +1,5 @@
-"""Internal classifiers (ICs) on a frozen backbone: feature cache, training, IC decision tables, store.
+"""Internal classifiers (ICs) on a frozen backbone: training, IC decision tables (the feature cache is
+:mod:`service.offline.ic_cache`; train-and-store for a model, :mod:`service.offline.ic_operation`).
 
 Training follows SDN's IC-only mode (Kaya et al. 2019): the backbone is frozen, the ICs are trained with
 Adam (lr 1e-3) on the sum of their cross-entropies (equal weights). Unlike SDN's code, the backbone is
@@ -25,13 +26,10 @@ set of ICs names the bundle it was calibrated against.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,176 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from service.backbones import StagedNetwork, StageProfile
-from service.backbones.internal_classifiers import SDN_TARGETS, ICSet, place_ics, pool_pair, pooling_kernel
+from service.backbones.internal_classifiers import SDN_TARGETS, ICSet, place_ics
 from service.backbones.preprocess import Normalizer
-from service.earlyexit import ExitHead
-from service.earlyexit.ic_rules import MODES, ICCosts, ICDecisionTable, combined_seeds, search_mode
+from service.earlyexit.ic_rules import ICDecisionTable
 from service.ingest.labelled import LabelledImages
+from service.offline.ic_cache import FeatureCache, extract_cache
 from service.offline.training import augment_batch
-from service.store.bundles import BundleError
-from service.store.ic_sets import ic_costs, save_ics
 
 ProgressFn = Callable[[str, int, int], None]
 
-
-
-# --------------------------------------------------------------------------------------------- the cache
-
-
-@dataclass
-class FeatureCache:
-    """Per image, what the exit heads read, computed once with the backbone in eval mode.
-
-    ``pooled_max[i]``, ``pooled_avg[i]``: ``(N, D_i)`` flattened SDN-pooled maps at IC exit ``exits[i]``
-    (``D_i = C * 4 * 4``; equal when no pooling applies). ``logits (N, K)`` float32: the network's own.
-    ``labels (N,)`` int64. ``cm_top``, ``cm_pred`` ``(N, E)``: class-means top probability and nearest
-    mean at each IC exit (absent without heads); ``cm_all_top``, ``cm_all_pred`` ``(N, M - 1)``: the same at
-    every early exit of the backbone (0 where there is no head). ``maps[j]``: full ``(N, C, H, W)`` stage-``j`` outputs
-    (for conv branches). Arrays are numpy (memory, or ``.npy`` memory maps when a directory is given).
-    ``views``: 1, or 2 when the second half holds horizontally flipped copies of the first.
-    """
-
-    exits: tuple[int, ...]
-    pooled_max: list[np.ndarray]
-    pooled_avg: list[np.ndarray]
-    logits: np.ndarray
-    labels: np.ndarray
-    cm_top: np.ndarray | None = None
-    cm_pred: np.ndarray | None = None
-    maps: dict[int, np.ndarray] = field(default_factory=dict)
-    views: int = 1
-    cm_all_top: np.ndarray | None = None
-    cm_all_pred: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-def _alloc(out_dir: Path | None, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    if out_dir is None:
-        return np.empty(shape, dtype=dtype)
-    return np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-
-
-def _open(out_dir: Path, name: str) -> np.ndarray:
-    # Copy-on-write: readers may wrap it in a tensor; the file itself is never modified.
-    return np.load(out_dir / f"{name}.npy", mmap_mode="c", allow_pickle=False)
-
-
-def cache_key(spec_sha: str, images: np.ndarray, exits: Sequence[int], map_exits: Sequence[int],
-              bundle_id: str | None, dtype: str, flip: bool, map_grid: int | None = None) -> str:
-    """Identifies a cache: backbone weights, images (their sha256), exits, bundle, dtype, views."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(images).data)
-    return hashlib.sha256(json.dumps([spec_sha, h.hexdigest(), list(exits), list(map_exits), bundle_id, dtype,
-                                      flip, map_grid, 2]).encode()).hexdigest()[:20]
-
-
-@torch.inference_mode()
-def extract_cache(net: StagedNetwork, images: np.ndarray, labels: np.ndarray, norm: Normalizer,
-                  exits: Sequence[int], cm_heads: dict[int, ExitHead] | None = None,
-                  map_exits: Sequence[int] = (), batch_size: int = 250, dtype: np.dtype | type = np.float32,
-                  flip_views: bool = False, progress: Callable[[int, int], None] | None = None,
-                  out_dir: Path | None = None, key: str | None = None, map_grid: int | None = None) -> FeatureCache:
-    """One pass (two with ``flip_views``) of the frozen backbone over ``images`` ``(N, H, W, 3)`` uint8.
-
-    ``map_exits``: stage outputs kept whole (float16), max-pooled to ``map_grid x map_grid`` when given.
-
-    With ``out_dir`` and ``key``: a finished cache with the same key there is reopened (memory-mapped)
-    instead of recomputed; a new one is written there as ``.npy`` files plus ``meta.json`` (last).
-    """
-    exits = tuple(int(e) for e in exits)
-    map_exits = tuple(int(e) for e in map_exits)
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        meta_path = out_dir / "meta.json"
-        if key is not None and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key and meta.get("complete"):
-                return reopen_cache(out_dir, meta)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)
-    net.eval()
-    n0 = images.shape[0]
-    views = 2 if flip_views else 1
-    n = n0 * views
-    x0 = norm(images[:1])
-    feats = net.run_stages(x0)
-    shapes = [tuple(f.shape[1:]) for f in feats]
-    k = int(net.head(feats[-1]).shape[1])
-    dims = []
-    for e in exits:
-        kern = pooling_kernel(shapes[e])
-        c, h, w = shapes[e]
-        dims.append(c * (h // kern) * (w // kern))
-    pmax = [_alloc(out_dir, f"max{i}", (n, d), dtype) for i, d in enumerate(dims)]
-    pavg = [_alloc(out_dir, f"avg{i}", (n, d), dtype) for i, d in enumerate(dims)]
-    logits_a = _alloc(out_dir, "logits", (n, k), np.float32)
-    labels_a = _alloc(out_dir, "labels", (n,), np.int64)
-    has_cm = cm_heads is not None
-    cm_top = _alloc(out_dir, "cm_top", (n, len(exits)), np.float32) if has_cm else None
-    cm_pred = _alloc(out_dir, "cm_pred", (n, len(exits)), np.int64) if has_cm else None
-    cm_all_top = _alloc(out_dir, "cm_all_top", (n, len(shapes)), np.float32) if has_cm else None
-    cm_all_pred = _alloc(out_dir, "cm_all_pred", (n, len(shapes)), np.int64) if has_cm else None
-    map_k = {j: (shapes[j][1] // map_grid if map_grid and shapes[j][1] > map_grid else 1) for j in map_exits}
-    maps = {j: _alloc(out_dir, f"map{j}", (n, shapes[j][0], shapes[j][1] // map_k[j], shapes[j][2] // map_k[j]),
-                      np.float16) for j in map_exits}
-    done = 0
-    for v in range(views):
-        for lo in range(0, n0, batch_size):
-            hi = min(n0, lo + batch_size)
-            x = norm(images[lo:hi])
-            if v == 1:
-                x = x.flip(3)
-            rlo, rhi = v * n0 + lo, v * n0 + hi
-            f = x
-            for j, stage in enumerate(net.stages):  # all of them: the network's own logits are needed too
-                f = stage(f)
-                if j in map_exits:
-                    fm = F.max_pool2d(f, map_k[j]) if map_k[j] > 1 else f
-                    maps[j][rlo:rhi] = fm.to(torch.float16).numpy()
-                if has_cm:
-                    assert cm_all_top is not None and cm_all_pred is not None and cm_heads is not None
-                    head = cm_heads.get(j)
-                    if head is None:
-                        cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j] = 0.0, 0
-                    else:
-                        c_, p_ = head.probabilities(f).max(1)
-                        cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j] = c_.numpy(), p_.numpy()
-                if j in exits:
-                    i = exits.index(j)
-                    mx, av = pool_pair(f, pooling_kernel(shapes[j]))
-                    pmax[i][rlo:rhi] = torch.flatten(mx, 1).numpy().astype(dtype, copy=False)
-                    pavg[i][rlo:rhi] = torch.flatten(av, 1).numpy().astype(dtype, copy=False)
-                    if has_cm:
-                        assert cm_top is not None and cm_pred is not None
-                        cm_top[rlo:rhi, i], cm_pred[rlo:rhi, i] = cm_all_top[rlo:rhi, j], cm_all_pred[rlo:rhi, j]
-            logits_a[rlo:rhi] = net.head(f).float().numpy()
-            labels_a[rlo:rhi] = labels[lo:hi]
-            done += hi - lo
-            if progress is not None:
-                progress(done, n)
-    cache = FeatureCache(exits, pmax, pavg, logits_a, labels_a, cm_top, cm_pred, maps, views, cm_all_top, cm_all_pred)
-    if out_dir is not None:
-        for arr in [*pmax, *pavg, logits_a, labels_a, *maps.values(),
-                    *(a for a in (cm_top, cm_pred, cm_all_top, cm_all_pred) if a is not None)]:
-            if isinstance(arr, np.memmap):
-                arr.flush()
-        meta = {"key": key, "complete": True, "exits": list(exits), "map_exits": list(map_exits), "views": views,
-                "num_pooled": len(exits), "cm": has_cm}
-        (out_dir / "meta.json").write_text(json.dumps(meta) + "\n")
-    return cache
-
-
-def reopen_cache(out_dir: Path, meta: dict[str, Any]) -> FeatureCache:
-    e = int(meta["num_pooled"])
-    cm = bool(meta["cm"])
-    return FeatureCache(tuple(int(v) for v in meta["exits"]), [_open(out_dir, f"max{i}") for i in range(e)],
-                        [_open(out_dir, f"avg{i}") for i in range(e)], _open(out_dir, "logits"),
-                        _open(out_dir, "labels"), _open(out_dir, "cm_top") if cm else None,
-                        _open(out_dir, "cm_pred") if cm else None,
-                        {int(j): _open(out_dir, f"map{j}") for j in meta["map_exits"]}, int(meta["views"]),
-                        _open(out_dir, "cm_all_top") if cm else None, _open(out_dir, "cm_all_pred") if cm else None)
 
 
 # ------------------------------------------------------------------------------------------ the training
@@ -376,7 +213,7 @@ def ic_table_from_cache(ics: ICSet, cache: FeatureCache) -> ICDecisionTable:
     return table
 
 
-class _FrozenBackbone:
+class FrozenBackbone:
     """Context: backbone in ``eval()`` with ``requires_grad_(False)``; restores the flags on exit."""
 
     def __init__(self, net: StagedNetwork) -> None:
@@ -409,7 +246,7 @@ def train_online(net: StagedNetwork, ics: ICSet, data: LabelledImages, norm: Nor
     history: list[dict[str, Any]] = []
     snapshots: dict[int, ICSet] = {}
     t_all = time.perf_counter()
-    with _FrozenBackbone(net):
+    with FrozenBackbone(net):
         for epoch in range(cfg.epochs):
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, epoch)
@@ -450,7 +287,7 @@ def train_ics(net: StagedNetwork, stage_profile: StageProfile, data: LabelledIma
     if cfg.source != "cached":
         raise ValueError(f"unknown IC training source {cfg.source!r}")
     t0 = time.perf_counter()
-    with _FrozenBackbone(net):
+    with FrozenBackbone(net):
         if cache is None:
             cache = extract_cache(net, data.images, data.labels, norm, ics.exits, flip_views=cfg.flip_views,
                                   dtype=np.float16,
@@ -461,136 +298,3 @@ def train_ics(net: StagedNetwork, stage_profile: StageProfile, data: LabelledIma
     result = train_on_cache(ics, cache, cfg, val_cache, progress)
     result.extract_seconds = extract
     return result
-
-
-# ------------------------------------------------------------------------------------- costs and profiles
-
-
-def search_profiles(table: ICDecisionTable, costs: ICCosts, modes: Sequence[str] = MODES, samples: int = 10_000,
-                    seed: int = 0, refine_rounds: int = 6) -> dict[str, list[dict[str, Any]]]:
-    """Hull profiles per decision mode on a selection table. ``combined`` is seeded with the SDN hull.
-
-    Each profile: ``name`` (``<mode>-NN``, cheapest first, or ``full``), ``mode``, ``thresholds`` (a list,
-    or ``{"ic": [...], "cm": [...]}`` for ``combined``), mean ``flops``, ``flops_fraction``, ``accuracy``.
-    """
-    out: dict[str, list[dict[str, Any]]] = {}
-    found = {}
-    order = [m for m in ("ic_prob", "cm", "ic_entropy", "combined") if m in modes]
-    for mode in order:
-        if mode in ("cm", "combined") and not table.has_cm:
-            continue
-        extra = None
-        if mode == "combined":
-            sdn = found.get("ic_prob")
-            cm = found.get("cm")
-            extra = combined_seeds(sdn.thresholds[sdn.hull] if sdn else None, cm.thresholds[cm.hull] if cm else None,
-                                   table.num_exits - 1)
-        res = search_mode(table, costs, mode, samples, seed, refine_rounds, extra)
-        found[mode] = res
-        out[mode] = profiles_of(res, costs.full)
-    return out
-
-
-def profiles_of(res, full_flops: float) -> list[dict[str, Any]]:
-    profiles = []
-    for i, idx in enumerate(res.hull):
-        t = res.thresholds[idx]
-        thr: Any = t.tolist() if res.mode != "combined" else {"ic": t[0].tolist(), "cm": t[1].tolist()}
-        f, a = float(res.flops[idx]), float(res.accuracy[idx])
-        name = "full" if idx == 0 else f"{res.mode}-{i:02d}"
-        profiles.append({"name": name, "mode": res.mode, "thresholds": thr, "flops": f,
-                         "flops_fraction": f / full_flops, "accuracy": a})
-    if not any(p["name"] == "full" for p in profiles):
-        t = res.thresholds[0]
-        thr = t.tolist() if res.mode != "combined" else {"ic": t[0].tolist(), "cm": t[1].tolist()}
-        profiles.append({"name": "full", "mode": res.mode, "thresholds": thr, "flops": float(res.flops[0]),
-                         "flops_fraction": float(res.flops[0]) / full_flops, "accuracy": float(res.accuracy[0]),
-                         "on_hull": False})
-    return profiles
-
-
-
-def train_config_json(cfg: ICTrainConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d["optimizer"] = "Adam"
-    return d
-
-
-# ------------------------------------------------------------------------------- the whole operation
-
-
-def train_ics_for_model(model_dir: Path, data: LabelledImages, cfg: ICTrainConfig, holdout: int = 5000,
-                        bundle_id: str | None = None, samples: int = 10_000, search: bool = True,
-                        progress: ProgressFn | None = None, tag: str = "") -> dict[str, Any]:
-    """Train ICs for the model in ``model_dir`` and store them; shared by the CLI (and any HTTP route).
-
-    ``holdout`` samples (stratified, seed ``cfg.seed``: the split ``classmeans calibrate`` uses) are kept out
-    of training; thresholds for every decision mode are searched on them (``cm``/``combined`` with the class
-    means of ``bundle_id``, or the active bundle, when there is one). Returns a JSON-able summary.
-    """
-    from service.store.active import resolve_bundle
-    from service.store.model_dir import load_model
-
-    spec, net = load_model(model_dir)
-    data = data.remap_to(spec.classes)
-    train_set, selection = data.split_holdout(int(holdout), seed=cfg.seed)
-    norm = Normalizer(spec.mean, spec.std)
-    stage_profile = profile_from(net)
-    bundle = None
-    try:
-        bundle = resolve_bundle(model_dir, spec, net.num_exits, bundle_id)
-    except BundleError:
-        if bundle_id is not None:
-            raise
-    result = train_ics(net, stage_profile, train_set, norm, cfg, progress=progress)
-    summary: dict[str, Any] = {
-        "model": spec.name, "epochs": cfg.epochs, "train_samples": len(train_set),
-        "selection_samples": len(selection), "exits": list(result.ics.exits),
-        "exit_names": [net.exit_names[e] for e in result.ics.exits],
-        "ic_flops": result.ics.flops(),
-        "backbone_flops_fraction": [stage_profile.cumulative[e] / stage_profile.total for e in result.ics.exits],
-        "feature_pass_seconds": round(result.extract_seconds, 2),
-        "seconds_per_epoch": round(result.seconds_per_epoch, 3),
-        "train_seconds": round(result.seconds, 2), "final_loss": result.history[-1]["loss"] if result.history
-        else None, "bundle": bundle.bundle_id if bundle else None,
-    }
-    profiles = None
-    if len(selection):
-        with _FrozenBackbone(net):
-            sel_cache = extract_cache(net, selection.images, selection.labels, norm, result.ics.exits,
-                                      cm_heads=bundle.heads if bundle else None)
-        table = ic_table_from_cache(result.ics, sel_cache)
-        acc = table.per_exit_accuracy()
-        summary["heldout_ic_accuracy"] = acc["ic"][:-1]
-        summary["heldout_full_accuracy"] = acc["ic"][-1]
-        if "cm" in acc:
-            summary["heldout_cm_accuracy"] = acc["cm"]
-        if search:
-            costs = ic_costs(stage_profile, result.ics, bundle.heads if bundle else None)
-            modes = search_profiles(table, costs, samples=samples, seed=cfg.seed)
-            profiles = {"bundle": bundle.bundle_id if bundle else None, "selection_samples": len(selection),
-                        "flops_full": costs.full, "modes": modes}
-            summary["profiles"] = {m: len(ps) for m, ps in modes.items()}
-            summary["cheapest_within_0.5_points"] = {
-                m: _cheapest_within(ps, summary["heldout_full_accuracy"], 0.005) for m, ps in modes.items()}
-    info = {"training": {**train_config_json(cfg), "history": result.history,
-                         "seconds_per_epoch": result.seconds_per_epoch, "feature_pass_seconds": result.extract_seconds},
-            "holdout": len(selection), "bundle": summary["bundle"],
-            **({"heldout_ic_accuracy": summary["heldout_ic_accuracy"]} if "heldout_ic_accuracy" in summary else {})}
-    ics_id, path = save_ics(model_dir, spec, result.ics, stage_profile, info, profiles, tag)
-    summary["ics_id"], summary["path"] = ics_id, str(path)
-    return summary
-
-
-def _cheapest_within(profiles: list[dict[str, Any]], full_acc: float, points: float) -> dict[str, Any] | None:
-    ok = [p for p in profiles if p["accuracy"] >= full_acc - points]
-    if not ok:
-        return None
-    p = min(ok, key=lambda q: q["flops"])
-    return {"name": p["name"], "accuracy": p["accuracy"], "flops_fraction": p["flops_fraction"]}
-
-
-def profile_from(net: StagedNetwork) -> StageProfile:
-    from service.backbones import profile_stages
-
-    return profile_stages(net)

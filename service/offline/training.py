@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,25 +93,12 @@ def train(net: StagedNetwork, train_set: LabelledImages, norm: Normalizer, cfg: 
           checkpoint: Path, test_set: LabelledImages | None = None, resume: bool = False,
           progress: Callable[[dict], None] | None = None, log_path: Path | None = None) -> dict:
     """Train ``net.module`` in place; returns a summary (accuracy, seconds, per-epoch history)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
-    if cfg.bf16 is None:
-        # Emulated bf16 on an AVX2-only CPU is ~10x slower than fp32 (measured: 16 s vs 1.6 s a step).
-        cfg.bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                    else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    device = _prepare(cfg)
     torch.manual_seed(cfg.seed)
     model = net.module.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    opt = _optimizer(model, cfg)
     n = len(train_set)
     steps_per_epoch = n // cfg.batch_size  # drop the last partial batch
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
@@ -124,35 +112,12 @@ def train(net: StagedNetwork, train_set: LabelledImages, norm: Normalizer, cfg: 
         gen.set_state(state["generator"])
         start_epoch = int(state["epoch"])
         history = json.loads(state["history"]) if isinstance(state["history"], str) else []
-    images = torch.from_numpy(train_set.images).to(device)
-    labels = torch.from_numpy(train_set.labels).to(device)
+    data = (torch.from_numpy(train_set.images).to(device), torch.from_numpy(train_set.labels).to(device))
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step in range(steps_per_epoch):
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-            x = norm(augment_batch(images[idx], gen))
-            y = labels[idx]
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            # Running sums stay on the device: no host sync per step.
-            loss_sum = loss_sum + loss.detach() * len(y)
-            correct = correct + (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if progress and step % 20 == 0:
-                progress({"epoch": epoch + 1, "step": step + 1, "steps": steps_per_epoch,
-                          "loss": float(loss_sum) / seen, "acc": int(correct) / seen})
-        record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
+        loss_mean, acc = _epoch(model, opt, sched, data, norm, cfg, gen, device, epoch, steps_per_epoch, progress)
+        record = {"epoch": epoch + 1, "train_loss": loss_mean, "train_acc": acc,
                   "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         if test_set is not None:
             record["test_acc"] = evaluate_accuracy(net, test_set, norm, channels_last=cfg.channels_last)
@@ -160,16 +125,11 @@ def train(net: StagedNetwork, train_set: LabelledImages, norm: Normalizer, cfg: 
         if log_path is not None:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        last = epoch + 1 == cfg.epochs
-        if not last and (cfg.checkpoint_every <= 0 or (epoch + 1) % cfg.checkpoint_every):
-            continue
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "generator": gen.get_state(), "epoch": epoch + 1, "history": json.dumps(history),
-                 "config": json.dumps(asdict(cfg))}
-        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        tmp.replace(checkpoint)
+        if epoch + 1 == cfg.epochs or (cfg.checkpoint_every > 0 and not (epoch + 1) % cfg.checkpoint_every):
+            _save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                          "epoch": epoch + 1, "history": json.dumps(history),
+                                          "config": json.dumps(asdict(cfg))})
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     summary = {"config": asdict(cfg), "history": history, "seconds_this_run": time.perf_counter() - t_start,
@@ -177,6 +137,68 @@ def train(net: StagedNetwork, train_set: LabelledImages, norm: Normalizer, cfg: 
     if history and "test_acc" in history[-1]:
         summary["test_acc"] = history[-1]["test_acc"]
     return summary
+
+
+def _prepare(cfg: TrainConfig) -> torch.device:
+    """Threads, the device (checked), and bf16 autocast where it is native (decided once, into ``cfg``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    if cfg.bf16 is None:
+        # Emulated bf16 on an AVX2-only CPU is ~10x slower than fp32 (measured: 16 s vs 1.6 s a step).
+        cfg.bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                    else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    return device
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """Nesterov SGD; no weight decay on biases and normalisation parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def _epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, data: tuple[torch.Tensor, torch.Tensor],
+           norm: Normalizer, cfg: TrainConfig, gen: torch.Generator, device: torch.device, epoch: int,
+           steps_per_epoch: int, progress: Callable[[dict], None] | None) -> tuple[float, float]:
+    """One epoch over a fresh permutation; returns (mean training loss, training accuracy)."""
+    images, labels = data
+    model.train()
+    perm = torch.randperm(images.shape[0], generator=gen)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step in range(steps_per_epoch):
+        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+        x = norm(augment_batch(images[idx], gen))
+        y = labels[idx]
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        # Running sums stay on the device: no host sync per step.
+        loss_sum = loss_sum + loss.detach() * len(y)
+        correct = correct + (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if progress and step % 20 == 0:
+            progress({"epoch": epoch + 1, "step": step + 1, "steps": steps_per_epoch,
+                      "loss": float(loss_sum) / seen, "acc": int(correct) / seen})
+    return float(loss_sum) / seen, int(correct) / seen
+
+
+def _save_checkpoint(checkpoint: Path, state: dict[str, Any]) -> None:
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    tmp.replace(checkpoint)
 
 
 def write_training_report(path: Path, summary: dict) -> None:

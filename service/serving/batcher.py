@@ -23,33 +23,55 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.errors import RETRY_AFTER_S, ServiceError
+
 log = logging.getLogger("classmeans.batcher")
 
 RunFn = Callable[[list[Any]], Sequence[Any]]
 
 
-class BatcherError(Exception):
+class BatcherError(ServiceError):
     """Base of the errors a submitted request can end with (besides the run function's own)."""
+
+    status = 503
+    retry_after: int | None = RETRY_AFTER_S
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 class Overloaded(BatcherError):
-    """The queue is full; retry after ``retry_after`` seconds."""
+    """The queue is full: a fast 503; retry after ``retry_after`` seconds."""
 
-    def __init__(self, retry_after: int = 1) -> None:
-        super().__init__("the inference queue is full")
+    code = "overloaded"
+    default_message = "the server is at capacity; retry shortly"
+
+    def __init__(self, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__()
         self.retry_after = retry_after
 
 
 class QueueTimeout(BatcherError):
     """The deadline passed before the request reached the network (it was never run)."""
 
+    code = "queue_timeout"
+    default_message = "the request waited in the queue past its deadline"
+
 
 class DeadlineExceeded(BatcherError):
     """The deadline passed while the request's batch was running."""
 
+    code = "deadline_exceeded"
+    status = 504
+    retry_after = None
+    default_message = "the request did not finish before its deadline"
+
 
 class BatcherClosed(BatcherError):
     """The batcher is stopping (shutdown) and takes no new work."""
+
+    code = "not_ready"
+    default_message = "the server is shutting down"
 
 
 @dataclass(eq=False)

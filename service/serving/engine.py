@@ -26,37 +26,25 @@ import torch
 from service.backbones import StagedNetwork
 from service.backbones.preprocess import Normalizer
 from service.earlyexit import Operating, select_by_target
-from service.serving.ic_serving import (
-    ICServing,
-    ICStore,
-    check_mode,
-    load_ic_store,
-    mode_candidates,
-    run_ic_group,
-    warm_up_ic,
-)
+from service.errors import ActiveStateError, ModeMismatch, ProfileNotFound, ServiceError
+from service.serving.ic_serving import ICStore, check_mode, load_ic_store, mode_candidates
 from service.serving.metrics import Metrics
-from service.serving.runner import ExitRunner
-from service.serving.snapshot import (
-    FULL,
-    InferenceOutcome,
-    InferenceRequest,
-    SamplePrediction,
-    Snapshot,
-    make_snapshot,
-    operating_from_json,
-    single_operating,
-)
+from service.serving.outcomes import outcomes
+from service.serving.snapshot import FULL, Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
 from service.store.active import read_active_or_none, update_active
 from service.store.atomic import sweep_tmp
-from service.store.bundle_model import Bundle, load_bundle
+from service.store.bundle_model import load_bundle
 from service.store.bundles import BundleError, bundle_path, list_bundle_ids
 from service.store.model_dir import ModelSpec, load_model
 
 log = logging.getLogger("classmeans.engine")
 
-class EngineLoadError(RuntimeError):
+
+class EngineLoadError(ServiceError, RuntimeError):
     """The model or every bundle failed to load: the process must not report ready."""
+
+    code = "not_ready"
+    status = 503
 
 
 def _version(active: dict[str, Any] | None) -> int:
@@ -124,15 +112,14 @@ class Engine:
         if active is not None:
             try:
                 bundle = load_bundle(model_dir, str(active["bundle"]), spec, m)
-                ic = store.serving_for(net, bundle)
+                catalog = Catalog.build(net, bundle, store.serving_for(net, bundle))
                 try:
-                    operating = operating_from_json(bundle, active.get("operating", {"a": bundle.default_profile}),
-                                                    ic)
-                except BundleError as exc:
+                    operating = catalog.operating_from_json(active.get("operating", {"a": bundle.default_profile}))
+                except (ActiveStateError, ProfileNotFound) as exc:
                     log.error("active operating point is invalid (%s); using profile %s", exc,
                               bundle.default_profile)
-                    operating = single_operating(bundle, bundle.default_profile)
-                return make_snapshot(net, bundle, operating, version, str(active.get("updated", "")), ic=ic)
+                    operating = catalog.operating(bundle.default_profile)
+                return make_snapshot(catalog, operating, version, str(active.get("updated", "")))
             except BundleError as exc:
                 failed = str(active["bundle"])
                 log.error("ACTIVE BUNDLE %s DOES NOT LOAD (%s); falling back to the newest loadable bundle",
@@ -147,8 +134,9 @@ class Engine:
                 continue
             if failed:
                 log.error("SERVING FALLBACK BUNDLE %s instead of %s", bid, failed)
-            return make_snapshot(net, bundle, single_operating(bundle, bundle.default_profile), version, _now_iso(),
-                                  fallback_from=failed, ic=store.serving_for(net, bundle))
+            catalog = Catalog.build(net, bundle, store.serving_for(net, bundle))
+            return make_snapshot(catalog, catalog.operating(bundle.default_profile), version, _now_iso(),
+                                 fallback_from=failed)
         why = f"active bundle {failed} is corrupt and no other bundle loads" if failed else "no bundle found"
         raise EngineLoadError(f"model {model_dir.name!r}: {why}; run `classmeans calibrate`")
 
@@ -165,16 +153,11 @@ class Engine:
         check_mode(mode)
         with self._lock:
             snap = self._snapshot
-            ic_names = snap.ic.profiles if snap.ic is not None else {}
-            if name not in snap.bundle.profile_names() and name not in ic_names:
-                raise BundleError(f"profile {name!r} is not in bundle {snap.bundle_id} "
-                                  f"(have: {', '.join([*snap.bundle.profile_names(), *ic_names])})",
-                                  code="profile_not_found")
-            have = snap.ic.mode_of(name) if snap.ic is not None else "cm"
+            op = snap.catalog.operating(name)  # ProfileNotFound (404) for a name it does not serve
+            have = snap.mode_of(name)
             if mode is not None and mode != have and name != FULL:
-                raise BundleError(f"profile {name!r} is a {have} profile, not {mode}", code="mode_mismatch")
-            return self._publish(snap.bundle, snap.runner, single_operating(snap.bundle, name, snap.ic),
-                                 profile_switch=True)
+                raise ModeMismatch(f"profile {name!r} is a {have} profile, not {mode}")
+            return self._publish(snap.catalog, op, profile_switch=True)
 
     def switch_target(self, min_accuracy: float | None = None,
                       max_flops_fraction: float | None = None, mode: str | None = None) -> Snapshot:
@@ -186,21 +169,18 @@ class Engine:
             snap = self._snapshot
             op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode or "cm"), min_accuracy=min_accuracy,
                                   max_flops_fraction=max_flops_fraction)
-            return self._publish(snap.bundle, snap.runner, op, profile_switch=True)
+            return self._publish(snap.catalog, op, profile_switch=True)
 
     def activate_bundle(self, bundle_id: str, profile: str | None = None) -> Snapshot:
         """Load and validate bundle ``bundle_id`` fully, then serve it (its default profile unless named)."""
         bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
-        name = profile or bundle.default_profile
-        ic = self.ic_store.serving_for(self.net, bundle)
-        if name not in bundle.profile_names() and (ic is None or name not in ic.profiles):
-            raise BundleError(f"profile {name!r} is not in bundle {bundle_id}", code="profile_not_found")
-        runner = ExitRunner(self.net, bundle.heads, bundle.costs)
+        catalog = Catalog.build(self.net, bundle, self.ic_store.serving_for(self.net, bundle))
+        op = catalog.operating(profile or bundle.default_profile)
         with self._lock:
-            return self._publish(bundle, runner, single_operating(bundle, name, ic), bundle_activation=True, ic=ic)
+            return self._publish(catalog, op, bundle_activation=True)
 
-    def _publish(self, bundle: Bundle, runner: ExitRunner, op: Operating, profile_switch: bool = False,
-                 bundle_activation: bool = False, ic: ICServing | None = None) -> Snapshot:
+    def _publish(self, catalog: Catalog, op: Operating, profile_switch: bool = False,
+                 bundle_activation: bool = False) -> Snapshot:
         """Compare-and-swap ``active.json`` under the store's writer lock (a version above every stored one),
         then swap the snapshot. Caller holds the lock. A profile switch computed against a bundle that another
         process has replaced since is refused (``active_conflict``, 409) instead of undoing that activation."""
@@ -212,11 +192,9 @@ class Engine:
                     and str(stored.get("bundle")) != old.bundle_id):
                 raise BundleError(f"bundle {stored.get('bundle')} was activated elsewhere (version {base}) while "
                                   f"this process served {old.bundle_id}; retry the switch", code="active_conflict")
-            new = make_snapshot(self.net, bundle, op, max(base, old.version) + 1, _now_iso(), runner=runner,
-                                thresholds=old.thresholds if bundle is old.bundle else None,
-                                ic=old.ic if bundle is old.bundle else ic)
+            new = make_snapshot(catalog, op, max(base, old.version) + 1, _now_iso())
             made.append(new)
-            return {"bundle": bundle.bundle_id, "operating": new.operating_json(), "version": new.version,
+            return {"bundle": catalog.bundle.bundle_id, "operating": new.operating_json(), "version": new.version,
                     "updated": new.updated}
 
         update_active(self.model_dir, decide)
@@ -235,18 +213,20 @@ class Engine:
 
     def adopt(self, active: dict[str, Any]) -> bool:
         """Serve the state another process wrote to ``active.json`` if its version is newer than ours;
-        writes nothing. Returns whether the snapshot was swapped. Raises :class:`BundleError` when the named
-        bundle or operating point does not load (the current snapshot keeps serving)."""
+        writes nothing. Returns whether the snapshot was swapped. Raises a :class:`ServiceError` (a
+        :class:`BundleError`, :class:`ProfileNotFound`, :class:`ActiveStateError`) when the named bundle or
+        operating point does not load (the current snapshot keeps serving)."""
         version, bundle_id = _version(active), str(active.get("bundle", ""))
         old = self._snapshot
         if version <= old.version:
             return False
-        same = bundle_id == old.bundle_id
-        bundle = old.bundle if same else load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
-        ic = old.ic if same else self.ic_store.serving_for(self.net, bundle)
-        operating = operating_from_json(bundle, active.get("operating", {"a": bundle.default_profile}), ic)
-        new = make_snapshot(self.net, bundle, operating, version, str(active.get("updated", "")),
-                            runner=old.runner if same else None, thresholds=old.thresholds if same else None, ic=ic)
+        if bundle_id == old.bundle_id:
+            catalog = old.catalog
+        else:
+            bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
+            catalog = Catalog.build(self.net, bundle, self.ic_store.serving_for(self.net, bundle))
+        operating = catalog.operating_from_json(active.get("operating", {"a": catalog.bundle.default_profile}))
+        new = make_snapshot(catalog, operating, version, str(active.get("updated", "")))
         with self._lock:
             if version <= self._snapshot.version:
                 return False
@@ -270,8 +250,7 @@ class Engine:
             op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode), max_flops_fraction=max_flops_fraction)
             if op == snap.operating:
                 return snap
-            self._snapshot = make_snapshot(self.net, snap.bundle, op, snap.version, snap.updated, runner=snap.runner,
-                                           thresholds=snap.thresholds, fallback_from=snap.fallback_from, ic=snap.ic)
+            self._snapshot = make_snapshot(snap.catalog, op, snap.version, snap.updated, snap.fallback_from)
             return self._snapshot
 
     def persist_autopilot(self, config: dict[str, Any]) -> Snapshot:
@@ -286,8 +265,7 @@ class Engine:
                 if stored is not None and base > old.version and str(stored.get("bundle")) != old.bundle_id:
                     raise BundleError(f"bundle {stored.get('bundle')} was activated elsewhere (version {base}); "
                                       "retry", code="active_conflict")
-                new = make_snapshot(self.net, old.bundle, old.operating, max(base, old.version) + 1, _now_iso(),
-                                    runner=old.runner, thresholds=old.thresholds, ic=old.ic)
+                new = make_snapshot(old.catalog, old.operating, max(base, old.version) + 1, _now_iso())
                 made.append(new)
                 return {"bundle": new.bundle_id, "operating": new.operating_json(), "version": new.version,
                         "updated": new.updated, "autopilot": config}
@@ -303,14 +281,19 @@ class Engine:
     # -- inference (worker thread) -----------------------------------------------------------------------
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
-        """Run every profile of the active bundle once on blank images so the first request is not slow."""
+        """Run every class-means profile of the active bundle and one profile of each other mode once on
+        blank images, so the first request is not slow (not all ~100 IC profiles: their code paths)."""
         snap = self._snapshot
         h, w = self.spec.input_size
+        policies, seen = [], set()
+        for p in snap.policies.values():
+            if p.mode == "cm" or p.mode not in seen:
+                policies.append(p)
+                seen.add(p.mode)
         for b in batch_sizes:
-            blank = np.zeros((b, h, w, 3), dtype=np.uint8)
-            for name in snap.thresholds:
-                snap.runner.run(self.normalizer(blank), snap.thresholds[name])
-            warm_up_ic(self, self.normalizer(blank))
+            x = self.normalizer(np.zeros((b, h, w, 3), dtype=np.uint8))
+            for policy in policies:
+                snap.runner.run(x, policy)
 
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome | Exception]:
         """Run the requests of one batch; requests admitted under different snapshots run separately."""
@@ -329,57 +312,24 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def _run_group(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
+        """One cascade run for requests of one snapshot: each row with the policy of its profile."""
         snap = requests[0].snapshot
-        if snap.ic is not None and snap.ic.serves_any(requests):
-            return run_ic_group(self, requests)  # IC profiles in this group (service/serving/ic_serving.py)
-        parts, rows, served = [], [], []
+        parts, served = [], []
         for r in requests:
-            n = r.size
             parts.append(self.normalizer(r.pixels) if r.pixels is not None else r.tensor)
-            names = self._row_profiles(r, n)
-            served.extend(names)
-            rows.extend(snap.thresholds[name] for name in names)
+            served.extend(r.row_profiles())
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        t0 = time.perf_counter()
+        policies = snap.policies
         one = served[0] if served.count(served[0]) == len(served) else None  # one profile: no per-row table
-        res = snap.runner.run(x, snap.thresholds[one] if one is not None else torch.stack(rows))
+        t0 = time.perf_counter()
+        res = snap.runner.run(x, policies[one] if one is not None else [policies[n] for n in served])
         seconds = time.perf_counter() - t0
-        full = snap.bundle.costs.full
-        exits = res.exit_index.tolist()
-        flops = res.flops.tolist()
+        exits, flops, rules = res.exit_index.tolist(), res.flops.tolist(), res.rule_names()
         if self.metrics is not None:
             self.metrics.inference.labels(self.metrics.model).observe(seconds)
             self.metrics.batch_size.labels(self.metrics.model).observe(len(exits))
-            self.metrics.observe_samples(served, exits, flops, full)
-        k_max = max(min(r.top_k, self.spec.num_classes) for r in requests)
-        top_p, top_i = torch.topk(res.probs, k_max, dim=1)
-        preds, confs = res.pred.tolist(), res.confidence.tolist()
-        top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
-        classes, names = self.spec.classes, snap.bundle.exit_names
-        outcomes, lo = [], 0
-        for r in requests:
-            k = min(r.top_k, self.spec.num_classes)
-            samples = []
-            for j in range(lo, lo + r.size):
-                samples.append(SamplePrediction(
-                    preds[j], classes[preds[j]], confs[j],
-                    [(top_i_l[j][q], classes[top_i_l[j][q]], top_p_l[j][q]) for q in range(k)],
-                    exits[j], names[exits[j]], flops[j], served[j]))
-            outcomes.append(InferenceOutcome(samples, seconds))
-            lo += r.size
-        return outcomes
-
-    @staticmethod
-    def _row_profiles(r: InferenceRequest, n: int) -> list[str]:
-        if r.exits_off:
-            return [FULL] * n
-        if r.profile is not None:
-            return [r.profile] * n
-        op, router = r.snapshot.operating, r.snapshot.router
-        if op.b is None or router is None:
-            return [op.a] * n
-        to_a = router.route(n)
-        return [op.a if a else op.b for a in to_a]
+            self.metrics.observe_samples(served, exits, flops, snap.bundle.costs.full, rules=rules)
+        return outcomes(requests, res, served, exits, flops, rules, self.spec.classes, seconds)
 
     # -- listing -----------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from service.errors import ServiceError
 from service.store.bundles import ACTIVE_FILE, BundleError, read_active
 
 log = logging.getLogger("classmeans.follower")
@@ -101,7 +102,7 @@ class ActiveFollower:
             return False
         try:
             changed = self.engine.adopt(active)
-        except (BundleError, KeyError, TypeError, ValueError) as exc:
+        except (ServiceError, KeyError, TypeError, ValueError) as exc:
             self._report(sig, f"cannot adopt {ACTIVE_FILE} version {active.get('version')!r} (bundle "
                               f"{active.get('bundle')!r}): {exc}; the last good state keeps serving")
             return False

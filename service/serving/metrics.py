@@ -75,6 +75,24 @@ class Metrics:
                                       registry=r)
         self.rejected = Counter("classmeans_rejected", "Inference requests refused or dropped, by reason "
                                 "(overloaded, queue_timeout, deadline).", ["model", "reason"], registry=r)
+        self._state_collectors(r)
+        self._active_labels: tuple[str, str] | None = None
+        self.up.labels(model).set(0)
+        self.inflight.labels(model).set(0)
+        self.queue_depth.labels(model).set(0)
+        self.autopilot_enabled.labels(model).set(0)
+        for direction in ("down", "up"):
+            self.autopilot_moves.labels(model, direction)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        for outcome in ("succeeded", "failed"):
+            self.jobs.labels("class_means", outcome)
+        for c in (self.flops_spent, self.flops_full, self.flops_saved, self.flops_overhead,
+                  self.profile_switches, self.bundle_activations):
+            c.labels(model)
+
+    def _state_collectors(self, r: CollectorRegistry) -> None:
+        """The gauges of what serves now (merged across worker processes) and the admin counters."""
         self.inflight = Gauge("classmeans_inflight_requests", "HTTP requests being handled (probes and "
                               "/metrics excluded).", ["model"], registry=r, multiprocess_mode="livesum")
         self.queue_depth = Gauge("classmeans_queue_depth", "Samples waiting in the batch queue.", ["model"],
@@ -104,20 +122,6 @@ class Metrics:
         self.autopilot_moves = Counter("classmeans_autopilot_moves", "Operating point moves made by the autopilot "
                                        "(in memory, no active.json write), by direction (down: cheaper).",
                                        ["model", "direction"], registry=r)
-        self._active_labels: tuple[str, str] | None = None
-        self.up.labels(model).set(0)
-        self.inflight.labels(model).set(0)
-        self.queue_depth.labels(model).set(0)
-        self.autopilot_enabled.labels(model).set(0)
-        for direction in ("down", "up"):
-            self.autopilot_moves.labels(model, direction)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(model, reason)
-        for outcome in ("succeeded", "failed"):
-            self.jobs.labels("class_means", outcome)
-        for c in (self.flops_spent, self.flops_full, self.flops_saved, self.flops_overhead,
-                  self.profile_switches, self.bundle_activations):
-            c.labels(model)
 
     def configure_exits(self, num_exits: int) -> None:
         """Create the exit-depth histogram (buckets ``0 .. M-1``) once the network's exit count is known."""

@@ -1,8 +1,11 @@
 """The serving state as an immutable value, and the requests and answers that pass through it.
 
-A :class:`Snapshot` is one (bundle, exit runner, operating point, version); the engine publishes a new one
-on every switch. An :class:`InferenceRequest` carries the snapshot it was admitted
-under, so it is served entirely by that state even if a switch happens while it waits.
+A :class:`Catalog` is what one bundle (plus the IC set, when one serves with it) offers: every servable
+profile as an :class:`~service.earlyexit.policy.ExitPolicy` for the one
+:class:`~service.serving.cascade.CascadeRunner`, with its offline FLOPs and accuracy. A
+:class:`Snapshot` is (catalog, operating point, version); the engine publishes a new one on every switch.
+An :class:`InferenceRequest` carries the snapshot it was admitted under, so it is served entirely by that
+state even if a switch happens while it waits.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import numpy as np
 import torch
 
 from service.backbones import StagedNetwork
-from service.earlyexit import Operating, TimeSharingRouter
-from service.serving.runner import ExitRunner
+from service.earlyexit import Operating, Profile, TimeSharingRouter
+from service.earlyexit.policy import ExitPolicy, class_means_policy
+from service.errors import ActiveStateError, ProfileNotFound
+from service.serving.cascade import CascadeRunner
 from service.store.bundle_model import Bundle
-from service.store.bundles import BundleError
 
 if TYPE_CHECKING:
     from service.serving.ic_serving import ICServing
@@ -26,22 +30,85 @@ FULL = "full"  # the profile name reported when exits are switched off for a req
 
 
 @dataclass(frozen=True)
+class Catalog:
+    """Every profile one bundle (and its IC set) serves: ``policies`` and ``profiles`` by name, bundle
+    profiles first (``full`` among them), then the IC profiles; the runner that serves them all."""
+
+    bundle: Bundle
+    runner: CascadeRunner
+    policies: dict[str, ExitPolicy] = field(repr=False)
+    profiles: dict[str, Profile] = field(repr=False)
+    ic: ICServing | None = None  # the IC set's profiles and why some modes are unavailable, when loaded
+
+    @classmethod
+    def build(cls, net: StagedNetwork, bundle: Bundle, ic: ICServing | None = None) -> Catalog:
+        policies = {p.name: class_means_policy(p.name, p.thresholds, bundle.costs) for p in bundle.profiles}
+        policies.setdefault(FULL, class_means_policy(FULL, [1.0] * (bundle.num_exits - 1), bundle.costs))
+        profiles = {p.name: p for p in bundle.profiles}
+        if ic is not None:
+            for name, ip in ic.profiles.items():
+                policies[name] = ic.policies[name]
+                profiles[name] = ip.as_profile()
+        return cls(bundle, CascadeRunner(net, bundle.heads, ic.ics if ic is not None else None), policies,
+                   profiles, ic)
+
+    def mode_of(self, name: str) -> str:
+        return self.policies[name].mode
+
+    def operating(self, name: str) -> Operating:
+        """The operating point that serves profile ``name`` alone."""
+        p = self._profile(name)
+        return Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy)
+
+    def _profile(self, name: str) -> Profile:
+        p = self.profiles.get(name)
+        if p is None:
+            raise ProfileNotFound(f"profile {name!r} is not in bundle {self.bundle.bundle_id} "
+                                  f"(have: {', '.join(self.policies)})")
+        return p
+
+    def operating_from_json(self, obj: Any) -> Operating:
+        """``{"a": name}`` or ``{"a": name, "b": name, "lam": x}`` -> :class:`Operating` (validated)."""
+        if not isinstance(obj, dict) or "a" not in obj:
+            raise ActiveStateError("operating point must name profile 'a'")
+        a, b = str(obj["a"]), obj.get("b")
+        if a not in self.profiles or (b is not None and str(b) not in self.profiles):
+            raise ProfileNotFound(f"operating point {obj!r} names a profile not in bundle {self.bundle.bundle_id}")
+        if b is None:
+            return self.operating(a)
+        try:
+            lam = float(obj.get("lam", 1.0))
+        except (TypeError, ValueError):
+            raise ActiveStateError(f"operating point lam {obj.get('lam')!r} is not a number") from None
+        if not 0.0 <= lam <= 1.0:
+            raise ActiveStateError(f"operating point lam {lam} is outside [0, 1]")
+        pa, pb = self._profile(a), self._profile(str(b))
+        return Operating(a, str(b), lam, lam * pa.flops_fraction + (1 - lam) * pb.flops_fraction,
+                         lam * pa.accuracy + (1 - lam) * pb.accuracy)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What serves now. Never mutated: a switch publishes a new one."""
 
-    bundle: Bundle
-    runner: ExitRunner
+    catalog: Catalog
     operating: Operating
     router: TimeSharingRouter | None
     version: int
     updated: str
-    thresholds: dict[str, torch.Tensor] = field(repr=False)
     fallback_from: str | None = None
-    ic: ICServing | None = None  # the IC runner and IC profiles (service.serving.ic_serving), when loaded
+    # From the catalog, for the many readers: the bundle, its id, the runner, the policies, the IC set.
+    bundle: Bundle = field(init=False, repr=False)
+    bundle_id: str = field(init=False)
+    runner: CascadeRunner = field(init=False, repr=False)
+    policies: dict[str, ExitPolicy] = field(init=False, repr=False)
+    ic: ICServing | None = field(init=False, repr=False)
 
-    @property
-    def bundle_id(self) -> str:
-        return self.bundle.bundle_id
+    def __post_init__(self) -> None:
+        c = self.catalog
+        for name, value in (("bundle", c.bundle), ("bundle_id", c.bundle.bundle_id), ("runner", c.runner),
+                            ("policies", c.policies), ("ic", c.ic)):
+            object.__setattr__(self, name, value)
 
     @property
     def profile_name(self) -> str:
@@ -49,11 +116,14 @@ class Snapshot:
         return self.operating.name
 
     def has_profile(self, name: str) -> bool:
-        return name in self.thresholds or (self.ic is not None and name in self.ic.profiles)
+        return name in self.catalog.policies
 
     def profile_names(self) -> list[str]:
         """Every profile a request may name: the bundle's, then the IC profiles."""
-        return [*self.thresholds, *(self.ic.profiles if self.ic is not None else ())]
+        return list(self.catalog.policies)
+
+    def mode_of(self, name: str) -> str:
+        return self.catalog.mode_of(name)
 
     def operating_json(self) -> dict[str, Any]:
         op = self.operating
@@ -63,45 +133,10 @@ class Snapshot:
         return out
 
 
-def bundle_thresholds(bundle: Bundle) -> dict[str, torch.Tensor]:
-    t = {p.name: torch.tensor(p.thresholds, dtype=torch.float32) for p in bundle.profiles}
-    t.setdefault(FULL, torch.ones(bundle.num_exits - 1, dtype=torch.float32))
-    return t
-
-
-def single_operating(bundle: Bundle, name: str, ic: ICServing | None = None) -> Operating:
-    if ic is not None and name in ic.profiles and name not in bundle.profile_names():
-        return ic.profiles[name].operating()
-    p = bundle.profile(name)
-    return Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy)
-
-
-def operating_from_json(bundle: Bundle, obj: Any, ic: ICServing | None = None) -> Operating:
-    """``{"a": name}`` or ``{"a": name, "b": name, "lam": x}`` -> :class:`Operating` (validated)."""
-    if not isinstance(obj, dict) or "a" not in obj:
-        raise BundleError("operating point must name profile 'a'", code="invalid_active")
-    names = set(bundle.profile_names()) | set(ic.profiles if ic is not None else ())
-    a, b = str(obj["a"]), obj.get("b")
-    if a not in names or (b is not None and str(b) not in names):
-        raise BundleError(f"operating point {obj!r} names a profile not in bundle {bundle.bundle_id}",
-                          code="profile_not_found")
-    if b is None:
-        return single_operating(bundle, a, ic)
-    try:
-        lam = float(obj.get("lam", 1.0))
-    except (TypeError, ValueError):
-        raise BundleError(f"operating point lam {obj.get('lam')!r} is not a number", code="invalid_active") from None
-    if not 0.0 <= lam <= 1.0:
-        raise BundleError(f"operating point lam {lam} is outside [0, 1]", code="invalid_active")
-    pa, pb = _profile(bundle, a, ic), _profile(bundle, str(b), ic)
-    return Operating(a, str(b), lam, lam * pa.flops_fraction + (1 - lam) * pb.flops_fraction,
-                     lam * pa.accuracy + (1 - lam) * pb.accuracy)
-
-
-def _profile(bundle: Bundle, name: str, ic: ICServing | None) -> Any:
-    if ic is not None and name in ic.profiles and name not in bundle.profile_names():
-        return ic.profiles[name]
-    return bundle.profile(name)
+def make_snapshot(catalog: Catalog, op: Operating, version: int, updated: str,
+                  fallback_from: str | None = None) -> Snapshot:
+    router = TimeSharingRouter(op.lam) if op.b is not None else None
+    return Snapshot(catalog, op, router, version, updated, fallback_from)
 
 
 @dataclass
@@ -127,6 +162,19 @@ class InferenceRequest:
             return FULL
         return self.profile or self.snapshot.profile_name
 
+    def row_profiles(self) -> list[str]:
+        """The profile of each sample: the override, ``full``, or the operating point (a time-shared mix
+        routes each sample to one of its two profiles)."""
+        n = self.size
+        if self.exits_off:
+            return [FULL] * n
+        if self.profile is not None:
+            return [self.profile] * n
+        op, router = self.snapshot.operating, self.snapshot.router
+        if op.b is None or router is None:
+            return [op.a] * n
+        return [op.a if a else op.b for a in router.route(n)]
+
 
 @dataclass
 class SamplePrediction:
@@ -138,7 +186,7 @@ class SamplePrediction:
     exit_name: str
     flops: float
     profile: str
-    rule: str = ""  # which rule let it out (RULE_NAMES); "" = class means: "cm", or "final" at the head
+    rule: str = "final"  # which rule let it out (RULE_NAMES: cm, ic, ic+cm, final)
     mode: str = "cm"  # the decision mode of its profile
 
 
@@ -146,11 +194,3 @@ class SamplePrediction:
 class InferenceOutcome:
     predictions: list[SamplePrediction]
     inference_seconds: float
-
-
-def make_snapshot(net: StagedNetwork, bundle: Bundle, op: Operating, version: int, updated: str,
-                   runner: ExitRunner | None = None, thresholds: dict[str, torch.Tensor] | None = None,
-                   fallback_from: str | None = None, ic: ICServing | None = None) -> Snapshot:
-    router = TimeSharingRouter(op.lam) if op.b is not None else None
-    return Snapshot(bundle, runner or ExitRunner(net, bundle.heads, bundle.costs), op, router, version, updated,
-                    thresholds if thresholds is not None else bundle_thresholds(bundle), fallback_from, ic)

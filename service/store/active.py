@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.errors import ProfileNotFound
 from service.store.bundle_model import Bundle, load_bundle
 from service.store.bundles import BundleError, list_bundle_ids, read_active, write_active
 from service.store.locks import DEFAULT_TIMEOUT_S, is_read_only_error, read_only_error, store_lock
@@ -67,7 +68,7 @@ def activate_bundle(model_dir: Path, bundle_id: str, profile: str | None = None,
     bundle = load_bundle(model_dir, bundle_id, spec, num_exits)
     name = profile or bundle.default_profile
     if name not in bundle.profile_names():
-        raise BundleError(f"profile {name!r} is not in bundle {bundle_id}", code="profile_not_found")
+        raise ProfileNotFound(f"profile {name!r} is not in bundle {bundle_id}")
     return update_active(model_dir, lambda _stored, base: {
         "bundle": bundle_id, "operating": {"a": name}, "version": base + 1,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -57,6 +57,17 @@ def write_json_atomic(path: Path, obj: Any, mode: int | None = None) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), mode=mode)
 
 
+def fresh_staging_dir(final: Path) -> Path:
+    """An empty staging directory ``.<name>.tmp`` beside ``final`` (a leftover one is removed first), to be
+    filled and then published with :func:`publish_dir_atomic`."""
+    staging = final.parent / f".{final.name}{TMP_SUFFIX}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
 def publish_dir_atomic(staging: Path, final: Path) -> None:
     """Move a fully written ``staging`` directory to ``final`` (which must not exist) in one rename."""
     for f in staging.rglob("*"):

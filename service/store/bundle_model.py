@@ -18,7 +18,7 @@ from service.earlyexit import ExitCosts, ExitHead, Profile
 from service.earlyexit.exit_head import METRICS
 from service.earlyexit.reduction import reduced_dim
 from service.store.bundles import BundleError, BundleFiles, read_bundle, write_bundle
-from service.store.model_dir import ModelSpec
+from service.store.model_dir import ModelSpec, check_provenance
 
 FORMAT_VERSION = 1
 
@@ -90,11 +90,7 @@ def bundle_from_files(files: BundleFiles, spec: ModelSpec, num_exits: int | None
     try:
         if meta.get("format") != FORMAT_VERSION:
             raise BundleError(f"bundle {bid}: unsupported format {meta.get('format')!r}")
-        if spec.weights_sha256 and meta.get("weights_sha256") != spec.weights_sha256:
-            raise BundleError(f"bundle {bid} was calibrated on other weights than {spec.name}'s",
-                              code="bundle_model_mismatch")
-        if list(meta.get("classes", [])) != list(spec.classes):
-            raise BundleError(f"bundle {bid}: classes differ from the model's", code="bundle_model_mismatch")
+        check_provenance(meta, spec, f"bundle {bid}", "calibrated", BundleError, "bundle_model_mismatch")
         exits = meta["exits"]
         m = len(exits)
         if num_exits is not None and m != num_exits:
@@ -114,25 +110,7 @@ def bundle_from_files(files: BundleFiles, spec: ModelSpec, num_exits: int | None
             head_cost.append(float(e["head_flops"]))
             if f"exit{j}.means" not in tensors:
                 continue
-            metric = str(e["metric"])
-            if metric not in METRICS:
-                raise BundleError(f"bundle {bid}: exit {j} has unknown metric {metric!r}")
-            means = _finite(tensors[f"exit{j}.means"], f"exit {j} means")
-            norm = _finite(tensors[f"exit{j}.normaliser"], f"exit {j} normaliser")
-            scale = tensors.get(f"exit{j}.scale")
-            proj = tensors.get(f"exit{j}.projection")
-            d = reduced_dim(shapes[j], str(e["reduction"]))
-            p = proj.shape[1] if proj is not None else d
-            if means.shape != (k, p) or norm.shape != (k,) or bool((norm <= 0).any()):
-                raise BundleError(f"bundle {bid}: exit {j} means/normaliser have wrong shape or sign")
-            if scale is not None and _finite(scale, f"exit {j} scale").shape != (d,):
-                raise BundleError(f"bundle {bid}: exit {j} scale must be ({d},)")
-            if proj is not None and _finite(proj, f"exit {j} projection").shape != (d, p):
-                raise BundleError(f"bundle {bid}: exit {j} projection must be ({d}, {p})")
-            temp = float(e.get("temperature", 1.0))
-            if not math.isfinite(temp) or temp <= 0:
-                raise BundleError(f"bundle {bid}: exit {j} temperature must be > 0")
-            heads[j] = ExitHead(str(e["reduction"]), metric, means, norm, scale, proj, temp)
+            heads[j] = _head(bid, j, e, tensors, shapes[j], k)
         costs = ExitCosts(tuple(backbone_cum), tuple(head_cost))
         profiles = [Profile.from_json(p) for p in files.profiles["profiles"]]
         if not profiles:
@@ -152,6 +130,30 @@ def bundle_from_files(files: BundleFiles, spec: ModelSpec, num_exits: int | None
         raise BundleError(f"bundle {bid} is malformed: {exc!r}") from exc
     return Bundle(bid, heads, costs, names, shapes, profiles, default, dict(meta.get("config", {})),
                   meta=dict(meta))
+
+
+def _head(bid: str, j: int, e: dict[str, Any], tensors: dict[str, torch.Tensor], shape: tuple[int, ...], k: int
+          ) -> ExitHead:
+    """Exit ``j``'s class-means head from its ``bundle.json`` entry and tensors, validated."""
+    metric = str(e["metric"])
+    if metric not in METRICS:
+        raise BundleError(f"bundle {bid}: exit {j} has unknown metric {metric!r}")
+    means = _finite(tensors[f"exit{j}.means"], f"exit {j} means")
+    norm = _finite(tensors[f"exit{j}.normaliser"], f"exit {j} normaliser")
+    scale = tensors.get(f"exit{j}.scale")
+    proj = tensors.get(f"exit{j}.projection")
+    d = reduced_dim(shape, str(e["reduction"]))
+    p = proj.shape[1] if proj is not None else d
+    if means.shape != (k, p) or norm.shape != (k,) or bool((norm <= 0).any()):
+        raise BundleError(f"bundle {bid}: exit {j} means/normaliser have wrong shape or sign")
+    if scale is not None and _finite(scale, f"exit {j} scale").shape != (d,):
+        raise BundleError(f"bundle {bid}: exit {j} scale must be ({d},)")
+    if proj is not None and _finite(proj, f"exit {j} projection").shape != (d, p):
+        raise BundleError(f"bundle {bid}: exit {j} projection must be ({d}, {p})")
+    temp = float(e.get("temperature", 1.0))
+    if not math.isfinite(temp) or temp <= 0:
+        raise BundleError(f"bundle {bid}: exit {j} temperature must be > 0")
+    return ExitHead(str(e["reduction"]), metric, means, norm, scale, proj, temp)
 
 
 def load_bundle(model_dir: Path, bundle_id: str, spec: ModelSpec, num_exits: int | None = None) -> Bundle:

@@ -17,13 +17,20 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from service.store.atomic import TMP_SUFFIX, publish_dir_atomic, write_bytes_atomic, write_json_atomic
+from service.errors import ServiceError
+from service.store.atomic import (
+    TMP_SUFFIX,
+    fresh_staging_dir,
+    publish_dir_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 BUNDLES_DIR = "bundles"
 ACTIVE_FILE = "active.json"
@@ -33,15 +40,13 @@ PROFILES_JSON = "profiles.json"
 BUNDLE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
 
-class BundleError(ValueError):
-    """A bundle is missing, corrupt, or does not belong to this model."""
+class BundleError(ServiceError, ValueError):
+    """A bundle (or ``active.json``) is missing, corrupt, or does not belong to this model."""
 
     code = "invalid_bundle"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code:
-            self.code = code
+    status = 422
+    STATUS_BY_CODE: ClassVar[dict[str, int]] = {"bundle_not_found": 404, "active_conflict": 409,
+                                                "store_read_only": 409, "store_busy": 503}
 
 
 @dataclass
@@ -75,11 +80,7 @@ def write_bundle(model_dir: Path, bundle_id: str, meta: dict[str, Any], tensors:
                  profiles: dict[str, Any], extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a complete bundle atomically; returns its directory. Never overwrites an existing bundle."""
     final = bundle_path(model_dir, bundle_id)
-    staging = final.parent / f".{bundle_id}{TMP_SUFFIX}"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = fresh_staging_dir(final)
     try:
         blob = save({k: v.detach().contiguous() for k, v in tensors.items()})
         meta = {**meta, "id": bundle_id, "tensors_sha256": hashlib.sha256(blob).hexdigest()}

@@ -24,9 +24,9 @@ from service.backbones import StageProfile
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import ExitHead
 from service.earlyexit.ic_rules import ICCosts
-from service.store.atomic import TMP_SUFFIX, publish_dir_atomic
+from service.store.atomic import fresh_staging_dir, publish_dir_atomic
 from service.store.bundles import BUNDLE_ID_RE, BundleError, new_bundle_id
-from service.store.model_dir import ModelSpec
+from service.store.model_dir import ModelSpec, check_provenance
 
 ICS_DIR = "ics"
 ICS_TENSORS = "ics.safetensors"
@@ -80,11 +80,7 @@ def save_ics(model_dir: Path, spec: ModelSpec, ics: ICSet, stage_profile: StageP
     """Write ``ics/<id>/`` atomically; returns ``(id, path)``."""
     ics_id = new_bundle_id(tag)
     final = ics_root(model_dir) / ics_id
-    staging = final.parent / f".{ics_id}{TMP_SUFFIX}"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = fresh_staging_dir(final)
     try:
         blob = save(ics.tensors())
         flops = ics.flops()
@@ -141,11 +137,7 @@ def load_ics(model_dir: Path, spec: ModelSpec, stage_profile: StageProfile, ics_
             raise ICError(f"IC set {ics_id}: unsupported format {meta.get('format')!r}")
         if meta.get("tensors_sha256") != hashlib.sha256(blob).hexdigest():
             raise ICError(f"IC set {ics_id}: {ICS_TENSORS} does not match its checksum")
-        if spec.weights_sha256 and meta.get("weights_sha256") != spec.weights_sha256:
-            raise ICError(f"IC set {ics_id} was trained on other weights than {spec.name}'s",
-                          code="ics_model_mismatch")
-        if list(meta.get("classes", [])) != list(spec.classes):
-            raise ICError(f"IC set {ics_id}: classes differ from the model's", code="ics_model_mismatch")
+        check_provenance(meta, spec, f"IC set {ics_id}", "trained", ICError, "ics_model_mismatch")
         entries = meta["ics"]
         exits = [int(e["exit"]) for e in entries]
         n_early = len(stage_profile.shapes) - 1
@@ -161,27 +153,35 @@ def load_ics(model_dir: Path, spec: ModelSpec, stage_profile: StageProfile, ics_
         except (SafetensorError, OSError, ValueError) as exc:
             raise ICError(f"IC set {ics_id}: cannot read tensors: {exc}") from exc
         ics = ICSet(exits, shapes, spec.num_classes, seed=None)
-        expected = ics.state_dict()
-        state = {}
-        for i in range(len(exits)):
-            for k in ("alpha", "linear.weight", "linear.bias"):
-                name = f"ic{i}.{k}"
-                t = tensors.get(name)
-                want = expected[f"ics.{i}.{k}"]
-                if t is None or t.dtype != torch.float32 or t.shape != want.shape:
-                    raise ICError(f"IC set {ics_id}: tensor {name} missing or not float32 {tuple(want.shape)}")
-                if not torch.isfinite(t).all():
-                    raise ICError(f"IC set {ics_id}: tensor {name} has non-finite values")
-                state[f"ics.{i}.{k}"] = t
-            if not 0.0 <= float(state[f"ics.{i}.alpha"]) <= 1.0:
-                raise ICError(f"IC set {ics_id}: alpha of IC {i} outside [0, 1]")
-        extra = set(tensors) - {f"ic{i}.{k}" for i in range(len(exits)) for k in ("alpha", "linear.weight",
-                                                                                  "linear.bias")}
-        if extra:
-            raise ICError(f"IC set {ics_id}: unexpected tensors {sorted(extra)}")
-        ics.load_state_dict(state, strict=True)
+        ics.load_state_dict(_checked_state(ics_id, tensors, ics.state_dict(), len(exits)), strict=True)
     except ICError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ICError(f"IC set {ics_id} is malformed: {exc!r}") from exc
     return ics.eval(), meta, profiles
+
+
+_IC_TENSORS = ("alpha", "linear.weight", "linear.bias")
+
+
+def _checked_state(ics_id: str, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], n: int
+                   ) -> dict[str, torch.Tensor]:
+    """The stored ``ic{i}.*`` tensors as the ICs' state dict: present, float32, the right shapes, finite,
+    ``0 <= alpha <= 1``, nothing else."""
+    state = {}
+    for i in range(n):
+        for k in _IC_TENSORS:
+            name = f"ic{i}.{k}"
+            t = tensors.get(name)
+            want = expected[f"ics.{i}.{k}"]
+            if t is None or t.dtype != torch.float32 or t.shape != want.shape:
+                raise ICError(f"IC set {ics_id}: tensor {name} missing or not float32 {tuple(want.shape)}")
+            if not torch.isfinite(t).all():
+                raise ICError(f"IC set {ics_id}: tensor {name} has non-finite values")
+            state[f"ics.{i}.{k}"] = t
+        if not 0.0 <= float(state[f"ics.{i}.alpha"]) <= 1.0:
+            raise ICError(f"IC set {ics_id}: alpha of IC {i} outside [0, 1]")
+    extra = set(tensors) - {f"ic{i}.{k}" for i in range(n) for k in _IC_TENSORS}
+    if extra:
+        raise ICError(f"IC set {ics_id}: unexpected tensors {sorted(extra)}")
+    return state

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from service.errors import RETRY_AFTER_S
 from service.store.bundles import BundleError
 
 LOCKS_DIR = "locks"
@@ -35,9 +36,12 @@ READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class StoreBusy(BundleError):
-    """Another writer held the store lock past the timeout."""
+    """Another writer held the store lock past the timeout (503; retry after a second)."""
 
     code = "store_busy"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class StoreReadOnly(BundleError):

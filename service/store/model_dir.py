@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from service.backbones import StagedNetwork, build_backbone
+from service.errors import ServiceError
 from service.ingest.preprocessing import Preprocessing
 from service.store.atomic import write_bytes_atomic, write_json_atomic
 
@@ -26,8 +28,11 @@ WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ServiceError, ValueError):
     """The model directory is missing, malformed, or its weights do not fit its architecture."""
+
+    code = "invalid_model"
+    status = 422
 
 
 @dataclass
@@ -90,6 +95,16 @@ class ModelSpec:
         if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
             raise ModelDirError("model.json input mean/std must be three values, std > 0")
         return spec
+
+
+def check_provenance(meta: dict[str, Any], spec: ModelSpec, what: str, made: str, error: Callable[..., Exception],
+                     code: str) -> None:
+    """Refuse stored state (a bundle, an IC set) ``made`` ("calibrated", "trained") on other weights or for
+    other classes than ``spec``'s: raise ``error(message, code=code)``."""
+    if spec.weights_sha256 and meta.get("weights_sha256") != spec.weights_sha256:
+        raise error(f"{what} was {made} on other weights than {spec.name}'s", code=code)
+    if list(meta.get("classes", [])) != list(spec.classes):
+        raise error(f"{what}: classes differ from the model's", code=code)
 
 
 def sha256_file(path: Path) -> str:

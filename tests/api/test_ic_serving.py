@@ -21,7 +21,8 @@ import torch
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.ingest.labelled import LabelledImages
 from service.offline.evaluation import decision_table_for
-from service.offline.ics import extract_cache, ic_table_from_cache
+from service.offline.ic_cache import extract_cache
+from service.offline.ics import ic_table_from_cache
 from service.serving.snapshot import Snapshot
 from service.store.ic_sets import ic_costs
 from tests.api.conftest import (
@@ -48,13 +49,20 @@ def files(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 def mode_of(snap: Snapshot, name: str) -> str:
-    return snap.ic.mode_of(name) if snap.ic is not None else "cm"
+    return snap.mode_of(name)
+
+
+def cm_thresholds(snap: Snapshot, name: str) -> torch.Tensor:
+    """``(1, M - 1)`` thresholds of a class-means profile, as stored in the bundle (``full``: all off)."""
+    if name in snap.bundle.profile_names():
+        return torch.tensor(snap.bundle.profile(name).thresholds, dtype=torch.float32).unsqueeze(0)
+    return torch.ones(1, snap.bundle.num_exits - 1)
 
 
 def expected_flops(snap: Snapshot, name: str, exit_index: int) -> float:
     """FLOPs of a sample of profile ``name`` that left at backbone exit ``exit_index``."""
     if snap.ic is None or name not in snap.ic.profiles:
-        t = snap.thresholds[name].unsqueeze(0)
+        t = cm_thresholds(snap, name)
         return float(snap.bundle.costs.per_exit(t)[0, exit_index])
     want = snap.ic.expected_flops(name, exit_index)
     assert want is not None, f"{name} cannot leave at exit {exit_index}"
@@ -69,7 +77,7 @@ def offline(engine, images: np.ndarray, labels: np.ndarray, name: str) -> dict[s
     m = bundle.num_exits
     if snap.ic is None or name not in snap.ic.profiles:
         table = decision_table_for(net, bundle, data, norm)
-        t = snap.thresholds[name].unsqueeze(0)
+        t = cm_thresholds(snap, name)
         ex = table.exit_indices(t)[0]
         rows = torch.arange(len(labels))
         return {"exit": ex.tolist(), "pred": table.pred[rows, ex].tolist(),
@@ -204,7 +212,7 @@ async def test_switch_by_name_and_by_target_within_a_mode(ic_served):
     assert r.status_code == 200, r.text
     op = r.json()["active"]
     assert op["b"] is not None and op["flops_fraction"] == pytest.approx(mid)
-    assert {snap.ic.mode_of(op["a"]), snap.ic.mode_of(op["b"]) if op["b"] != "full" else "ic_prob"} == {"ic_prob"}
+    assert {snap.mode_of(op["a"]), snap.mode_of(op["b"]) if op["b"] != "full" else "ic_prob"} == {"ic_prob"}
     body = (await c.post("/classify", files=files(sample_pngs(16)))).json()
     assert body["operating"]["name"] == op["name"]
     assert {p["profile"] for p in body["predictions"]} <= {op["a"], op["b"]}

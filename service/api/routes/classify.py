@@ -11,18 +11,8 @@ from service.api import schemas
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
 from service.api.forms import parse_multipart, read_upload
-from service.api.inference import (
-    admit,
-    check_profile,
-    classify_payload,
-    deadline_for,
-    decode_all,
-    request_t0,
-    run_inference,
-    state_headers,
-)
+from service.api.inference import classify_json, deadline_for, request_t0
 from service.api.limits import read_body_capped
-from service.serving.snapshot import InferenceRequest
 
 router = APIRouter(tags=["data plane"])
 
@@ -67,7 +57,6 @@ async def classify(
     deadline = deadline_for(state)
     settings = state.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    names: list[str | None]
     if ctype == "multipart/form-data":
         form = await parse_multipart(request, settings.max_files, ("file", "files"))
         try:
@@ -77,17 +66,11 @@ async def classify(
             blobs = [(f.filename, await read_upload(f, settings.max_file_bytes, i)) for i, f in enumerate(form.files)]
         finally:
             await form.close()
-        names = [name for name, _ in blobs]
     elif ctype.startswith("image/"):
         blobs = [(None, await read_body_capped(request, settings.max_file_bytes))]
-        names = [None]
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data with 'file' parts, or one image as a raw image/* body")
-    check_profile(snap, profile)
-    admit(state, len(blobs))
-    pixels = await decode_all(state, engine, blobs)
-    req = InferenceRequest(snap, pixels=pixels, profile=profile, exits_off=exits == "off", top_k=top_k)
-    outcome, sub = await run_inference(state, req, deadline)
-    body = classify_payload(engine, req, outcome, sub, names, request_t0(request))
-    return JSONResponse(body, headers=state_headers(snap, body["profile"]))
+    body, headers = await classify_json(state, engine, snap, blobs, deadline, request_t0(request), profile,
+                                        exits == "off", top_k)
+    return JSONResponse(body, headers=headers)

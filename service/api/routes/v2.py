@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -31,7 +33,7 @@ from service import __version__
 from service.api import schemas
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
-from service.api.inference import admit, check_profile, deadline_for, decode_all, rule_of, run_inference, state_headers
+from service.api.inference import Payload, check_profile, classify_samples, deadline_for, decode_all, state_headers
 from service.api.oip import binary, model_info, tensors
 from service.api.state import AppState
 from service.serving.engine import Engine
@@ -250,17 +252,17 @@ async def _infer(request: Request, state: AppState, engine: Engine, snap: Snapsh
 async def _classify(state: AppState, engine: Engine, snap: Snapshot, inp: schemas.InferInput, raw: bytes | None,
                     n: int, profile: str | None, exits_off: bool, deadline: float
                     ) -> tuple[InferenceRequest, InferenceOutcome]:
-    """The one call into the shared inference pipeline: admit, decode, batch, run."""
-    admit(state, n)
-    k = engine.spec.num_classes
-    if inp.datatype == "BYTES":
-        pixels = await decode_all(state, engine, tensors.image_blobs(inp, raw, n))
-        req = InferenceRequest(snap, pixels=pixels, profile=profile, exits_off=exits_off, top_k=k)
-    else:
-        req = InferenceRequest(snap, tensor=tensors.fp32_batch(inp, raw, n), profile=profile,
-                               exits_off=exits_off, top_k=k)
-    outcome, _ = await run_inference(state, req, deadline)
-    return req, outcome
+    """The one call into the shared classify pipeline (check, admit, decode, batch, run); the input's samples
+    are read only once admitted: image files (BYTES) or normalised pixels (FP32)."""
+
+    async def load() -> np.ndarray | torch.Tensor:
+        if inp.datatype == "BYTES":
+            return await decode_all(state, engine, tensors.image_blobs(inp, raw, n))
+        return tensors.fp32_batch(inp, raw, n)
+
+    done = await classify_samples(state, snap, Payload(n, load), deadline, profile, exits_off,
+                                  engine.spec.num_classes)
+    return done.request, done.outcome
 
 
 def _response(body: schemas.InferRequest, req: InferenceRequest, outcome: InferenceOutcome, engine: Engine
@@ -269,7 +271,7 @@ def _response(body: schemas.InferRequest, req: InferenceRequest, outcome: Infere
     preds = outcome.predictions
     m = snap.bundle.num_exits
     full = float(snap.bundle.costs.full)
-    rules = [rule_of(p, m) for p in preds]
+    rules = [p.rule for p in preds]
     parameters: dict[str, Any] = {"bundle": snap.bundle_id, "profile": req.served_as, "version": snap.version,
                                   "num_layers": m, "flops_full": full}
     if len(preds) == 1:

@@ -27,15 +27,16 @@ from service.backbones.internal_classifiers import ICSet, InternalClassifier, pl
 from service.backbones.preprocess import Normalizer
 from service.cli.main import main
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
+from service.earlyexit.policy import ic_policy
 from service.offline.evaluation import decision_table_for
+from service.offline.ic_operation import search_profiles
 from service.offline.ics import (
     ICTrainConfig,
     extract_cache,
     ic_table_from_cache,
-    search_profiles,
     train_ics,
 )
-from service.serving.ic_runner import ICExitRunner, row_thresholds
+from service.serving.cascade import CascadeRunner
 from service.store.bundle_model import load_bundle
 from service.store.bundles import read_active
 from service.store.ic_sets import ICError, ic_costs, load_ics, save_ics
@@ -168,7 +169,12 @@ def test_runner_equals_offline_table_in_every_mode(tiny):
     assert costs.ic_cost == tuple(float(f) for f in res.ics.flops()) and all(c > 0 for c in costs.cm_cost)
     profiles = search_profiles(table, costs, samples=300, seed=0, refine_rounds=1)
     assert set(profiles) == set(MODES)
-    runner = ICExitRunner(net, res.ics, costs, bundle.heads)
+    runner = CascadeRunner(net, bundle.heads, res.ics)
+    exits = [*res.ics.exits, net.num_exits - 1]  # IC exit i -> backbone exit
+
+    def policy(mode, t, name="p"):
+        return ic_policy(name, mode, t, res.ics.exits, costs, bundle.costs.backbone_cum)
+
     x = norm(sel.images)
     n = len(sel)
     rng = np.random.default_rng(0)
@@ -184,17 +190,17 @@ def test_runner_equals_offline_table_in_every_mode(tiny):
         for c_i, thr in enumerate(cands):
             t = torch.tensor([thr["ic"], thr["cm"]]) if isinstance(thr, dict) else torch.tensor(thr)
             off = table.decide(mode, t, costs)
-            got = runner.run(x, mode, row_thresholds(mode, t))
-            assert torch.equal(got.ic_exit, off["exit"]), mode
+            got = runner.run(x, policy(mode, t))
+            assert got.exit_index.tolist() == [exits[int(e)] for e in off["exit"]], mode
             assert torch.equal(got.pred, off["pred"]), mode
             assert torch.equal(got.rule, off["rule"]), mode
             assert torch.allclose(got.flops, off["flops"]), mode
             checked_rules.update(RULE_NAMES[int(r)] for r in got.rule)
             # One row at a time (the batch-1 path) decides exactly as the batch does; its scores differ
             # from the batch's only by the backbone's float rounding at another batch size.
-            single = [runner.run(x[i:i + 1], mode, row_thresholds(mode, t)) for i in range(c_i % 7, n, 7)]
+            single = [runner.run(x[i:i + 1], policy(mode, t)) for i in range(c_i % 7, n, 7)]
             sub = slice(c_i % 7, n, 7)
-            for field in ("exit_stage", "ic_exit", "pred", "flops", "rule"):
+            for field in ("exit_index", "pred", "flops", "rule"):
                 assert torch.equal(torch.cat([getattr(s, field) for s in single]), getattr(got, field)[sub]), \
                     (mode, c_i, field)
             for field in ("confidence", "probs"):
@@ -203,17 +209,17 @@ def test_runner_equals_offline_table_in_every_mode(tiny):
     assert {"ic", "cm", "final"} <= checked_rules
     # Rows of one batch may carry different modes.
     modes = [MODES[i % len(MODES)] for i in range(len(sel))]
-    rows = []
-    for i, m in enumerate(modes):
+    by_mode = {}
+    for m in MODES:
         p = profiles[m][0]["thresholds"]
-        rows.append(row_thresholds(m, torch.tensor([p["ic"], p["cm"]]) if isinstance(p, dict) else torch.tensor(p)))
-        assert rows[-1].shape == (2, len(res.ics)), i
-    mixed = runner.run(x, modes, torch.stack(rows))
+        by_mode[m] = policy(m, torch.tensor([p["ic"], p["cm"]]) if isinstance(p, dict) else torch.tensor(p), m)
+    mixed = runner.run(x, [by_mode[m] for m in modes])
     for m in MODES:
         idx = [i for i, mm in enumerate(modes) if mm == m]
-        alone = runner.run(x[idx], m, rows[idx[0]])
-        assert torch.equal(mixed.pred[idx], alone.pred) and torch.equal(mixed.ic_exit[idx], alone.ic_exit)
-    full = runner.run(x, "ic_prob", row_thresholds("ic_prob", torch.ones(len(res.ics))))
+        alone = runner.run(x[idx], by_mode[m])
+        for field in ("exit_index", "pred", "flops", "rule"):
+            assert torch.equal(getattr(mixed, field)[idx], getattr(alone, field)), (m, field)
+    full = runner.run(x, policy("ic_prob", torch.ones(len(res.ics))))
     assert torch.allclose(full.flops, torch.full((len(sel),), costs.full, dtype=torch.float64))
     with torch.inference_mode():
         assert torch.equal(full.pred, net.module(x).argmax(1))

@@ -173,7 +173,7 @@ def test_torn_or_malformed_active_json_is_ignored_with_an_error_log(two_engines,
         assert any(r.levelno == logging.ERROR and "last good state keeps serving" in r.getMessage()
                    for r in caplog.records), caplog.text
         blank = b.normalizer(__import__("numpy").zeros((1, 32, 32, 3), dtype="uint8"))
-        b.snapshot.runner.run(blank, b.snapshot.thresholds[b.snapshot.profile_name])  # still serves
+        b.snapshot.runner.run(blank, b.snapshot.policies[b.snapshot.profile_name])  # still serves
     finally:
         path.write_text(good)
 

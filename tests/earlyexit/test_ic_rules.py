@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.earlyexit.cascade_search import combined_seeds, max_entropy, search_mode
 from service.earlyexit.ic_rules import (
     MODES,
     RULE_NAMES,
@@ -16,12 +17,9 @@ from service.earlyexit.ic_rules import (
     ICDecisionTable,
     branchynet_fires,
     combined_fires,
-    combined_seeds,
     entropy,
     from_score_thresholds,
-    max_entropy,
     sdn_fires,
-    search_mode,
     to_score_thresholds,
 )
 
