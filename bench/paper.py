@@ -63,12 +63,12 @@ from service.offline.evaluation import evaluate_report, plot_curves, smallest_fr
 from service.offline.ic_cache import FeatureCache, cache_key, extract_cache
 from service.offline.ics import (
     ICTrainConfig,
-    ic_costs,
     ic_table_from_cache,
     train_on_cache,
     train_online,
 )
 from service.store.active import resolve_bundle
+from service.store.ic_sets import ic_costs
 from service.store.model_dir import load_model
 
 REPO = Path(__file__).resolve().parents[1]

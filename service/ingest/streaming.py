@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.ingest.archives import ArchiveLimits, _Budget, _dir_entries, _fold, _is_junk
+from service.ingest.archives import ArchiveLimits
 from service.ingest.images import ImageError, decode_image
 from service.ingest.labelled import DatasetError, LabelledImages
+from service.ingest.members import Budget, dir_entries, fold, is_junk
 from service.ingest.preprocessing import Preprocessing, as_preprocessing
 
 
@@ -77,8 +78,8 @@ def stream_image_folder_dir(path: Path, image_size: tuple[int, int] | Preprocess
         raise DatasetError(f"{str(path)!r} cannot be opened (missing, unreadable or a symlink loop)") from exc
     if not root.is_dir():
         raise DatasetError(f"{str(path)!r} is not a directory")
-    files = [e for e in _dir_entries(root, root, (), limits, _Budget(limits))
-             if not e.is_dir and e.parts and not _is_junk(e.parts)]
+    files = [e for e in dir_entries(root, root, (), limits, Budget(limits))
+             if not e.is_dir and e.parts and not is_junk(e.parts)]
     tops = {e.parts[0] for e in files}
     strip = 1 if len(tops) == 1 and any(len(e.parts) >= 3 for e in files) else 0
     by_class: dict[str, list] = {}
@@ -91,7 +92,7 @@ def stream_image_folder_dir(path: Path, image_size: tuple[int, int] | Preprocess
         raise DatasetError(f"need at least 2 class folders with images, found {len(by_class)}",
                            code="invalid_dataset_layout")
     classes = sorted(by_class)
-    samples = sorted(((k, _fold("/".join(e.parts)), e) for k, c in enumerate(classes) for e in by_class[c]),
+    samples = sorted(((k, fold("/".join(e.parts)), e) for k, c in enumerate(classes) for e in by_class[c]),
                      key=lambda s: (s[0], s[1]))
     images = LazyImages([e.read for _, _, e in samples], [e.name for _, _, e in samples], prep, limits.max_pixels)
     labels = np.array([k for k, _, _ in samples], dtype=np.int64)
