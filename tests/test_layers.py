@@ -85,3 +85,25 @@ def test_earlyexit_imports_only_torch_numpy_and_stdlib():
                 assert imported.startswith("service.earlyexit") or imported == "service.errors", (path, imported)
                 continue
             assert top in allowed or top in sys.stdlib_module_names, (path, imported)
+
+
+OPTIONAL_BENCH_PACKAGES = {"litserve"}  # the `bench` extra; CI installs `test` only
+
+
+@pytest.mark.parametrize("package", ["service", "bench"])
+def test_every_module_imports(package: str):
+    """A module that moved or lost a name breaks at import; ruff does not see that, this does."""
+    import importlib
+    import pkgutil
+
+    root = importlib.import_module(package)
+    broken = []
+    for info in pkgutil.walk_packages(root.__path__, package + "."):
+        try:
+            importlib.import_module(info.name)
+        except ModuleNotFoundError as exc:
+            if exc.name not in OPTIONAL_BENCH_PACKAGES:
+                broken.append(f"{info.name}: {exc!r}")
+        except ImportError as exc:
+            broken.append(f"{info.name}: {exc!r}")
+    assert not broken, "\n".join(broken)
