@@ -41,7 +41,7 @@ from typing import BinaryIO, Final
 from service.ingest.images import DEFAULT_MAX_PIXELS
 from service.ingest.labelled import DatasetError, LabelledImages
 from service.ingest.layout import build
-from service.ingest.members import Budget, MiB, dir_entries, tar_entries, zip_entries
+from service.ingest.members import Budget, MiB, dataset_root, dir_entries, tar_entries, zip_entries
 from service.ingest.preprocessing import Preprocessing, as_preprocessing
 
 GiB: Final[int] = 1 << 30
@@ -157,12 +157,7 @@ def read_image_folder_dir(
     without being opened. Arguments, result and errors are as for :func:`read_image_folder_archive`.
     """
     _check_size_argument(image_size)
-    try:
-        root = Path(path).resolve(strict=True)
-    except (OSError, RuntimeError) as exc:
-        raise DatasetError(f"{str(path)!r} cannot be opened (missing, unreadable or a symlink loop)") from exc
-    if not root.is_dir():
-        raise DatasetError(f"{str(path)!r} is not a directory")
+    root = dataset_root(path)
     budget = Budget(limits)
     return build(dir_entries(root, root, (), limits, budget), image_size, limits, allowed_classes, budget)
 

@@ -279,6 +279,17 @@ def _tar_entry(tf: tarfile.TarFile, member: tarfile.TarInfo, limits: ArchiveLimi
 # Directory on disk
 
 
+def dataset_root(path: Path | str) -> Path:
+    """The resolved ImageFolder directory ``path``, or a :class:`DatasetError` saying why it cannot be read."""
+    try:
+        root = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise DatasetError(f"{str(path)!r} cannot be opened (missing, unreadable or a symlink loop)") from exc
+    if not root.is_dir():
+        raise DatasetError(f"{str(path)!r} is not a directory")
+    return root
+
+
 def dir_entries(root: Path, directory: Path, prefix: tuple[str, ...], limits: ArchiveLimits,
                  budget: Budget) -> Iterator[Entry]:
     """Entries under ``directory`` (depth-first, sorted, at most 3 levels deep; deeper is a layout error)."""

@@ -18,7 +18,7 @@ import numpy as np
 from service.ingest.archives import ArchiveLimits
 from service.ingest.images import ImageError, decode_image
 from service.ingest.labelled import DatasetError, LabelledImages
-from service.ingest.members import Budget, dir_entries, fold, is_junk
+from service.ingest.members import Budget, dataset_root, dir_entries, fold, is_junk
 from service.ingest.preprocessing import Preprocessing, as_preprocessing
 
 
@@ -72,12 +72,7 @@ def stream_image_folder_dir(path: Path, image_size: tuple[int, int] | Preprocess
     decoded on demand with ``image_size`` (the model's resize rule)."""
     limits = limits or ArchiveLimits.for_cli()
     prep = as_preprocessing(image_size)
-    try:
-        root = Path(path).resolve(strict=True)
-    except (OSError, RuntimeError) as exc:
-        raise DatasetError(f"{str(path)!r} cannot be opened (missing, unreadable or a symlink loop)") from exc
-    if not root.is_dir():
-        raise DatasetError(f"{str(path)!r} is not a directory")
+    root = dataset_root(path)
     files = [e for e in dir_entries(root, root, (), limits, Budget(limits))
              if not e.is_dir and e.parts and not is_junk(e.parts)]
     tops = {e.parts[0] for e in files}
