@@ -43,15 +43,7 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
     """
     spec, net = loaded or load_model(model_dir)
     data = data.remap_to(spec.classes)
-    n_hold = round(holdout * len(data)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
-    if cfg.selection == "means":
-        means_set, selection = data, None
-    else:
-        means_set, selection = data.split_holdout(n_hold, seed=cfg.seed)
-        if len(selection) == 0:
-            raise ValueError("holdout selection needs at least one held-out sample (use --holdout)")
-    split = SelectionSplit(source, len(data), 0 if selection is None else n_hold, cfg.seed, cfg.selection,
-                           len(selection) if selection is not None else len(means_set))
+    means_set, selection, split = _split_for_selection(data, cfg, holdout, source)
     training_data = spec.extra.get("training_data")
     estimate = provenance(training_data, split)
     if estimate["overlaps_training"] and on_overlap == "refuse":
@@ -82,21 +74,44 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
         summary["pass1_throughput_ratio_to_plain_forward"] = summary["images_per_second_pass1"] / (len(sub) / fwd)
     ids = []
     for variant in result.variants:
-        bid = new_bundle_id(tag)
-        report = variant_report(result, variant)
-        bundle = result.bundle(variant, bid, cfg, report)
-        bundle.meta["estimate"] = estimate
-        bundle.meta["calibration_processes"] = dp.world if dp is not None else 1
-        curve = plot_curves({"selection hull": [(p.flops_fraction, p.accuracy) for p in variant.profiles]},
-                            f"{spec.name} {variant.head_config.key} (selection split)",
-                            full_acc=report["full_network_accuracy"])
-        bundle.save(model_dir, spec, extra_files={"report.json": (json.dumps(report, indent=2) + "\n").encode(),
-                                                  "curve.png": curve})
+        bid, headline = _save_variant(model_dir, spec, result, variant, cfg, tag, estimate,
+                                      dp.world if dp is not None else 1)
         ids.append(bid)
-        summary.setdefault("bundles", []).append({"id": bid, **report["headline"]})
+        summary.setdefault("bundles", []).append({"id": bid, **headline})
     if activate and ids:
         activate_bundle(model_dir, ids[0], spec=spec, num_exits=net.num_exits)
     return ids, summary
+
+
+def _split_for_selection(data: LabelledImages, cfg: CalibrationConfig, holdout: int | float, source: str | None
+                         ) -> tuple[LabelledImages, LabelledImages | None, SelectionSplit]:
+    """(means data, selection data or None for the paper's protocol, the split as provenance records it)."""
+    n_hold = round(holdout * len(data)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    if cfg.selection == "means":
+        means_set, selection = data, None
+    else:
+        means_set, selection = data.split_holdout(n_hold, seed=cfg.seed)
+        if len(selection) == 0:
+            raise ValueError("holdout selection needs at least one held-out sample (use --holdout)")
+    split = SelectionSplit(source, len(data), 0 if selection is None else n_hold, cfg.seed, cfg.selection,
+                           len(selection) if selection is not None else len(means_set))
+    return means_set, selection, split
+
+
+def _save_variant(model_dir: Path, spec: ModelSpec, result: CalibrationResult, variant, cfg: CalibrationConfig,
+                  tag: str, estimate: dict[str, Any], processes: int) -> tuple[str, dict[str, Any]]:
+    """Write one head variant as a bundle (with its report and curve); returns (id, headline)."""
+    bid = new_bundle_id(tag)
+    report = variant_report(result, variant)
+    bundle = result.bundle(variant, bid, cfg, report)
+    bundle.meta["estimate"] = estimate
+    bundle.meta["calibration_processes"] = processes
+    curve = plot_curves({"selection hull": [(p.flops_fraction, p.accuracy) for p in variant.profiles]},
+                        f"{spec.name} {variant.head_config.key} (selection split)",
+                        full_acc=report["full_network_accuracy"])
+    bundle.save(model_dir, spec, extra_files={"report.json": (json.dumps(report, indent=2) + "\n").encode(),
+                                              "curve.png": curve})
+    return bid, report["headline"]
 
 
 def variant_report(result: CalibrationResult, variant) -> dict[str, Any]:
