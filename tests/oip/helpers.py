@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+N_IMAGES = 4  # images per conformance module (conftest's `images` fixture)
+
 
 def assert_oip_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     """The protocol's error body (``{"error": "<message>"}``) with our stable code beside it and in a header."""

@@ -16,26 +16,14 @@ import numpy as np
 import pytest
 
 from service.backbones.preprocess import Normalizer
-from tests.api.conftest import MODEL, png_bytes, sample_images
+from tests.api.conftest import MODEL
 from tests.api.test_e2e import Server
+from tests.oip.helpers import N_IMAGES
 
 kserve = pytest.importorskip("kserve", reason="kserve (test extra) is not installed")
 from kserve.protocol.infer_type import RequestedOutput  # noqa: E402
 
-N = 3
-
-
-@pytest.fixture(scope="module")
-def images() -> tuple[np.ndarray, list[bytes]]:
-    pixels, _ = sample_images(N)
-    return pixels, [png_bytes(p) for p in pixels]
-
-
-@pytest.fixture(scope="module")
-def reference(live_server: Server, images) -> list[dict[str, Any]]:
-    with live_server.client() as c:
-        return [c.post("/classify", content=png, headers={"content-type": "image/png"}).json()["predictions"][0]
-                for png in images[1]]
+N = N_IMAGES
 
 
 def new_client() -> Any:

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from service.backbones.preprocess import Normalizer
-from tests.api.conftest import MODEL, png_bytes, sample_images
+from tests.api.conftest import MODEL
 from tests.api.test_e2e import Server
 from tests.factories import CLASSES
+from tests.oip.helpers import N_IMAGES
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the 'test' extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-N = 4
+N = N_IMAGES
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +28,6 @@ def client(live_server: Server) -> Any:
     c = httpclient.InferenceServerClient(live_server.url.removeprefix("http://"), network_timeout=120.0)
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def images() -> tuple[np.ndarray, list[bytes]]:
-    pixels, _ = sample_images(N)
-    return pixels, [png_bytes(p) for p in pixels]
-
-
-@pytest.fixture(scope="module")
-def reference(live_server: Server, images) -> list[dict[str, Any]]:
-    """What ``/classify`` says about each image."""
-    with live_server.client() as c:
-        out = []
-        for png in images[1]:
-            r = c.post("/classify", content=png, headers={"content-type": "image/png"})
-            assert r.status_code == 200, r.text
-            out.append(r.json()["predictions"][0])
-    return out
 
 
 def image_input(pngs: list[bytes], binary: bool) -> Any:
