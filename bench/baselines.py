@@ -51,7 +51,7 @@ from service.backbones.internal_classifiers import place_ics, pooling_kernel
 from service.earlyexit.cascade_table import CascadeCosts, CascadeTable
 from service.earlyexit.ic_rules import ICCosts, ICDecisionTable
 from service.offline.ic_cache import FeatureCache
-from service.offline.ics import ICTrainConfig, ProgressFn, lr_at, optimiser_step, torch_threads
+from service.offline.ics import ICTrainConfig, ProgressFn, cache_batches, lr_at, optimiser_step, torch_threads
 
 BRANCH_TARGETS = (0.0, 1.0 / 3.0)
 BRANCH_WEIGHTS = (1.0 / 6.0, 1.0 / 4.0, 1.0)
@@ -164,10 +164,8 @@ def _train_branches(branches: BranchSet, cache: FeatureCache, cfg: ICTrainConfig
             g["lr"] = lr_at(cfg, epoch)
         branches.train()
         t0 = time.perf_counter()
-        perm = rng.permutation(n_view) + (epoch % cache.views) * n_view
         loss_sum = 0.0
-        for s in range(steps):
-            idx = np.sort(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+        for s, idx in cache_batches(rng, n_view, cache.views, epoch, cfg.batch_size):
             y = torch.from_numpy(labels[idx])
             loss = sum(w * F.cross_entropy(b.forward_pooled(_rows(cache.maps[e], idx)), y)
                        for w, b, e in zip(weights, branches.branches, branches.exits, strict=False))
@@ -278,10 +276,8 @@ def _train_bwds_classifiers(model: BWDSModel, cache: FeatureCache, cfg: ICTrainC
             g["lr"] = lr_at(cfg, epoch)
         model.classifiers.train()
         t0 = time.perf_counter()
-        perm = rng.permutation(n_view) + (epoch % cache.views) * n_view
         loss_sum = 0.0
-        for s in range(steps):
-            idx = np.sort(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+        for s, idx in cache_batches(rng, n_view, cache.views, epoch, cfg.batch_size):
             y = torch.from_numpy(labels[idx])
             loss = sum(F.cross_entropy(c.linear(torch.from_numpy(pavg[i][idx]).float()), y)
                        for i, c in enumerate(model.classifiers))

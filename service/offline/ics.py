@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,16 @@ def train_on_cache(ics: ICSet, cache: FeatureCache, cfg: ICTrainConfig, val: Fea
         return _train_on_cache(ics, cache, cfg, val, progress)
 
 
+def cache_batches(rng: np.random.Generator, n_view: int, views: int, epoch: int, batch_size: int
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(step, row indices)`` of one epoch over a feature cache that stacks ``views`` copies of ``n_view``
+    images: a fresh permutation of view ``epoch % views``'s rows (one ``rng.permutation`` per epoch), cut into
+    batches, each sorted so that gathering rows from a memory map reads forward."""
+    perm = rng.permutation(n_view) + (epoch % views) * n_view
+    for s in range(math.ceil(n_view / batch_size)):
+        yield s, np.sort(perm[s * batch_size:(s + 1) * batch_size])
+
+
 def _train_on_cache(ics: ICSet, cache: FeatureCache, cfg: ICTrainConfig, val: FeatureCache | None,
                     progress: ProgressFn | None) -> ICTrainResult:
     if tuple(cache.exits) != tuple(ics.exits):
@@ -160,11 +170,8 @@ def _train_on_cache(ics: ICSet, cache: FeatureCache, cfg: ICTrainConfig, val: Fe
             g["lr"] = lr_at(cfg, epoch)
         ics.train()
         t0 = time.perf_counter()
-        offset = (epoch % cache.views) * n_view
-        perm = gen.permutation(n_view) + offset
         loss_sum, seen = 0.0, 0
-        for s in range(steps):
-            idx = np.sort(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+        for s, idx in cache_batches(gen, n_view, cache.views, epoch, cfg.batch_size):
             y = torch.from_numpy(labels[idx])
             loss = sum(F.cross_entropy(ic.forward_pooled(_batch_tensor(pmax[i], idx), _batch_tensor(pavg[i], idx)), y)
                        for i, ic in enumerate(ics.ics))
