@@ -132,14 +132,22 @@ def update_profiles(model_dir: Path, bundle_id: str, profiles: dict[str, Any]) -
     write_json_atomic(bundle_path(model_dir, bundle_id) / PROFILES_JSON, profiles)
 
 
-def read_active(model_dir: Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / ACTIVE_FILE
+def read_json_or_none(path: Path, code: str) -> Any | None:
+    """The JSON in ``path``, None when there is no such file; an unreadable file is a :class:`BundleError`
+    with ``code``."""
     if not path.is_file():
         return None
     try:
-        obj = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is unreadable: {exc}", code="invalid_active") from exc
+        raise BundleError(f"{path} is unreadable: {exc}", code=code) from exc
+
+
+def read_active(model_dir: Path) -> dict[str, Any] | None:
+    path = Path(model_dir) / ACTIVE_FILE
+    obj = read_json_or_none(path, "invalid_active")
+    if obj is None:
+        return None
     if not isinstance(obj, dict) or "bundle" not in obj:
         raise BundleError(f"{path} names no bundle", code="invalid_active")
     return obj

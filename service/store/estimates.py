@@ -17,7 +17,7 @@ from typing import Any
 from service.earlyexit import Profile
 from service.earlyexit.intervals import wilson_interval
 from service.store.bundle_model import Bundle
-from service.store.bundles import BundleError, bundle_path, write_file_atomic
+from service.store.bundles import BundleError, bundle_path, read_json_or_none, write_file_atomic
 
 MEASURED_FILE = "measured.json"
 UNKNOWN = "training data unknown"
@@ -65,12 +65,9 @@ def write_measured(model_dir: Path, bundle_id: str, report: dict[str, Any], sour
 
 def read_measured(model_dir: Path, bundle_id: str) -> dict[str, Any] | None:
     path = bundle_path(model_dir, bundle_id) / MEASURED_FILE
-    if not path.is_file():
+    doc = read_json_or_none(path, "invalid_bundle")
+    if doc is None:
         return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is unreadable: {exc}", code="invalid_bundle") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("profiles"), dict) or "num_samples" not in doc:
         raise BundleError(f"{path} is malformed", code="invalid_bundle")
     return doc
