@@ -90,9 +90,9 @@ def stop(server: Server) -> int | None:
     return server.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def server(tiny_store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    work = tmp_path_factory.mktemp("e2e")
+def serve_copy(tiny_store_root: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Server]:
+    """A server over a private copy of the tiny store, stopped when the generator closes (module fixtures)."""
+    work = tmp_path_factory.mktemp(name)
     store = work / "store"
     shutil.copytree(tiny_store_root, store)
     srv = start(store, work / "serve.log")
@@ -100,6 +100,11 @@ def server(tiny_store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield srv
     finally:
         stop(srv)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve_copy(tiny_store_root, tmp_path_factory, "e2e")
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -3,7 +3,6 @@ store, shared by the conformance tests of one module; started and stopped as in 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,20 +11,13 @@ import numpy as np
 import pytest
 
 from tests.api.conftest import png_bytes, sample_images
-from tests.api.test_e2e import Server, start, stop
+from tests.api.test_e2e import Server, serve_copy
 from tests.oip.helpers import N_IMAGES
 
 
 @pytest.fixture(scope="module")
 def live_server(tiny_store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    work = tmp_path_factory.mktemp("oip")
-    store = work / "store"
-    shutil.copytree(tiny_store_root, store)
-    srv = start(store, work / "serve.log")
-    try:
-        yield srv
-    finally:
-        stop(srv)
+    yield from serve_copy(tiny_store_root, tmp_path_factory, "oip")
 
 
 @pytest.fixture(scope="module")
