@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +75,21 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 
+def replan_schedule(sched: Any, done_epochs: int, planned: int, epochs: int, steps_per_epoch: int) -> dict:
+    """Resume a run under a different ``--epochs``: ``sched`` (fresh, built for ``epochs``) is advanced to
+    the step the checkpoint reached, so the rest of the run follows the schedule an ``epochs``-long run would
+    have from here (for one-cycle: the cosine anneal squeezed or stretched over the remaining epochs; the
+    learning rate steps once, to that schedule's value). Returns the record the summary keeps."""
+    if epochs <= done_epochs:
+        raise ValueError(f"--epochs {epochs}: the checkpoint has already trained {done_epochs} epochs")
+    with warnings.catch_warnings():  # stepping the schedule alone, before any optimizer step, is the point
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done_epochs * steps_per_epoch):
+            sched.step()
+    return {"at_epoch": done_epochs, "from_epochs": planned, "to_epochs": epochs,
+            "lr_at_resume": sched.get_last_lr()[0]}
+
+
 @torch.inference_mode()
 def evaluate_accuracy(net: StagedNetwork, data: LabelledImages, norm: Normalizer, batch_size: int = 500,
                       channels_last: bool = False) -> float:
@@ -103,15 +119,20 @@ def train(net: StagedNetwork, train_set: LabelledImages, norm: Normalizer, cfg: 
     steps_per_epoch = n // cfg.batch_size  # drop the last partial batch
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start_epoch, history = 0, []
+    start_epoch, history, replans = 0, [], []
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         start_epoch = int(state["epoch"])
         history = json.loads(state["history"]) if isinstance(state["history"], str) else []
+        planned = int(json.loads(state["config"]).get("epochs", cfg.epochs)) if "config" in state else cfg.epochs
+        if planned == cfg.epochs:
+            sched.load_state_dict(state["scheduler"])
+        else:
+            replans.append(replan_schedule(sched, start_epoch, planned, cfg.epochs, steps_per_epoch))
+        replans[:0] = json.loads(state.get("replans", "[]"))
     data = (torch.from_numpy(train_set.images).to(device), torch.from_numpy(train_set.labels).to(device))
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -129,11 +150,13 @@ def train(net: StagedNetwork, train_set: LabelledImages, norm: Normalizer, cfg: 
             _save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                           "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                           "epoch": epoch + 1, "history": json.dumps(history),
-                                          "config": json.dumps(asdict(cfg))})
+                                          "config": json.dumps(asdict(cfg)), "replans": json.dumps(replans)})
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     summary = {"config": asdict(cfg), "history": history, "seconds_this_run": time.perf_counter() - t_start,
                "seconds_total": float(sum(h["seconds"] for h in history))}
+    if replans:
+        summary["schedule_replans"] = replans
     if history and "test_acc" in history[-1]:
         summary["test_acc"] = history[-1]["test_acc"]
     return summary

@@ -34,6 +34,41 @@ def test_train_writes_weights_and_resumes(tmp_path, capsys):
     assert (out / "weights.safetensors").read_bytes() == before
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_train_resume_with_other_epochs_replans_the_schedule(tmp_path, capsys):
+    """``--resume --epochs M`` after a run planned for N epochs continues on the schedule of an M-epoch run
+    from the step reached (one-cycle: the anneal fits the remaining epochs), and the report says so."""
+    import torch
+
+    from service.offline.training import TrainConfig, _optimizer, _scheduler
+
+    data = _npz(tmp_path / "d.npz", synthetic_images(64))
+    out, ckpt = tmp_path / "store" / "m", tmp_path / "ck.ckpt"
+    base = ["train", "--arch", "resnet20", "--data", str(data), "--out", str(out), "--batch-size", "32",
+            "--checkpoint", str(ckpt)]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert main([*base, "--epochs", "3", "--resume"]) == 0
+    report = json.loads((out / "training.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
+    (replan,) = report["schedule_replans"]
+    assert (replan["at_epoch"], replan["from_epochs"], replan["to_epochs"]) == (1, 1, 3)
+    # The learning rates after the re-plan are those of a run planned for 3 epochs from the start.
+    cfg = TrainConfig(epochs=3, batch_size=32)
+    sched = _scheduler(_optimizer(torch.nn.Linear(2, 2), cfg), cfg, 3 * 2)
+    lrs = []
+    for _ in range(6):
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert replan["lr_at_resume"] == pytest.approx(lrs[1])
+    assert [h["lr"] for h in report["history"][1:]] == pytest.approx([lrs[3], lrs[5]])
+    # The record survives a further resume; asking for fewer epochs than trained is a clear error.
+    assert main([*base, "--epochs", "3", "--resume"]) == 0
+    assert json.loads((out / "training.json").read_text())["schedule_replans"] == [replan]
+    capsys.readouterr()
+    assert main([*base, "--epochs", "2", "--resume"]) != 0
+    assert "already trained 3 epochs" in capsys.readouterr().err
+
+
 def test_train_holdout_keeps_the_selection_split_out(tmp_path, monkeypatch):
     """``--holdout N`` trains on exactly the images that ``calibrate --holdout N`` uses for the class means,
     and model.json says so."""
