@@ -65,15 +65,16 @@ def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
                                             "test": len(test), "search_samples": samples, "seed": 0}}
     t0 = time.perf_counter()
     ours_cfg = CalibrationConfig(heads=VARIANTS, search="refine", samples=samples, seed=0)
+    source = "train.npz"  # checked against model.json's training_data: the 5,000 must be the held-out split
     ours_ids, ours_summary = calibrate_model(model_dir, train, ours_cfg, holdout=holdout, activate=False,
-                                             tag="ours", loaded=loaded,
+                                             tag="ours", loaded=loaded, source=source,
                                              measure_forward=200 if quick else 2000)
     results["calibration_ours"] = {**ours_summary, "wall_seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     paper_cfg = CalibrationConfig(heads=[HeadConfig("full", "euclidean", 1.0)], search="paper", samples=samples,
                                   seed=0, selection="means")
     paper_ids, paper_summary = calibrate_model(model_dir, train, paper_cfg, activate=False, tag="paper",
-                                               loaded=loaded)
+                                               loaded=loaded, source=source)
     results["calibration_paper"] = {**paper_summary, "wall_seconds": time.perf_counter() - t0}
 
     variants = []
@@ -182,6 +183,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Protocol: means from {r['protocol']['means']:,} training images, thresholds chosen on the other "
         f"{r['protocol']['selection']:,}, all numbers below on the {r['protocol']['test']:,} test images; "
         f"{r['protocol']['search_samples']:,} threshold vectors, seed 0.",
+        *([f"Selection split (checked against model.json's training record): "
+           f"{r['calibration_ours']['estimate']['label']}."] if "estimate" in r["calibration_ours"] else []),
         "",
         f"Full network test accuracy: **{_pct(full_acc)} %**.",
         "",
