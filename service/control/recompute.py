@@ -45,6 +45,7 @@ class ClassMeansOptions:
     metric: str | None = None
     temperature: float | None = None
     tag: str = "upload"
+    allow_overlap: bool = False  # label, not refuse, a selection split the backbone was trained on
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,8 +88,13 @@ def head_config(engine: Engine, opts: ClassMeansOptions) -> HeadConfig:
                       float(opts.temperature if opts.temperature is not None else base.get("temperature", 1.0)))
 
 
-def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeansOptions, job: Job) -> dict[str, Any]:
-    """Calibrate a new bundle from ``data``; activate it if asked. Leaves no trace when it fails."""
+def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeansOptions, job: Job,
+                          source: str | None = None) -> dict[str, Any]:
+    """Calibrate a new bundle from ``data``; activate it if asked. Leaves no trace when it fails.
+
+    ``source`` (the archive's file name, when the client gave one) is checked against ``model.json``'s
+    ``extra.training_data``, as ``classmeans calibrate`` does: a selection split the backbone was trained on
+    fails the job (``selection_overlaps_training``) unless ``opts.allow_overlap``, which labels the bundle."""
     from service.offline.operations import calibrate_model  # report and plot code: jobs only
 
     check_split(data, opts.holdout)
@@ -99,7 +105,8 @@ def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeans
     try:
         ids, summary = calibrate_model(engine.model_dir, data, cfg, holdout=opts.holdout, activate=False,
                                        status=job.set_progress, tag=opts.tag,
-                                       loaded=(engine.spec, engine.net))
+                                       loaded=(engine.spec, engine.net), source=source,
+                                       on_overlap="label" if opts.allow_overlap else "refuse")
         if not ids:
             raise JobFailure("calibration produced no bundle", code="calibration_failed")
         bid = ids[0]
@@ -117,7 +124,7 @@ def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeans
     return {"bundle": bid, "activated": opts.activate, "active": active, "heads": asdict(head),
             "num_images": len(data), "num_means": summary.get("num_means"),
             "num_selection": summary.get("num_selection"), "seconds": summary.get("seconds"),
-            "headline": headline}
+            "headline": headline, "estimate": summary.get("estimate"), "warnings": summary.get("warnings", [])}
 
 
 def _remove_new_bundles(engine: Engine, before: set[str]) -> None:

@@ -257,3 +257,33 @@ def test_weak_configured_token_is_refused(tiny_store):
         make_settings(tiny_store, admin_token="short")
     assert make_settings(tiny_store, admin_token="   ").admin_token is None
 
+
+
+async def test_an_upload_of_the_backbones_training_data_is_refused_unless_allowed(tiny_store):
+    """The archive's name is checked against model.json's training record, as `classmeans calibrate` does: the
+    same data fails the job and changes nothing; ``allow_overlap=true`` calibrates and labels the bundle."""
+    spec_path = tiny_store / MODEL / "model.json"
+    spec = json.loads(spec_path.read_text())
+    spec.setdefault("extra", {})["training_data"] = {
+        "source": "trained-on.zip", "images": 200, "held_out": 0, "split": "stratified split_holdout", "seed": 0}
+    spec_path.write_text(json.dumps(spec))
+    async with serve(make_settings(tiny_store)) as s:
+        before, snap = store_digest(s.store), s.state.engine.snapshot
+        archive = make_zip(dataset_members(20))
+        job = await wait_job(s.client, (await upload(s.client, archive, filename="trained-on.zip")).json()["id"])
+        assert job["state"] == "failed" and job["error"]["code"] == "selection_overlaps_training", job
+        assert store_digest(s.store) == before and s.state.engine.snapshot is snap
+
+        r = await upload(s.client, archive, filename="trained-on.zip", allow_overlap="true", activate="false")
+        job = await wait_job(s.client, r.json()["id"])
+        assert job["state"] == "succeeded", job
+        assert job["result"]["estimate"]["overlaps_training"] is True and job["result"]["warnings"]
+        meta = json.loads((s.model_dir / "bundles" / job["result"]["bundle"] / "bundle.json").read_text())
+        assert meta["estimate"]["overlaps_training"] is True and "OVERLAPS" in meta["estimate"]["label"]
+
+        # another archive is disjoint; an unnamed upload is "source unknown", never called disjoint
+        job = await wait_job(s.client, (await upload(s.client, archive, filename="other.zip",
+                                                     activate="false")).json()["id"])
+        assert job["result"]["estimate"]["overlaps_training"] is False, job
+        job = await wait_job(s.client, (await upload(s.client, archive, activate="false")).json()["id"])
+        assert job["result"]["estimate"]["overlaps_training"] is None, job

@@ -64,11 +64,16 @@ async def upload_class_means(
     metric: Annotated[Metric | None, Query()] = None,
     temperature: Annotated[float | None, Query(gt=0, le=1000)] = None,
     tag: Annotated[str, Query(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "upload",
-    filename: Annotated[str | None, Query(max_length=200, description="the archive's name, for messages")] = None,
+    filename: Annotated[str | None, Query(max_length=200, description="the archive's name: for messages, and "
+                                          "checked against the backbone's training data (model.json)")] = None,
+    allow_overlap: Annotated[bool, Query(description="calibrate even when the archive is the backbone's training "
+                                         "data (the bundle is labelled optimistic); default: the job fails with "
+                                         "selection_overlaps_training")] = False,
 ) -> JSONResponse:
     """Upload an ImageFolder archive; a background job recomputes the class means (202 + job)."""
     opts = ClassMeansOptions(holdout=holdout, search=search, samples=samples, seed=seed, activate=activate,
-                             reduction=reduction, metric=metric, temperature=temperature, tag=tag)
+                             reduction=reduction, metric=metric, temperature=temperature, tag=tag,
+                             allow_overlap=allow_overlap)
     job = state.jobs.reserve(KIND, opts.to_json())  # 409 while another job is active
     fh: IO[bytes] | None = None
     form: ParsedForm | None = None
@@ -79,14 +84,15 @@ async def upload_class_means(
             if not form.files:
                 raise ApiError(422, "validation_error", "no 'file' part in the multipart body")
             fileobj: Any = form.files[0].file
-            name = filename or form.files[0].filename or "upload"
+            source = filename or form.files[0].filename or None
         elif ctype in ARCHIVE_TYPES:
             fh = await stream_to_tempfile(request, state.settings.max_upload_bytes)
-            fileobj, name = fh, filename or "upload"
+            fileobj, source = fh, filename
         else:
             raise ApiError(415, "unsupported_media_type", "send the archive as application/zip, application/gzip "
                            "or application/x-tar, or as the 'file' part of multipart/form-data")
         job.set_progress("validating")
+        name = source or "upload"
         data = await anyio.to_thread.run_sync(read_dataset_upload, fileobj, name, engine)
     except BaseException as exc:
         code = getattr(exc, "code", None) if isinstance(exc, ApiError | DatasetError) else None
@@ -99,7 +105,7 @@ async def upload_class_means(
             await form.close()
     job.options["filename"] = name
     job.options["num_images"] = len(data)
-    state.jobs.start(job, lambda j: recompute_class_means(engine, data, opts, j))
+    state.jobs.start(job, lambda j: recompute_class_means(engine, data, opts, j, source=source))
     return JSONResponse(schemas.JobInfo(**job.to_json()).model_dump(), status_code=202,
                         headers={"Location": f"/admin/jobs/{job.id}"})
 
