@@ -53,6 +53,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# the embedded default (service/serving/settings.py DEFAULT_MODEL; this script runs without the venv)
+DEFAULT_MODEL = "cifar10-resnet56"
 DOCKER = "/usr/bin/docker"  # Debian's client: another client earlier on PATH may want buildx
 BASE_IMAGE_RE = re.compile(r"^FROM\s+(\S+)", re.M)
 STANDIN_LABEL = "io.classmeans.ci-standin"
@@ -689,7 +691,7 @@ class ContainerCheck:
         foreign = self.out("exec", name, "find", STORE_IN_IMAGE, "(", "!", "-uid", str(UID), "-o", "!", "-gid",
                            str(GID), ")")
         listing = self.out("exec", name, "ls", STORE_IN_IMAGE)
-        if foreign or "cifar10-resnet20" not in listing.split():
+        if foreign or DEFAULT_MODEL not in listing.split():
             raise CheckFailed(f"volume: not owned by {UID}:{GID}: {foreign!r}; holds {listing!r}")
         probe = self.docker("exec", name, "sh", "-c", "touch /app/x /opt/venv/x /var/lib/classmeans/x",
                             check=False, timeout=60)

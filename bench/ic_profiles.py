@@ -8,7 +8,7 @@ profile, and what ``POST /profiles {"max_flops_fraction": f, "mode": m}`` serves
 (IC: linear + pooling; class means: as in the bundle), 2 per multiply-add. Decisions come from the
 offline tables, which ``tests/api/test_ic_serving.py`` checks equal to what the service serves.
 
-    python -m bench.ic_profiles [--model-dir model_store/cifar10-resnet20] [--test ../shared/.../test.npz]
+    python -m bench.ic_profiles [--model-dir model_store/cifar10-resnet56] [--test ../shared/.../test.npz]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", default=str(REPO / "model_store" / "cifar10-resnet20"))
+    ap.add_argument("--model-dir", default=str(REPO / "model_store" / "cifar10-resnet56"))
     ap.add_argument("--test", default=str(REPO.parent / "shared" / "datasets" / "cifar10" / "test.npz"))
     ap.add_argument("--out", default=str(REPO / "docs" / "ic_profiles"))
     args = ap.parse_args()

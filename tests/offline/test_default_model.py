@@ -9,11 +9,12 @@ import pytest
 
 from service.ingest.npz import load_npz
 from service.offline.operations import evaluate_model
+from service.serving.settings import DEFAULT_MODEL
 from service.store.active import resolve_bundle
-from service.store.model_dir import load_model
+from service.store.model_dir import load_model, read_spec
 from tests.factories import CIFAR_DIR, REPO
 
-MODEL_DIR = REPO / "model_store" / "cifar10-resnet20"
+MODEL_DIR = REPO / "model_store" / DEFAULT_MODEL
 RESULTS = REPO / "docs" / "results.json"
 
 
@@ -26,6 +27,21 @@ def test_default_model_and_bundle_load():
     total = sum(f.stat().st_size for f in (MODEL_DIR / "bundles" / bundle.bundle_id).iterdir())
     assert total <= 10_000_000
     assert any(p.flops_fraction < 1.0 for p in bundle.profiles)
+
+
+def test_default_model_never_trained_on_its_selection_split():
+    """model.json records the 5,000 images held out of training, and the served bundle's thresholds were chosen
+    on exactly those (its estimate is labelled disjoint, not optimistic); the test numbers ride along."""
+    spec = read_spec(MODEL_DIR)
+    record = spec.extra["training_data"]
+    assert record["held_out"] == 5000 and record["trained_on"] == 45000 and record["source"] == "train.npz"
+    assert spec.extra["training"]["test_acc"] >= 0.9
+    bundle_id = json.loads((MODEL_DIR / "active.json").read_text())["bundle"]
+    meta = json.loads((MODEL_DIR / "bundles" / bundle_id / "bundle.json").read_text())
+    assert meta["estimate"]["overlaps_training"] is False, meta["estimate"]
+    assert meta["estimate"]["samples"] == 5000
+    measured = json.loads((MODEL_DIR / "bundles" / bundle_id / "measured.json").read_text())
+    assert measured["num_samples"] == 10000 and measured["bundle"] == bundle_id
 
 
 @pytest.mark.cifar

@@ -1,6 +1,6 @@
 """The README's picture of /ui: ``python -m tests.ui.screenshot [--out docs/img/ui.png]``.
 
-Serves a copy of the embedded default model (``model_store/cifar10-resnet20``) on 127.0.0.1, sends real
+Serves a copy of the embedded default model (``model_store/cifar10-resnet56``) on 127.0.0.1, sends real
 CIFAR-10 test images (synthetic ones where ../shared has no CIFAR-10) while the page polls, unlocks the page
 with the server's token (typed into the page, as an operator would) and saves a full-page screenshot taken
 with Debian's Chromium. Every request to another host is blocked; the script fails if one was attempted.
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import httpx
 
+from service.serving.settings import DEFAULT_MODEL
 from tests.api.conftest import TOKEN, sample_pngs
 from tests.api.test_e2e import free_port, serve_argv
 from tests.ui.conftest import CHROMIUM_ARGS, REPO, _route, chromium_path
 
-MODEL = "cifar10-resnet20"
+MODEL = DEFAULT_MODEL
 
 
 def _serve(store: Path, log: Path) -> tuple[subprocess.Popen, str]:
