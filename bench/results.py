@@ -35,6 +35,7 @@ CIFAR = REPO.parent / "shared" / "datasets" / "cifar10"
 PAPER_WRN101 = [(0.10, 0.52), (0.20, 0.78), (0.30, 0.87), (0.40, 0.88), (0.49, 0.88), (0.60, 0.88), (1.0, 0.89)]
 PAPER_R152_1EPOCH = [(0.06, 0.29), (0.08, 0.40), (0.10, 0.49), (0.12, 0.56), (0.23, 0.80), (0.30, 0.87),
                      (0.36, 0.88), (0.52, 0.89), (1.0, 0.89)]
+HELD_OUT = " (held-out selection)"  # the report key of a variant: its heads + this
 VARIANTS = [HeadConfig("full", "euclidean", 1.0), HeadConfig("pool4", "euclidean", 1.0),
             HeadConfig("pool4", "diag", 1.0), HeadConfig("pool4", "lda", 1.0), HeadConfig("pool4", "lda", 0.5),
             HeadConfig("pool4", "lda", 0.25), HeadConfig("gap", "lda", 0.5), HeadConfig("pool2", "lda", 0.5)]
@@ -52,8 +53,9 @@ def held_out_score(profiles: list[dict[str, Any]]) -> float:
 
 def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
     limit = 1500 if quick else None
-    train = load_npz(CIFAR / "train.npz", limit=limit)
-    test = load_npz(CIFAR / "test.npz", limit=500 if quick else None)
+    train_path, test_path = CIFAR / "train.npz", CIFAR / "test.npz"
+    train = load_npz(train_path, limit=limit)
+    test = load_npz(test_path, limit=500 if quick else None)
     loaded = load_model(model_dir)
     spec, net = loaded
     samples = 300 if quick else 10_000
@@ -65,7 +67,7 @@ def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
                                             "test": len(test), "search_samples": samples, "seed": 0}}
     t0 = time.perf_counter()
     ours_cfg = CalibrationConfig(heads=VARIANTS, search="refine", samples=samples, seed=0)
-    source = "train.npz"  # checked against model.json's training_data: the 5,000 must be the held-out split
+    source = train_path.name  # checked against model.json's training_data: the 5,000 must be the held-out split
     ours_ids, ours_summary = calibrate_model(model_dir, train, ours_cfg, holdout=holdout, activate=False,
                                              tag="ours", loaded=loaded, source=source,
                                              measure_forward=200 if quick else 2000)
@@ -88,7 +90,7 @@ def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
     reports = {}
     for v in variants:
         rep, _ = evaluate_model(model_dir, test, v["bundle"])
-        reports[v["heads"] + " (held-out selection)"] = rep
+        reports[v["heads"] + HELD_OUT] = rep
     rep, _ = evaluate_model(model_dir, test, paper_ids[0])
     reports["paper mode: full/euclidean/T1, U[0,1], chosen on train"] = rep
     results["test"] = {name: {k: r[k] for k in ("bundle", "full_network_accuracy", "per_exit", "curve", "budgets",
@@ -106,9 +108,9 @@ def run(model_dir: Path, out_dir: Path, quick: bool) -> dict[str, Any]:
     for bid, name in ((best["bundle"], best["heads"]), (paper_rule_heldout["bundle"], paper_rule_heldout["heads"])):
         # the test numbers travel with the bundle: GET /profiles and `classmeans profiles` show them beside
         # the selection-split estimates
-        write_measured(model_dir, bid, reports[name + " (held-out selection)"], "test.npz")
+        write_measured(model_dir, bid, reports[name + HELD_OUT], test_path.name)
     results["estimate_vs_test"] = estimate_gaps(read_bundle(model_dir, best["bundle"]).profiles,
-                                                reports[best["heads"] + " (held-out selection)"])
+                                                reports[best["heads"] + HELD_OUT])
     results["regression"] = regression_numbers(model_dir, test)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,8 +174,8 @@ def _pct(x: float | None) -> str:
 def render_markdown(r: dict[str, Any]) -> str:
     test = r["test"]
     next(k for k in test if k.startswith("paper mode"))
-    best_key = r["chosen"]["heads"] + " (held-out selection)"
-    paper_rule = "full/euclidean/T1 (held-out selection)"
+    best_key = r["chosen"]["heads"] + HELD_OUT
+    paper_rule = "full/euclidean/T1" + HELD_OUT
     full_acc = test[best_key]["full_network_accuracy"]
     lines = [
         f"# Results: {r['model']} on CIFAR-10",

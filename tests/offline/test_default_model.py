@@ -11,6 +11,8 @@ from service.ingest.npz import load_npz
 from service.offline.operations import evaluate_model
 from service.serving.settings import DEFAULT_MODEL
 from service.store.active import resolve_bundle
+from service.store.bundles import read_active, read_bundle
+from service.store.estimates import read_measured
 from service.store.model_dir import load_model, read_spec
 from tests.factories import CIFAR_DIR, REPO
 
@@ -36,11 +38,11 @@ def test_default_model_never_trained_on_its_selection_split():
     record = spec.extra["training_data"]
     assert record["held_out"] == 5000 and record["trained_on"] == 45000 and record["source"] == "train.npz"
     assert spec.extra["training"]["test_acc"] >= 0.9
-    bundle_id = json.loads((MODEL_DIR / "active.json").read_text())["bundle"]
-    meta = json.loads((MODEL_DIR / "bundles" / bundle_id / "bundle.json").read_text())
-    assert meta["estimate"]["overlaps_training"] is False, meta["estimate"]
-    assert meta["estimate"]["samples"] == 5000
-    measured = json.loads((MODEL_DIR / "bundles" / bundle_id / "measured.json").read_text())
+    bundle_id = read_active(MODEL_DIR)["bundle"]
+    estimate = read_bundle(MODEL_DIR, bundle_id).meta["estimate"]
+    assert estimate["overlaps_training"] is False, estimate
+    assert estimate["samples"] == 5000
+    measured = read_measured(MODEL_DIR, bundle_id)
     assert measured["num_samples"] == 10000 and measured["bundle"] == bundle_id
 
 
