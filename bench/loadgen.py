@@ -105,12 +105,17 @@ class ClassmeansTarget:
 
 @dataclass
 class LitServeTarget:
-    """LitServe's documented image pattern: ``POST /predict`` with JSON ``{"image": <base64 PNG>}``."""
+    """LitServe's documented image pattern: ``POST /predict`` with JSON ``{"image": <base64 PNG>}``; with
+    ``raw=True`` the PNG itself as an ``image/png`` body (``bench/litserve_server.py --raw-body``)."""
 
     name: str = "litserve"
     _cache: dict[int, bytes] = field(default_factory=dict, repr=False)
+    raw: bool = False
 
     def request(self, images: ImageSet, i: int) -> dict[str, Any]:
+        if self.raw:
+            return {"method": "POST", "url": "/predict", "content": images.pngs[i],
+                    "headers": {"Content-Type": "image/png"}}
         body = self._cache.get(i)
         if body is None:
             body = json.dumps({"image": base64.b64encode(images.pngs[i]).decode()}).encode()

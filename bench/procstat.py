@@ -82,6 +82,34 @@ def sample(pid: int | None) -> TreeSample | None:
                       sum(_status_kib(p, "VmHWM") for p in pids) / 1024, sum(_cpu_seconds(p) for p in pids))
 
 
+def per_process(pid: int | None) -> list[dict[str, object]]:
+    """RSS (MiB) and command line of ``pid`` and each live descendant (a server's supervisor, its workers,
+    LitServe's inference processes); empty without ``/proc`` or a pid."""
+    if pid is None or not PROC.is_dir():
+        return []
+    out: list[dict[str, object]] = []
+    for p in process_tree(pid):
+        try:
+            cmd = (PROC / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = ""
+        out.append({"pid": p, "rss_mib": _status_kib(p, "VmRSS") / 1024, "cmd": cmd[:160]})
+    return out
+
+
+def cpu_flags(*wanted: str) -> dict[str, bool]:
+    """Whether the CPU advertises each flag in ``wanted`` (``/proc/cpuinfo``; all False without it)."""
+    flags: set[str] = set()
+    try:
+        for line in (PROC / "cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {f: f in flags for f in wanted}
+
+
 def cpu_model() -> str:
     try:
         for line in (PROC / "cpuinfo").read_text().splitlines():

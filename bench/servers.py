@@ -129,13 +129,45 @@ def classmeans_env(store: Path, model: str, port: int, token: str, **settings: o
 @contextmanager
 def classmeans_server(store: Path, model: str, log: Path, module: str = "service.cli.main",
                       extra_env: dict[str, str] | None = None, ready_timeout_s: float = 240.0,
-                      grace_s: float = 30.0, **settings: object) -> Iterator[Server]:
-    """``classmeans serve`` (or a harness ``module`` that wraps it) on a free port; stopped on exit."""
+                      grace_s: float = 30.0, prefix: list[str] | None = None,
+                      **settings: object) -> Iterator[Server]:
+    """``classmeans serve`` (or a harness ``module`` that wraps it) on a free port; stopped on exit.
+    ``prefix`` goes before the command (e.g. ``["taskset", "-c", "0"]``)."""
     port = free_port()
     token = secrets.token_urlsafe(24)
     env = classmeans_env(store, model, port, token, **settings)
     env.update(extra_env or {})
-    srv = spawn(f"classmeans serve ({model})", [PYTHON, "-m", module, "serve"], log, env, port, token)
+    srv = spawn(f"classmeans serve ({model})", [*(prefix or []), PYTHON, "-m", module, "serve"], log, env, port,
+                token)
+    try:
+        srv.wait_ready("/v2/health/ready", ready_timeout_s)
+        yield srv
+    finally:
+        srv.stop(grace_s)
+
+
+DEFAULT_MODEL_NAME = "cifar10-resnet56"  # `classmeans serve`'s default --model
+
+
+def oob_argv(store: Path, model: str, port: int) -> list[str]:
+    """The README's ``classmeans serve`` with only what running it on a store copy needs: ``--store`` and
+    ``--port`` (``--model`` only when the model is not the default one)."""
+    argv = [PYTHON, "-m", "service.cli.main", "serve", "--store", str(store), "--port", str(port)]
+    if model != DEFAULT_MODEL_NAME:
+        argv += ["--model", model]
+    return argv
+
+
+@contextmanager
+def classmeans_oob_server(store: Path, model: str, log: Path, prefix: list[str] | None = None,
+                          ready_timeout_s: float = 240.0, grace_s: float = 30.0) -> Iterator[Server]:
+    """``classmeans serve`` out of the box: no ``CLASSMEANS_*`` environment but the admin token (the README
+    exports one), every other setting (workers, threads, batching) its default; stopped on exit."""
+    port = free_port()
+    token = secrets.token_urlsafe(24)
+    env = child_env({"CLASSMEANS_ADMIN_TOKEN": token})
+    srv = spawn(f"classmeans serve out of the box ({model})", [*(prefix or []), *oob_argv(store, model, port)],
+                log, env, port, token)
     try:
         srv.wait_ready("/v2/health/ready", ready_timeout_s)
         yield srv
@@ -145,12 +177,20 @@ def classmeans_server(store: Path, model: str, log: Path, module: str = "service
 
 @contextmanager
 def litserve_server(model_dir: Path, log: Path, max_batch_size: int, batch_timeout_s: float,
-                    torch_threads: int, ready_timeout_s: float = 240.0) -> Iterator[Server]:
-    """``bench/litserve_server.py`` on a free port; stopped on exit."""
+                    torch_threads: int, ready_timeout_s: float = 240.0, workers_per_device: int = 1,
+                    onnx: Path | None = None, raw_body: bool = False,
+                    prefix: list[str] | None = None) -> Iterator[Server]:
+    """``bench/litserve_server.py`` on a free port; stopped on exit. ``onnx``: serve that ONNX file through
+    ONNX Runtime (``torch_threads`` then sets ORT's intra-op threads); ``raw_body``: accept a raw
+    ``image/*`` body instead of JSON with a base64 PNG."""
     port = free_port()
-    argv = [PYTHON, "-m", "bench.litserve_server", "--model-dir", str(model_dir), "--port", str(port),
-            "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s),
-            "--torch-threads", str(torch_threads)]
+    argv = [*(prefix or []), PYTHON, "-m", "bench.litserve_server", "--model-dir", str(model_dir),
+            "--port", str(port), "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s),
+            "--torch-threads", str(torch_threads), "--workers-per-device", str(workers_per_device)]
+    if onnx is not None:
+        argv += ["--onnx", str(onnx)]
+    if raw_body:
+        argv += ["--raw-body"]
     srv = spawn("litserve", argv, log, child_env(), port)
     try:
         srv.wait_ready("/health", ready_timeout_s)
