@@ -101,6 +101,11 @@ class RawClassifierAPI(ClassifierAPI):
         return self._decode(request)
 
 
+# LitServe reads the annotation with inspect.signature, which leaves this module's postponed (string)
+# annotations unresolved: give it the object.
+RawClassifierAPI.decode_request.__annotations__["request"] = RawPNG
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", required=True)

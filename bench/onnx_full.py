@@ -52,7 +52,7 @@ def check(model_dir: Path, onnx_path: Path, pixels: np.ndarray, threads: int = 1
     with torch.inference_mode():
         ref = torch.cat([net.module(b) for b in x.split(64)]).numpy()
     got = np.concatenate([sess.run(None, {"input": b.numpy()})[0] for b in x.split(64)])
-    return {"images": int(len(x)), "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+    return {"images": len(x), "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(ref - got).max())}
 
 

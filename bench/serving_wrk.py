@@ -1,7 +1,7 @@
 """The serving benchmark with a C load generator (wrk): LitServe at its best, LitServe + ONNX Runtime, ours.
 
     python -m bench.serving_wrk [--model-dir model_store/cifar10-resnet56] [--out docs] [--seconds 20]
-                                [--quick] [--rows litserve,litserve_ort,ours_oob,ours_exits_off,ours_target,ours_default]
+                                [--quick] [--rows litserve,litserve_ort,ours_oob,ours_exits_off,ours_target,...]
 
 One server at a time, each started fresh as a child process on 127.0.0.1 for each row and client count,
 then stopped. The load generator is wrk (C, Debian's build with LuaJIT, ``bench/wrk.py``): a generated Lua
@@ -305,8 +305,9 @@ class Bench:
                 raise RuntimeError(f"{row} died:\n{srv.log_tail()}")
         rec["loadavg_after"] = list(os.getloadavg())
         w = rec["wrk"]
-        print(f"[wrk] {row:15s} c={clients:2d} {w['ok_rps']:8.1f} req/s  p50 {1e3 * w['latency_seconds']['p50']:7.2f} ms"
-              f"  p99 {1e3 * w['latency_seconds']['p99']:7.2f} ms  non-2xx {w['non2xx']}"
+        lat = w["latency_seconds"]
+        print(f"[wrk] {row:15s} c={clients:2d} {w['ok_rps']:8.1f} req/s  p50 {1e3 * lat['p50']:7.2f} ms"
+              f"  p99 {1e3 * lat['p99']:7.2f} ms  non-2xx {w['non2xx']}"
               + (f"  acc {rec['check']['accuracy']:.4f}" if check and rec["check"]["accuracy"] is not None else "")
               + f"  load {rec['loadavg_after'][0]:.2f}", flush=True)
         return rec

@@ -131,7 +131,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "|---|---|---|---|---|---|---|---|"]
         for r in probe["runs"]:
             best = [r["workers_per_device"], r["threads"]] == list(probe["best"])
-            out.append(f"| {r['workers_per_device']} | {r['threads']} | {_num(r['ok_rps'])}{' **(best)**' if best else ''}"
+            mark = " **(best)**" if best else ""
+            out.append(f"| {r['workers_per_device']} | {r['threads']} | {_num(r['ok_rps'])}{mark}"
                        f" | {_ms(r['p50_s'])} | {_ms(r['p99_s'])} | {r['non2xx']} | {_num(r['rss_mib_total'], '.0f')}"
                        f" | {r['loadavg_after'][0]:.2f} |")
         out.append("")
@@ -170,10 +171,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     out += ["", "## Goals (issue 23)", "", "| goal | measured | bar | verdict |", "|---|---|---|---|"]
     for g in s["goals"]:
         out.append(f"| {g['target']} | {_x(g['value'])} | {g['op']} {g['bar']:g}× | {_met(g['met'])} |")
+    decode_us = _num(1e6 * (results.get("decode_s_in_process") or 0), ".0f")
     out += ["", "## Where our time goes (per request, server side, from `/metrics`)", "",
             "Request: `classmeans_request_latency_seconds` of `/classify`; queue: `classmeans_queue_wait_seconds`; "
             "inference: `classmeans_inference_seconds` per batch (a request waits for its whole batch); decode: "
-            f"the service's decoder timed in process on the same PNGs ({_num(1e6 * results.get('decode_s_in_process', 0), '.0f')} µs); "
+            f"the service's decoder timed in process on the same PNGs ({decode_us} µs); "
             "HTTP and the rest = request - queue - inference - decode. Means over the measured run, in ms.", "",
             "| row | clients | requests | request | HTTP and rest | decode | queue | inference (per batch) "
             "| mean batch |", "|---|---|---|---|---|---|---|---|---|"]
@@ -191,13 +193,15 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "| what | images/s batch 1 | images/s batch 32 | accuracy % (batch 32) | FLOPs fraction |",
                 "|---|---|---|---|---|",
                 f"| plain PyTorch forward, full network | {_num(ip['plain_batch1']['images_per_second'])} "
-                f"| {_num(ip['plain_batch32']['images_per_second'])} | {_pct(ip['plain_batch32']['accuracy'])} | 1.000 |"]
+                f"| {_num(ip['plain_batch32']['images_per_second'])} | {_pct(ip['plain_batch32']['accuracy'])} "
+                "| 1.000 |"]
         for name, row in ip["runner"]["profiles"].items():
             out.append(f"| runner, {name} | {_num(row['batch1']['images_per_second'])} "
                        f"| {_num(row['batch32']['images_per_second'])} | {_pct(row['batch32']['accuracy'])} "
                        f"| {_num(row['batch32']['mean_flops_fraction'], '.3f')} |")
     out += ["", "## Load average and pinning per row", "",
-            "| row | clients | pinning | workers | load before | load after | server start s |", "|---|---|---|---|---|---|---|"]
+            "| row | clients | pinning | workers | load before | load after | server start s |",
+            "|---|---|---|---|---|---|---|"]
     for rec in results["rows"]:
         out.append(f"| {LABELS.get(rec['row'], rec['row'])} | {rec['clients']} | {rec['pinning']} "
                    f"| {rec.get('workers', rec.get('workers_per_device', '–'))} "
