@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -140,22 +140,43 @@ def breakdown(before: dict[str, float], after: dict[str, float], decode_s: float
                     "inference - decode (HTTP parsing, admission, response, event-loop waits)"}
 
 
-def wait_workers(srv: Server, timeout_s: float = 180.0) -> int:
-    """Until every worker of an out-of-the-box server is ready (``classmeans_up`` counts them); returns the
-    count expected: one per CPU the server may use, its default."""
+ANSWER_FIELDS = ("latency_seconds", "queue_seconds", "inference_seconds", "batch_samples")
+
+
+def answer_breakdown(rep: dict[str, Any], decode_s: float | None) -> dict[str, Any] | None:
+    """Mean seconds per request and stage from our answers' own timing fields (summed by wrk's Lua
+    ``response`` callback over every 2xx answer of the measured run) and wrk's client-side mean latency."""
+    f = rep.get("field_means") or {}
+    if not all(k in f for k in ANSWER_FIELDS):
+        return None
+    server, queue, inf = f["latency_seconds"], f["queue_seconds"], f["inference_seconds"]
+    client = rep["latency_seconds"]["mean"]
+    return {"answers": rep.get("field_count"), "client_s": client, "server_s": server,
+            "http_and_transport_s": client - server, "decode_s": decode_s, "queue_s": queue, "inference_s": inf,
+            "admission_and_loop_s": server - queue - inf - (decode_s or 0.0),
+            "mean_batch_samples": f["batch_samples"],
+            "note": "client: wrk's mean latency; server: the answer's latency_seconds (arrival to answer built); "
+                    "http_and_transport = client - server (parsing, response write, loopback, wrk); queue and "
+                    "inference: the answer's queue_seconds and inference_seconds; decode: timed in process; "
+                    "admission_and_loop = server - queue - inference - decode"}
+
+
+def wait_workers(srv: Server, timeout_s: float = 180.0) -> tuple[int, int]:
+    """Until every worker of an out-of-the-box server is ready (``classmeans_up`` counts them); returns
+    (expected: one per CPU the server may use, its default; ready when the wait ended)."""
     try:
         expected = len(os.sched_getaffinity(srv.pid))
     except (AttributeError, OSError):
         expected = os.cpu_count() or 1
     deadline = time.monotonic() + timeout_s
+    up = 0
     while time.monotonic() < deadline:
-        try:
-            if scrape(srv).get("up", 0) >= expected:
-                return expected
-        except httpx.HTTPError:
-            pass
+        with suppress(httpx.HTTPError):
+            up = int(scrape(srv).get("up", 0))
+        if up >= expected:
+            break
         time.sleep(0.5)
-    return expected
+    return expected, up
 
 
 def decode_seconds(images: ImageSet, n: int = 500) -> float:
@@ -243,12 +264,13 @@ class Bench:
         self.scripts: dict[str, Path] = {}
         self.n_logs = 0
 
-    def script(self, path: str) -> Path:
-        if path not in self.scripts:
+    def script(self, path: str, fields: tuple[str, ...] = ()) -> Path:
+        key = f"{path} {fields}"
+        if key not in self.scripts:
             p = self.work / f"wrk-{len(self.scripts)}.lua"
-            p.write_text(wrk.lua_script(self.bodies, self.sizes, path))
-            self.scripts[path] = p
-        return self.scripts[path]
+            p.write_text(wrk.lua_script(self.bodies, self.sizes, path, fields=fields))
+            self.scripts[key] = p
+        return self.scripts[key]
 
     def log(self, name: str) -> Path:
         self.n_logs += 1
@@ -287,17 +309,18 @@ class Bench:
         t0 = time.perf_counter()
         with self.server(row, prefix, config) as srv:
             if ours:
-                rec["workers"] = wait_workers(srv)
+                rec["workers"], rec["workers_ready"] = wait_workers(srv)
             rec["start_s"] = time.perf_counter() - t0
             if check:
                 rec["check"] = check_answers(srv, target, self.images, self.args.check_images, self.ref)
-            script = self.script(path)
+            script = self.script(path, ANSWER_FIELDS if ours else ())
             plan = wrk.WrkPlan(clients, self.args.wrk_threads, self.args.warmup_s, wrk_cpus)
             wrk.run(srv.url, script, plan)  # warm-up, excluded
             before = scrape(srv) if ours else None
             rec["wrk"] = wrk.run(srv.url, script, wrk.WrkPlan(clients, self.args.wrk_threads, seconds, wrk_cpus))
             if ours:
                 rec["breakdown"] = breakdown(before or {}, scrape(srv), self.decode_s)
+                rec["breakdown_answers"] = answer_breakdown(rec["wrk"], self.decode_s)
             procs = procstat.per_process(srv.pid)
             rec["processes"] = procs
             rec["rss_mib_total"] = sum(float(p["rss_mib"]) for p in procs)  # type: ignore[arg-type]
@@ -320,7 +343,8 @@ def probe_litserve(b: Bench) -> dict[str, Any]:
         rec = b.measure("litserve", 32, b.args.probe_seconds, cfg, check=False)
         runs.append({"workers_per_device": cfg[0], "threads": cfg[1], "ok_rps": rec["wrk"]["ok_rps"],
                      "p50_s": rec["wrk"]["latency_seconds"]["p50"], "p99_s": rec["wrk"]["latency_seconds"]["p99"],
-                     "non2xx": rec["wrk"]["non2xx"], "rss_mib_total": rec["rss_mib_total"],
+                     "non2xx": rec["wrk"]["non2xx"], "socket_errors": rec["wrk"]["socket_errors"],
+                     "requests": rec["wrk"]["requests"], "rss_mib_total": rec["rss_mib_total"],
                      "loadavg_after": rec["loadavg_after"]})
     best = max(runs, key=lambda r: r["ok_rps"] or 0.0)
     return {"clients": 32, "seconds": b.args.probe_seconds, "runs": runs,

@@ -42,6 +42,7 @@ def table(results: dict[str, Any]) -> list[dict[str, Any]]:
         e[f"profiles_{c}"] = chk.get("profiles_named")
         if "workers" in rec:
             e[f"workers_{c}"] = rec["workers"]
+            e[f"workers_ready_{c}"] = rec.get("workers_ready")
         if "workers_per_device" in rec:
             e["config"] = f"{rec['workers_per_device']} worker(s) x {rec['threads']} thread(s)"
     rows = list(by.values())
@@ -127,13 +128,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += ["## LitServe configuration probe", "",
                 f"LitServe serving the PyTorch network, 32 clients, {probe['seconds']:g} s each; the best is used "
                 "for both LitServe rows (ONNX Runtime gets the same workers and intra-op threads).", "",
-                "| workers_per_device | threads | req/s | p50 ms | p99 ms | non-2xx | RSS MiB | load after |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| workers_per_device | threads | req/s | p50 ms | p99 ms | non-2xx | socket errors / timeouts "
+                "| RSS MiB | load after |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in probe["runs"]:
             best = [r["workers_per_device"], r["threads"]] == list(probe["best"])
             mark = " **(best)**" if best else ""
             out.append(f"| {r['workers_per_device']} | {r['threads']} | {_num(r['ok_rps'])}{mark}"
-                       f" | {_ms(r['p50_s'])} | {_ms(r['p99_s'])} | {r['non2xx']} | {_num(r['rss_mib_total'], '.0f')}"
+                       f" | {_ms(r['p50_s'])} | {_ms(r['p99_s'])} | {r['non2xx']} | {r.get('socket_errors', '–')}"
+                       f" | {_num(r['rss_mib_total'], '.0f')}"
                        f" | {r['loadavg_after'][0]:.2f} |")
         out.append("")
     elif lc:
@@ -187,6 +190,20 @@ def render_markdown(results: dict[str, Any]) -> str:
                    f"| {_ms(bd['request_s'])} | {_ms(bd['http_and_rest_s'])} | {_ms(bd['decode_s'])} "
                    f"| {_ms(bd['queue_s'])} | {_ms(bd['inference_per_batch_s'])} "
                    f"| {_num(bd['mean_batch_samples'])} |")
+    out += ["", "The same, per request from our answers' own timing fields (`latency_seconds`, `queue_seconds`, "
+            "`inference_seconds`, `batch_samples`, summed by the wrk script's `response` callback over every 2xx "
+            "answer of the measured run). Client: wrk's mean; HTTP and transport = client - server; admission "
+            "and event loop = server - queue - inference - decode. Means in ms.", "",
+            "| row | clients | answers | client | HTTP and transport | server | admission and loop | decode | queue "
+            "| inference | batch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in results["rows"]:
+        ab = rec.get("breakdown_answers")
+        if not ab:
+            continue
+        out.append(f"| {LABELS.get(rec['row'], rec['row'])} | {rec['clients']} | {ab['answers']} "
+                   f"| {_ms(ab['client_s'])} | {_ms(ab['http_and_transport_s'])} | {_ms(ab['server_s'])} "
+                   f"| {_ms(ab['admission_and_loop_s'])} | {_ms(ab['decode_s'])} | {_ms(ab['queue_s'])} "
+                   f"| {_ms(ab['inference_s'])} | {_num(ab['mean_batch_samples'])} |")
     ip = results.get("in_process")
     if ip:
         out += ["", f"## In process (no HTTP, no decoding; torch threads {ip.get('torch_threads')})", "",
@@ -200,11 +217,12 @@ def render_markdown(results: dict[str, Any]) -> str:
                        f"| {_num(row['batch32']['images_per_second'])} | {_pct(row['batch32']['accuracy'])} "
                        f"| {_num(row['batch32']['mean_flops_fraction'], '.3f')} |")
     out += ["", "## Load average and pinning per row", "",
-            "| row | clients | pinning | workers | load before | load after | server start s |",
+            "| row | clients | pinning | workers (ready) | load before | load after | server start s |",
             "|---|---|---|---|---|---|---|"]
     for rec in results["rows"]:
         out.append(f"| {LABELS.get(rec['row'], rec['row'])} | {rec['clients']} | {rec['pinning']} "
-                   f"| {rec.get('workers', rec.get('workers_per_device', '–'))} "
+                   f"| {rec.get('workers', rec.get('workers_per_device', '–'))}"
+                   f"{' (' + str(rec['workers_ready']) + ')' if 'workers_ready' in rec else ''} "
                    f"| {' '.join(f'{x:.2f}' for x in rec['loadavg_before'])} "
                    f"| {' '.join(f'{x:.2f}' for x in rec['loadavg_after'])} | {rec.get('start_s', 0):.1f} |")
     out += ["", f"Wall time of the run: {results.get('wall_seconds', 0):.0f} s.", ""]
@@ -234,16 +252,16 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("latency at 1 client, ms")
     ax.legend()
     ax = axes[2]
-    recs = [r for r in results["rows"] if r.get("breakdown")]
+    recs = [r for r in results["rows"] if r.get("breakdown_answers")]
     names = [f"{LABELS.get(r['row'], r['row']).replace('ours', '').strip(' ,')}, {r['clients']}c" for r in recs]
     left = [0.0] * len(recs)
-    for key, lab in (("http_and_rest_s", "HTTP and rest"), ("decode_s", "decode"), ("queue_s", "queue"),
-                     ("inference_per_batch_s", "inference (batch)")):
-        vals = [1e3 * max(0.0, r["breakdown"].get(key) or 0.0) for r in recs]
+    for key, lab in (("http_and_transport_s", "HTTP and transport"), ("admission_and_loop_s", "admission, loop"),
+                     ("decode_s", "decode"), ("queue_s", "queue"), ("inference_s", "inference")):
+        vals = [1e3 * max(0.0, r["breakdown_answers"].get(key) or 0.0) for r in recs]
         ax.barh(names, vals, left=left, label=lab)
         left = [a + b for a, b in zip(left, vals, strict=True)]
     ax.invert_yaxis()
-    ax.set_xlabel("ours: mean ms per request by stage (/metrics)")
+    ax.set_xlabel("ours: mean ms per request by stage (from the answers)")
     ax.legend(fontsize=8)
     title = "Serving benchmark, wrk load generator"
     if results.get("quick"):

@@ -14,6 +14,7 @@ The bodies travel to wrk as two files: all PNGs concatenated, and their sizes on
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ local BODIES = "{bodies}"
 local SIZES = "{sizes}"
 local PATH = "{path}"
 local CTYPE = "{content_type}"
+local FIELDS = {{{fields}}}  -- numeric JSON fields of the answers to sum (fsum1..n, fcount)
 
 local threads = {{}}
 local thread_count = 0
@@ -46,6 +48,8 @@ local n = 0
 local i = 0
 responses = 0
 non2xx = 0
+fcount = 0
+for k = 1, #FIELDS do _G["fsum" .. k] = 0 end
 
 function init(args)
   local f = assert(io.open(BODIES, "rb"))
@@ -74,22 +78,37 @@ function response(status, headers, body)
   responses = responses + 1
   if status < 200 or status > 299 then
     non2xx = non2xx + 1
+  elseif #FIELDS > 0 and body then
+    local got = {{}}
+    for k = 1, #FIELDS do
+      got[k] = tonumber(string.match(body, '"' .. FIELDS[k] .. '":%s*([-%d.eE+]+)'))
+      if got[k] == nil then return end
+    end
+    for k = 1, #FIELDS do _G["fsum" .. k] = _G["fsum" .. k] + got[k] end
+    fcount = fcount + 1
   end
 end
 
 function done(summary, latency, requests)
-  local nx, rs = 0, 0
+  local nx, rs, fc = 0, 0, 0
+  local fs = {{}}
+  for k = 1, #FIELDS do fs[k] = 0 end
   for _, t in ipairs(threads) do
     nx = nx + (tonumber(t:get("non2xx")) or 0)
     rs = rs + (tonumber(t:get("responses")) or 0)
+    fc = fc + (tonumber(t:get("fcount")) or 0)
+    for k = 1, #FIELDS do fs[k] = fs[k] + (tonumber(t:get("fsum" .. k)) or 0) end
   end
+  local fj = {{}}
+  for k = 1, #FIELDS do fj[k] = string.format('"%s":%.9g', FIELDS[k], fs[k]) end
   local e = summary.errors
   io.write(string.format(
     '{mark}{{"duration_us":%d,"requests":%d,"bytes":%d,"responses":%d,"non2xx":%d,' ..
     '"errors":{{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}},' ..
+    '"field_sums":{{%s}},"field_count":%d,' ..
     '"latency_us":{{"min":%d,"max":%d,"mean":%.3f,"stdev":%.3f,"p50":%d,"p90":%d,"p99":%d,"p999":%d}}}}\n',
     summary.duration, summary.requests, summary.bytes, rs, nx,
-    e.connect, e.read, e.write, e.status, e.timeout,
+    e.connect, e.read, e.write, e.status, e.timeout, table.concat(fj, ","), fc,
     latency.min, latency.max, latency.mean, latency.stdev,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9)))
 end
@@ -129,12 +148,22 @@ def write_payload(pngs: Sequence[bytes], folder: Path) -> tuple[Path, Path]:
     return bodies, sizes
 
 
-def lua_script(bodies: Path, sizes: Path, path: str, content_type: str = "image/png") -> str:
-    """The Lua script for ``wrk -s``: rotate the bodies as ``POST path``; print ``WRK_JSON`` when done."""
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def lua_script(bodies: Path, sizes: Path, path: str, content_type: str = "image/png",
+               fields: Sequence[str] = ()) -> str:
+    """The Lua script for ``wrk -s``: rotate the bodies as ``POST path``; print ``WRK_JSON`` when done.
+    ``fields``: top-level numeric JSON fields of the 2xx answers to sum (e.g. our ``queue_seconds``), reported
+    as ``field_sums`` over ``field_count`` answers that had them all."""
     if not path.startswith("/"):
         raise ValueError("path must start with '/'")
+    for f in fields:
+        if not _FIELD.fullmatch(f):
+            raise ValueError(f"unsupported field name {f!r}")
     return LUA_TEMPLATE.format(bodies=_lua_string(str(bodies)), sizes=_lua_string(str(sizes)),
-                               path=_lua_string(path), content_type=_lua_string(content_type), mark=MARK)
+                               path=_lua_string(path), content_type=_lua_string(content_type), mark=MARK,
+                               fields=", ".join(f'"{f}"' for f in fields))
 
 
 def parse_output(text: str) -> dict[str, Any]:
@@ -152,7 +181,10 @@ def parse_output(text: str) -> dict[str, Any]:
             "ok_rps": (raw["responses"] - raw["non2xx"]) / seconds if seconds > 0 else None,
             "non2xx": raw["non2xx"], "socket_errors": socket_errors, "errors": errors,
             "latency_seconds": {k: lat[k] / 1e6 for k in ("min", "mean", "p50", "p90", "p99", "p999", "max")},
-            "latency_stdev_seconds": lat["stdev"] / 1e6, "bytes": raw["bytes"]}
+            "latency_stdev_seconds": lat["stdev"] / 1e6, "bytes": raw["bytes"],
+            "field_means": ({k: v / raw["field_count"] for k, v in raw.get("field_sums", {}).items()}
+                            if raw.get("field_count") else {}),
+            "field_count": raw.get("field_count", 0)}
 
 
 @dataclass(frozen=True)

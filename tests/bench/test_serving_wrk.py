@@ -12,7 +12,7 @@ import pytest
 
 from bench import wrk
 from bench.servers import DEFAULT_MODEL_NAME, oob_argv
-from bench.serving_wrk import breakdown, parse_metrics
+from bench.serving_wrk import ANSWER_FIELDS, answer_breakdown, breakdown, parse_metrics
 from bench.serving_wrk_report import render_markdown, summarise, table
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install wrk)")
@@ -20,6 +20,7 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not inst
 SAMPLE = ("Running 2s test @ http://127.0.0.1:8000\n  1 threads and 32 connections\n"
           'WRK_JSON {"duration_us":2000000,"requests":1000,"bytes":250000,"responses":1000,"non2xx":10,'
           '"errors":{"connect":0,"read":1,"write":0,"status":10,"timeout":2},'
+          '"field_sums":{"queue_seconds":4.95,"batch_samples":9900},"field_count":990,'
           '"latency_us":{"min":900,"max":90000,"mean":31000.500,"stdev":4000.250,"p50":30000,"p90":40000,'
           '"p99":60000,"p999":80000}}\n')
 
@@ -36,6 +37,11 @@ def test_lua_script_rotates_bodies_and_reports_json(tmp_path: Path):
         assert fn in lua
     assert "status < 200 or status > 299" in lua and wrk.MARK in lua
     assert "{{" not in lua and "}}}" not in lua  # the template's braces were all unescaped
+    assert "local FIELDS = {}" in lua  # nothing summed unless asked
+    lua = wrk.lua_script(bodies, sizes, "/classify", fields=("queue_seconds", "batch_samples"))
+    assert 'local FIELDS = {"queue_seconds", "batch_samples"}' in lua
+    with pytest.raises(ValueError):
+        wrk.lua_script(bodies, sizes, "/classify", fields=('x"',))
     with pytest.raises(ValueError):
         wrk.lua_script(bodies, sizes, 'classify')  # not a path
     with pytest.raises(ValueError):
@@ -50,6 +56,8 @@ def test_parse_output_reads_the_json_line():
     assert rep["latency_seconds"]["p50"] == pytest.approx(0.030)
     assert rep["latency_seconds"]["p99"] == pytest.approx(0.060)
     assert rep["latency_seconds"]["mean"] == pytest.approx(0.0310005)
+    assert rep["field_count"] == 990 and rep["field_means"] == pytest.approx({"queue_seconds": 0.005,
+                                                                              "batch_samples": 10.0})
     with pytest.raises(ValueError, match="WRK_JSON"):
         wrk.parse_output("Running 2s test\nno json here\n")
 
@@ -168,7 +176,7 @@ def test_wrk_smoke_against_our_fast_lane(tiny_store: Path, tmp_path: Path):
     pngs = [png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(8)]
     bodies, sizes = wrk.write_payload(pngs, tmp_path / "payload")
     ok, bad = tmp_path / "ok.lua", tmp_path / "bad.lua"
-    ok.write_text(wrk.lua_script(bodies, sizes, "/classify?top_k=1"))
+    ok.write_text(wrk.lua_script(bodies, sizes, "/classify?top_k=1", fields=ANSWER_FIELDS))
     bad.write_text(wrk.lua_script(bodies, sizes, "/classify?profile=no-such-profile"))
     with classmeans_server(tiny_store, "tiny", tmp_path / "serve.log", ready_timeout_s=120, grace_s=10,
                            torch_threads=1) as srv:
@@ -176,6 +184,10 @@ def test_wrk_smoke_against_our_fast_lane(tiny_store: Path, tmp_path: Path):
         assert rep["requests"] > 0 and rep["responses"] == rep["requests"]
         assert rep["non2xx"] == 0 and rep["socket_errors"] == 0
         assert 0 < rep["latency_seconds"]["p50"] <= rep["latency_seconds"]["p99"]
+        assert rep["field_count"] == rep["responses"]  # every answer carried our timing fields
+        ab = answer_breakdown(rep, 0.0)
+        assert ab is not None and 0 <= ab["queue_s"] < ab["server_s"] < ab["client_s"]
+        assert ab["mean_batch_samples"] >= 1
         rep = wrk.run(srv.url, bad, wrk.WrkPlan(1, 1, 1.0, timeout_s=5))
         assert rep["requests"] > 0 and rep["non2xx"] == rep["responses"] and rep["ok_rps"] == 0
     json.dumps(rep)  # the report is plain JSON
