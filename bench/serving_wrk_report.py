@@ -33,6 +33,7 @@ def table(results: dict[str, Any]) -> list[dict[str, Any]]:
         e[f"non2xx_{c}"] = w["non2xx"] + (rec.get("check") or {}).get("non2xx", 0)
         e[f"socket_errors_{c}"] = w["socket_errors"]
         e[f"rss_mib_{c}"] = rec["rss_mib_total"]
+        e[f"rss_per_process_{c}"] = [round(float(p["rss_mib"])) for p in rec["processes"]]
         e[f"processes_{c}"] = len(rec["processes"])
         e[f"pinning_{c}"] = rec["pinning"]
         chk = rec.get("check") or {}
@@ -84,6 +85,10 @@ def _x(v: float | None) -> str:
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _rss(per: list[int] | None) -> str:
+    return "–" if not per else (str(per[0]) if len(per) == 1 else f"{'+'.join(map(str, per))} = {sum(per)}")
 
 
 def _met(m: bool | None) -> str:
@@ -152,7 +157,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "Latency in ms (wrk, client side), throughput in 2xx requests/s. Accuracy: the check pass against the "
             "labels; agreement: same top-1 as the full network in process.", "",
             "| row | 1 client p50 / p99 | 1 client req/s | 32 clients req/s | 32 clients p50 / p99 | non-2xx (1 / 32) "
-            "| accuracy % | agreement % | FLOPs fraction | RSS MiB (1 / 32; processes) |",
+            "| accuracy % | agreement % | FLOPs fraction | RSS MiB per process (1 client / 32 clients) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         cfg = f" ({r['config']})" if r.get("config") else ""
@@ -162,9 +167,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                    f"| {_pct(r.get('accuracy_c32', r.get('accuracy_c1')))} "
                    f"| {_pct(r.get('agreement_c32', r.get('agreement_c1')))} "
                    f"| {_num(r.get('flops_fraction_c32'), '.3f')} "
-                   f"| {_num(r.get('rss_mib_c1'), '.0f')} / {_num(r.get('rss_mib_c32'), '.0f')}; "
-                   f"{r.get('processes_c1', '–')} / {r.get('processes_c32', '–')} |")
-    out += ["", f"Non-2xx answers in all rows (wrk and the check passes): {s['non2xx_total']}.", "",
+                   f"| {_rss(r.get('rss_per_process_c1'))} / {_rss(r.get('rss_per_process_c32'))} |")
+    out += ["", "RSS per process: the server's process tree after the measured run (ours: the uvicorn supervisor "
+            "and its workers; LitServe: its HTTP server, inference workers and helpers).", "",
+            f"Non-2xx answers in all rows (wrk and the check passes): {s['non2xx_total']}.", "",
             "![serving with wrk](img/serving_wrk.png)", "", "## Ratios", "",
             "| row | p50 1 client ×LitServe | req/s 32 ×LitServe | p50 1 client ×LitServe+ORT "
             "| req/s 32 ×LitServe+ORT |", "|---|---|---|---|---|"]
