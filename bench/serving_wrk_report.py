@@ -267,7 +267,7 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
         ax.barh(names, vals, left=left, label=lab)
         left = [a + b for a, b in zip(left, vals, strict=True)]
     ax.invert_yaxis()
-    ax.set_xlabel("ours: mean ms per request by stage (from the answers)")
+    ax.set_xlabel("ours: mean ms per request by stage")
     ax.legend(fontsize=8)
     title = "Serving benchmark, wrk load generator"
     if results.get("quick"):
