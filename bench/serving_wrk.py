@@ -381,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "images": {"count": len(images), "source": images.source,
                    "png_bytes_mean": sum(map(len, images.pngs)) / len(images), "check_images": args.check_images},
         "profiles": {"bundle": listing["bundle"], "target": target, "target_basis": basis, "default": default,
+                     "active_operating": json.loads((args.model_dir / "active.json").read_text()).get("operating"),
                      "target_row": next((p for p in listing["profiles"] if p["name"] == target), None),
                      "default_row": next((p for p in listing["profiles"] if p["name"] == default), None),
                      "full_row": next((p for p in listing["profiles"] if p["name"] == "full"), None)},

@@ -5,6 +5,7 @@ Every figure is read from the measured JSON; the goals' bars are issue 23's, the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"Batching: max batch {results['batching']['max_batch_size']}, wait "
             f"{1e3 * results['batching']['batch_wait_s']:g} ms for every server. Profiles (bundle "
             f"`{prof['bundle']}`): full - 0.5 points = **{prof['target']}** ({prof['target_basis']}), default "
-            f"**{prof['default']}**. Ours are sent `top_k=1`; rows 3-6 run the README's `classmeans serve` with no "
+            f"**{prof['default']}**; the store's active operating point (what row 3 serves) "
+            f"`{json.dumps(prof.get('active_operating'))}`. Ours are sent `top_k=1`; rows 3-6 run the README's `classmeans serve` with no "
             "settings (workers and threads its defaults) and differ only in the query (`exits=off`, "
             "`profile=`).", ""]
     lc = results.get("litserve_config")
