@@ -126,9 +126,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{1e3 * results['batching']['batch_wait_s']:g} ms for every server. Profiles (bundle "
             f"`{prof['bundle']}`): full - 0.5 points = **{prof['target']}** ({prof['target_basis']}), default "
             f"**{prof['default']}**; the store's active operating point (what row 3 serves) "
-            f"`{json.dumps(prof.get('active_operating'))}`. Ours are sent `top_k=1`; rows 3-6 run the README's `classmeans serve` with no "
-            "settings (workers and threads its defaults) and differ only in the query (`exits=off`, "
-            "`profile=`).", ""]
+            f"`{json.dumps(prof.get('active_operating'))}`. Ours are sent `top_k=1`; rows 3-6 run the README's "
+            "`classmeans serve` with no settings (workers and threads its defaults) and differ only in the "
+            "query (`exits=off`, `profile=`).", ""]
     lc = results.get("litserve_config")
     probe = results.get("litserve_probe")
     if probe:
