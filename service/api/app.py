@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,6 +26,7 @@ from service.control.jobs import JobManager
 from service.control.recompute import abandoned_cleanup
 from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.batcher import Batcher
+from service.serving.cpu_budget import intra_op_threads
 from service.serving.engine import Engine, EngineLoadError
 from service.serving.follower import start_follower
 from service.serving.metrics import Metrics
@@ -35,8 +37,9 @@ log = logging.getLogger("classmeans.api")
 
 def _load(settings: Settings, metrics: Metrics) -> Engine:
     """Load and warm up (in a worker thread: torch never runs on the event loop)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    threads = intra_op_threads(settings.torch_threads, settings.workers)
+    torch.set_num_threads(threads)
+    log.info("intra-op threads: %d (process %d)", threads, os.getpid())
     engine = Engine.load(settings.model_dir, metrics)
     if settings.warmup:
         engine.warm_up(batch_sizes=(1, min(8, settings.max_batch_size)))

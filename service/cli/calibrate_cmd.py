@@ -16,6 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help=".npz, ImageFolder dir, .zip or .tar.gz")
     p.add_argument("--holdout", type=float, default=5000,
                    help="held-out samples for threshold selection (count, or fraction if < 1)")
+    p.add_argument("--select-on", metavar="FILE",
+                   help="a separate selection dataset: class means from all of --data, thresholds chosen on FILE "
+                        "(e.g. a checkpoint trained on all of --data; --holdout is then ignored)")
     p.add_argument("--selection", choices=["holdout", "means"], default="holdout",
                    help="holdout: choose thresholds on held-out data (ours); means: on the means data (paper)")
     p.add_argument("--search", choices=["paper", "quantile", "refine"], default="paper")
@@ -116,12 +119,15 @@ def _calibrate(args: argparse.Namespace, dp, device: str) -> int:
                             batch_size=args.batch_size, selection=args.selection,
                             exits=[int(v) for v in args.exits.split(",")] if args.exits else None)
     holdout = args.holdout if args.holdout < 1 else int(args.holdout)
+    select_on = (load_dataset(args.select_on, image_size=spec.preprocessing, stream=args.stream)
+                 if getattr(args, "select_on", None) else None)
     main_process = dp is None or dp.is_main
     _ids, summary = calibrate_model(Path(args.model_dir), data, cfg, holdout=holdout,
                                    activate=not args.no_activate, status=_bar("calibrate") if main_process else None,
                                    tag=args.tag, measure_forward=args.measure_forward, loaded=loaded,
                                    source=Path(args.data).name, on_overlap="label" if args.allow_overlap else "refuse",
-                                   dp=dp)
+                                   dp=dp, select_on=select_on,
+                                   select_source=Path(args.select_on).name if select_on is not None else None)
     if main_process:
         for w in summary.get("warnings", []):
             print(f"WARNING: {w}", file=sys.stderr)

@@ -1,6 +1,9 @@
 """``classmeans serve``: the HTTP server (uvicorn) over ``create_app(settings)``, one or several worker processes.
 
-``--workers N`` (env ``CLASSMEANS_WORKERS``; default one per CPU core this process may use) runs N processes
+``--workers N`` (env ``CLASSMEANS_WORKERS``) and ``--threads T`` (env ``CLASSMEANS_TORCH_THREADS``, the intra-op
+threads of each worker) default to a plan that fits the cores this process may use (affinity and cgroup CPU
+quota, :mod:`service.serving.cpu_budget`): one worker per usable core with one thread each, or the share of
+the cores left by the one you set; the choice and the reason are logged at start. N workers run
 under uvicorn's own supervisor, all answering on the same port; uvicorn replaces a worker that dies. Every
 worker is a replica of the model store: it loads the model, runs its own batcher, and follows
 ``active.json``, so a switch made on any worker (or any other replica sharing the store volume) serves
@@ -33,16 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="bind address (env CLASSMEANS_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="bind port (env CLASSMEANS_PORT, default 8000)")
     p.add_argument("--workers", type=int, help="worker processes (env CLASSMEANS_WORKERS; default 0: one per "
-                   "CPU core)")
+                   "usable CPU core)")
+    p.add_argument("--threads", type=int, help="intra-op threads per worker (env CLASSMEANS_TORCH_THREADS; "
+                   "default 0: the usable cores divided among the workers)")
     p.set_defaults(func=run)
-
-
-def default_workers() -> int:
-    """One worker per CPU core this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,14 +47,34 @@ def run(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {k: v for k, v in (("store", args.store), ("model", args.model),
                                                    ("host", args.host), ("port", args.port),
-                                                   ("workers", args.workers)) if v is not None}
+                                                   ("workers", args.workers),
+                                                   ("torch_threads", getattr(args, "threads", None)))
+                                  if v is not None}
     settings = Settings(**overrides)
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    workers = settings.workers or default_workers()
-    if workers == 1:
+    plan = choose_plan(settings)
+    # Every process (this one, or each uvicorn worker through the environment) runs exactly the planned threads.
+    overrides["torch_threads"] = plan.threads
+    settings = Settings(**overrides)
+    if plan.workers == 1:
         return _serve_one(settings)
-    return _serve_workers(settings, workers, overrides)
+    overrides["workers"] = plan.workers
+    return _serve_workers(settings, plan.workers, overrides)
+
+
+def choose_plan(settings: Any) -> Any:
+    """Workers x threads for the cores this process may use; logged with the reason (a warning when the
+    configured numbers oversubscribe the cores)."""
+    from service.serving.cpu_budget import plan_threads, read_cpu_budget
+
+    budget = read_cpu_budget()
+    plan = plan_threads(budget.cores, workers=settings.workers, threads=settings.torch_threads)
+    log = logging.getLogger("classmeans.serve")
+    (log.warning if plan.oversubscribed else log.info)(
+        "serving with %d worker(s) x %d intra-op thread(s): %s (%s); override with --workers/--threads or "
+        "CLASSMEANS_WORKERS/CLASSMEANS_TORCH_THREADS", plan.workers, plan.threads, plan.why, budget.describe())
+    return plan
 
 
 def _uvicorn_options(settings: Any) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def overlap_message(training_data: dict[str, Any], split: SelectionSplit) -> str
     held = int(td.get("held_out") or 0)
     fix = (f"calibrate on all of {td['source']} ({td.get('images')} images) with --holdout {held} --seed "
            f"{td.get('seed', 0)} (exactly the held-out split)" if held else
-           f"the backbone was trained on all of {td['source']}: calibrate on data it never saw")
+           f"the backbone was trained on all of {td['source']}: calibrate on data it never saw, or take the "
+           "means from it and the thresholds from unseen data with --select-on FILE")
     return (f"the selection split ({split.samples} samples of {split.source}) overlaps the data that trained "
             f"the backbone (model.json: {td.get('trained_on')} of {td.get('images')} images of {td['source']}, "
             f"{held} held out, seed {td.get('seed')}), so its accuracy estimates would be optimistic. Fix: {fix}; "

@@ -28,11 +28,15 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
                     activate: bool = True, status: StatusFn | None = None, tag: str = "",
                     loaded: tuple[ModelSpec, StagedNetwork] | None = None, measure_forward: int = 0,
                     source: str | None = None, on_overlap: str = "label", dp: DataParallel | None = None,
+                    select_on: LabelledImages | None = None, select_source: str | None = None,
                     ) -> tuple[list[str], dict[str, Any]]:
     """Calibrate every head variant of ``cfg`` into its own bundle; the first one is activated.
 
     ``holdout``: number (or fraction when < 1) of samples kept out of the means for threshold selection;
-    ignored when ``cfg.selection == "means"`` (the paper's protocol).
+    ignored when ``cfg.selection == "means"`` (the paper's protocol) and when ``select_on`` is given.
+    ``select_on``: a separate selection dataset (``select_source`` its file name): class means from all of
+    ``data``, thresholds chosen on ``select_on``. The honest path for a checkpoint trained on all of its
+    training set: means from that set, thresholds from data it never saw (provenance checks the name).
     ``source``: the data's file/folder name, checked against ``model.json``'s ``extra.training_data``; when the
     selection split overlaps the backbone's training data, ``on_overlap="refuse"`` raises
     :class:`SelectionOverlapError` before any work, ``"label"`` writes the bundle labelled (and warns).
@@ -43,7 +47,11 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
     """
     spec, net = loaded or load_model(model_dir)
     data = data.remap_to(spec.classes)
-    means_set, selection, split = _split_for_selection(data, cfg, holdout, source)
+    if select_on is not None:
+        means_set, selection, split = _separate_selection(data, select_on.remap_to(spec.classes), cfg,
+                                                          select_source)
+    else:
+        means_set, selection, split = _split_for_selection(data, cfg, holdout, source)
     training_data = spec.extra.get("training_data")
     estimate = provenance(training_data, split)
     if estimate["overlaps_training"] and on_overlap == "refuse":
@@ -96,6 +104,16 @@ def _split_for_selection(data: LabelledImages, cfg: CalibrationConfig, holdout: 
     split = SelectionSplit(source, len(data), 0 if selection is None else n_hold, cfg.seed, cfg.selection,
                            len(selection) if selection is not None else len(means_set))
     return means_set, selection, split
+
+
+def _separate_selection(data: LabelledImages, select_on: LabelledImages, cfg: CalibrationConfig,
+                        source: str | None) -> tuple[LabelledImages, LabelledImages, SelectionSplit]:
+    """Means from all of ``data``, thresholds on ``select_on`` (its own source, checked by provenance)."""
+    if cfg.selection == "means":
+        raise ValueError("a separate selection dataset chooses thresholds on itself: not with --selection means")
+    if len(select_on) == 0:
+        raise ValueError("the selection dataset is empty")
+    return data, select_on, SelectionSplit(source, len(select_on), 0, cfg.seed, "separate", len(select_on))
 
 
 def _save_variant(model_dir: Path, spec: ModelSpec, result: CalibrationResult, variant, cfg: CalibrationConfig,

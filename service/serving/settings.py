@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(256, ge=1, description="most samples waiting for the network; more -> 503")
     request_deadline_s: float = Field(10.0, gt=0, description="deadline of one inference request")
     decode_threads: int = Field(2, ge=1, description="threads decoding images off the event loop")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads of each serving process (0: its "
+                               "share of the usable cores, see service/serving/cpu_budget.py)")
 
     admin_token: SecretStr | None = Field(None, description="admin bearer token; generated and stored if unset")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from service.api import create_app
+from service.serving.cpu_budget import budget_from, plan_threads
 from service.serving.settings import Settings
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -79,7 +80,13 @@ def test_selectors_claim_and_ports_are_wired(resources):
     assert resources["Service"]["spec"]["ports"][0]["targetPort"] == "http"
     env = {e["name"]: e for e in c["env"]}
     assert "secretKeyRef" in env["CLASSMEANS_ADMIN_TOKEN"]["valueFrom"]
-    assert int(env["CLASSMEANS_WORKERS"]["value"]) >= 1
+    # Workers x threads fit the pod: chosen from its CPU limit (cgroup quota) unless set, and never more.
+    limit = c["resources"]["limits"]["cpu"]
+    cores = int(limit[:-1]) / 1000 if str(limit).endswith("m") else float(limit)
+    workers = int(env.get("CLASSMEANS_WORKERS", {}).get("value", 0))
+    threads = int(env.get("CLASSMEANS_TORCH_THREADS", {}).get("value", 0))
+    plan = plan_threads(budget_from(64, cores, 64).cores, workers, threads)
+    assert not plan.oversubscribed and plan.workers * plan.threads <= cores
 
 
 def test_probes_and_scrape_path_are_routes_the_app_serves(resources):

@@ -1,0 +1,60 @@
+"""A bundle's profiles on the time axis: measured engine times x exit shares on the selection split.
+
+``timing_document`` joins :class:`~service.earlyexit.time_axis.TimeTable` s measured on the machine that
+serves (per batch size) with the class-means decision table of the selection split (Eq. 6-7 applied to every
+profile's thresholds): a profile's expected milliseconds per sample at batch ``b`` is the mean, over the
+selection samples, of the time of leaving where that sample leaves (:meth:`DecisionTable.evaluate` with the
+time costs, exactly as FLOPs are averaged). Written as the bundle's ``timing.json``
+(:mod:`service.store.timing`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+
+from service.earlyexit import DecisionTable
+from service.earlyexit.time_axis import TimeTable
+from service.store.bundle_model import Bundle
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def profile_times(bundle: Bundle, table: DecisionTable, tables: dict[int, TimeTable]) -> dict[str, dict[str, Any]]:
+    """Per profile: ``ms`` and ``time_fraction`` per batch size, and its ``exit_share (M,)`` on the table."""
+    profiles = list(bundle.profiles)
+    t = torch.tensor([p.thresholds for p in profiles], dtype=torch.float32).view(len(profiles), -1)
+    out: dict[str, dict[str, Any]] = {p.name: {"ms": {}, "time_fraction": {}} for p in profiles}
+    for b, tt in tables.items():
+        ms, _ = table.evaluate(t, tt.exit_costs())
+        for p, v in zip(profiles, ms.tolist(), strict=True):
+            out[p.name]["ms"][str(b)] = round(float(v), 6)
+            out[p.name]["time_fraction"][str(b)] = round(float(v) / tt.full_ms, 6)
+    for p in profiles:
+        out[p.name]["exit_share"] = [round(x, 6) for x in table.exit_histogram(torch.tensor(p.thresholds)).tolist()]
+    return out
+
+
+def timing_document(bundle: Bundle, table: DecisionTable, tables: dict[int, TimeTable], engine: str, threads: int,
+                    selection: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's ``timing.json`` (format in :mod:`service.store.timing`)."""
+    return {"bundle": bundle.bundle_id, "engine": engine, "threads": threads, "cpu": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "tables": {str(b): tt.to_json() for b, tt in tables.items()},
+            "full_ms": {str(b): round(tt.full_ms, 6) for b, tt in tables.items()},
+            "selection": selection, "profiles": profile_times(bundle, table, tables)}

@@ -1,0 +1,109 @@
+"""Measure the time axis of an engine on this machine: per-stage, per-head and per-call milliseconds.
+
+For each batch size ``b`` the engine runs, on features of the right shape (the eager network's own
+features of random images), ``repeats`` calls of
+
+* every stage alone (``SegmentKey(network, j, j, ())``; the last "stage" is the network's classifier,
+  ``SegmentKey(network, M - 1, M - 1, ("final",))``),
+* every stage followed by its class-means head (``SegmentKey(network, j, j, ("cm",))``),
+* the whole network (``SegmentKey(network, 0, M - 1, ("final",))``),
+
+takes the median per-call seconds of each, and :func:`~service.earlyexit.time_axis.decompose` turns them into
+a :class:`~service.earlyexit.time_axis.TimeTable` (per-sample ms of each stage, head and call). The engine is
+anything that can run a :class:`~service.serving.compiled.segments.SegmentKey` on an input: the compiled
+runner, or :class:`EagerSegments` (the torch reference engine, for GPUs and for comparison).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from service.backbones import StagedNetwork
+from service.earlyexit import ExitHead
+from service.earlyexit.time_axis import TimeTable, decompose
+from service.serving.compiled.segments import CM, DEFAULT_NETWORK, FINAL, SegmentKey
+
+
+class SegmentEngine(Protocol):
+    """Something that returns a callable running segment ``key`` on an input batch."""
+
+    def segment_callable(self, key: SegmentKey) -> Callable[[torch.Tensor], object]: ...
+
+
+class EagerSegments:
+    """The torch reference engine as segments (eager modules, ``torch.inference_mode``)."""
+
+    def __init__(self, net: StagedNetwork, heads: dict[int, ExitHead]) -> None:
+        self.net, self.heads = net.eval(), heads
+
+    def segment_callable(self, key: SegmentKey) -> Callable[[torch.Tensor], object]:
+        net, heads = self.net, self.heads
+        last = net.num_exits - 1
+
+        @torch.inference_mode()
+        def run(x: torch.Tensor) -> object:
+            stop = key.end if not key.final else last
+            for j in range(key.start, min(stop + 1, last)):
+                x = net.stages[j](x)
+            if key.final:
+                return torch.softmax(net.head(x).float(), 1)
+            out = [x]
+            if CM in key.heads:
+                out.append(heads[key.end].probabilities(x))
+            return out
+
+        return run
+
+
+def _median_seconds(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def stage_inputs(net: StagedNetwork, in_shape: Sequence[int], batch: int, seed: int = 0) -> list[torch.Tensor]:
+    """``M`` tensors: the input of every stage (the last: the classifier's input) for ``batch`` random images."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *in_shape), generator=g)
+    inputs = []
+    for stage in net.stages:
+        inputs.append(x.contiguous())
+        x = stage(x)
+    inputs.append(x.contiguous())
+    return inputs
+
+
+def measure_time_tables(net: StagedNetwork, heads: dict[int, ExitHead], engine: SegmentEngine,
+                        in_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
+                        network: str = DEFAULT_NETWORK) -> dict[int, TimeTable]:
+    """One :class:`TimeTable` per batch size (module docstring). Exits without a class-means head cost no head."""
+    m = net.num_exits
+    tables: dict[int, TimeTable] = {}
+    for b in batch_sizes:
+        xs = stage_inputs(net, in_shape, b)
+        reps = max(5, repeats if b == 1 else repeats // 3)
+        single, with_head = [], []
+        for j in range(m):
+            key = SegmentKey(network, j, j, (FINAL,) if j == m - 1 else ())
+            single.append(_median_seconds(engine.segment_callable(key), xs[j], reps))
+        for j in range(m - 1):
+            if j in heads:
+                key = SegmentKey(network, j, j, (CM,))
+                with_head.append(_median_seconds(engine.segment_callable(key), xs[j], reps))
+            else:
+                with_head.append(single[j])
+        whole = _median_seconds(engine.segment_callable(SegmentKey(network, 0, m - 1, (FINAL,))), xs[0], reps)
+        ms = 1000.0 / b
+        tables[b] = decompose([s * ms for s in single], [h * ms for h in with_head], whole * ms, b)
+    return tables
