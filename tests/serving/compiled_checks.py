@@ -48,3 +48,35 @@ def differing_rows(got: ExitResult, want: ExitResult, near: torch.Tensor, atol: 
     assert torch.allclose(got.probs[same], want.probs[same], atol=atol, rtol=0)
     assert torch.allclose(got.confidence[same], want.confidence[same], atol=atol, rtol=0)
     return int(differ.sum())
+
+
+class ClassMeansTable:
+    """The reference engine's class-means decisions from one eager pass: ``probs[j] (B, K)`` of every exit's
+    head (``ExitHead.probabilities``, what the reference runner computes) and the network's softmax last.
+    Eq. 6-7 on it gives the reference's exits and predictions for any class-means policy without re-running
+    the network per policy (``tests/serving/test_runner.py`` proves runner == table)."""
+
+    @torch.inference_mode()
+    def __init__(self, ref: CascadeRunner, x: torch.Tensor) -> None:
+        feats = ref.net.run_stages(x)
+        self.probs = [ref.cm_heads[j].probabilities(f).float() for j, f in enumerate(feats)]
+        self.probs.append(torch.softmax(ref.net.head(feats[-1]).float(), 1))
+        self.top = torch.stack([p.max(1).values for p in self.probs])  # (M, B)
+
+    def decide(self, policy: ExitPolicy, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(exit_index, pred, near)`` of a class-means policy: the first enabled exit whose top probability
+        is ``> T`` (the head otherwise), its argmax, and rows within ``eps`` of a threshold or an argmax tie."""
+        assert policy.mode == "cm"
+        m, b = self.top.shape
+        t = policy.thresholds[0]
+        exit_index = torch.full((b,), m - 1, dtype=torch.int64)
+        near = torch.zeros(b, dtype=torch.bool)
+        for j in range(m - 2, -1, -1):
+            if float(t[j]) >= 1.0:
+                continue
+            exit_index[self.top[j] > t[j]] = j
+            near |= (self.top[j] - t[j]).abs() <= eps
+        all_probs = torch.stack(self.probs)  # (M, B, K)
+        chosen = all_probs[exit_index, torch.arange(b)]
+        top2 = chosen.topk(2, dim=1).values
+        return exit_index, chosen.argmax(1), near | ((top2[:, 0] - top2[:, 1]) <= eps)
