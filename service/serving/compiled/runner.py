@@ -32,7 +32,7 @@ from service.backbones import StagedNetwork
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import ExitHead
 from service.earlyexit.ic_rules import RULE_NAMES, entropy
-from service.earlyexit.policy import FINAL_RULE, ExitPolicy
+from service.earlyexit.policy import FINAL_RULE, ExitPolicy, rule_index
 from service.serving.cascade import CascadeRunner, ExitResult
 from service.serving.compiled.errors import EngineBuildError, EngineFailed
 from service.serving.compiled.export import OPSET, SegmentModule, SessionConfig, build_segment
@@ -196,6 +196,8 @@ class CompiledCascadeRunner:
         xn = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         try:
             if index is None:
+                if b == 1:
+                    return self._run_one(xn, distinct[0], plans[0])
                 return self._run_plan(xn, distinct[0], plans[0])
             return self._run_groups(xn, distinct, plans, index)
         except _RunFailure as exc:
@@ -224,6 +226,33 @@ class CompiledCascadeRunner:
                 getattr(out, name)[sel] = getattr(r, name)
         return out
 
+    def _run_one(self, xn: np.ndarray, policy: ExitPolicy, plan: SegmentPlan) -> ExitResult:
+        """One row (the latency case) on Python scalars, as the reference's batch-1 path: float32 scores
+        compared with the float32 thresholds as doubles (exactly), tensors built only for the answer."""
+        feat = xn
+        for stop in plan.stops:
+            outs = self._call(stop.key, feat)
+            if stop.key.final:
+                out = torch.from_numpy(outs[0])
+                c, pr = out.max(1)
+                return ExitResult(torch.tensor([stop.exit_index]), pr, c, out,
+                                  torch.tensor([policy.cum[-1] + stop.consulted], dtype=torch.float64),
+                                  torch.tensor([FINAL_RULE]))
+            tc, ti, tn = stop.thresholds
+            pc = outs[1] if stop.need_cm else None
+            q = outs[2 if stop.need_cm else 1] if stop.need_ic else None
+            fire_cm = tc < 1.0 and float(pc.max()) > tc  # type: ignore[union-attr]
+            fire_ic = q is not None and ((ti < 1.0 and float(q.max()) > ti)
+                                         or (tn < 0.0 and -float(entropy(torch.from_numpy(q))[0]) > tn))
+            if fire_cm or fire_ic:
+                out = torch.from_numpy(pc if plan.by_cm else q)  # type: ignore[arg-type]
+                c, pr = out.max(1)
+                return ExitResult(torch.tensor([stop.exit_index]), pr, c, out,
+                                  torch.tensor([policy.cum[stop.exit_index] + stop.consulted], dtype=torch.float64),
+                                  torch.tensor([rule_index(fire_cm, fire_ic)]))
+            feat = outs[0]
+        raise AssertionError("a plan ends with the network head")
+
     def _run_plan(self, xn: np.ndarray, policy: ExitPolicy, plan: SegmentPlan) -> ExitResult:
         """Every row under one policy: one session call per stop, compaction between stops."""
         b = xn.shape[0]
@@ -239,9 +268,10 @@ class CompiledCascadeRunner:
             if stop.key.final:
                 p = torch.from_numpy(outs[0])
                 c, pr = p.max(1)
-                if probs is None:
-                    probs = torch.zeros(b, p.shape[1], dtype=torch.float32)
-                pred[rows], conf[rows], probs[rows] = pr, c, p
+                if probs is None:  # no row left early: the head's outputs are the answers as they are
+                    pred, conf, probs = pr, c, p
+                else:
+                    pred[rows], conf[rows], probs[rows] = pr, c, p
                 break
             pc = torch.from_numpy(outs[1]) if stop.need_cm else None
             q = torch.from_numpy(outs[2 if stop.need_cm else 1]) if stop.need_ic else None
@@ -268,7 +298,7 @@ class CompiledCascadeRunner:
             else:
                 feat = outs[0]
         assert probs is not None
-        flops = policy.backbone_cum[exit_index] + torch.tensor(plan.consulted_at, dtype=torch.float64)[exit_index]
+        flops = policy.backbone_cum[exit_index] + plan.consulted_table[exit_index]
         return ExitResult(exit_index, pred, conf, probs, flops, rule)
 
 

@@ -17,7 +17,9 @@ previous stop's feature of the same network. Only single-network plans are built
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from service.earlyexit.policy import CM_SLOT, IC_NEGENT_SLOT, IC_TOP_SLOT, ExitPolicy
 
@@ -78,6 +80,10 @@ class SegmentPlan:
     stops: tuple[Stop, ...]
     consulted_at: tuple[float, ...]
     by_cm: bool
+    consulted_table: torch.Tensor = field(init=False, repr=False)  # consulted_at as float64 (M,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "consulted_table", torch.tensor(self.consulted_at, dtype=torch.float64))
 
     def segment_keys(self) -> list[SegmentKey]:
         return [s.key for s in self.stops]
