@@ -60,14 +60,16 @@ class CompiledCascadeRunner:
     Keyword options: ``threads`` (ORT intra-op threads per call, default 1), ``max_sessions`` (LRU bound of
     the session cache), ``on_failure`` (``"reference"``: re-run a failed batch on the torch engine;
     ``"raise"``: :class:`EngineFailed`), ``network`` (this network's id in segment keys), ``optimization``
-    (ORT graph optimisation level: ``all``, ``basic``, ``none``).
+    (ORT graph optimisation level: ``all``, ``basic``, ``none``), ``policies`` (:meth:`prepare` them now, so
+    that ``Catalog.build`` can build every session when a bundle is activated, off the hot path).
     """
 
     engine = "onnx"
 
     def __init__(self, net: StagedNetwork, cm_heads: dict[int, ExitHead], ics: ICSet | None = None, *,
                  threads: int = 1, max_sessions: int = 256, on_failure: str = "reference",
-                 network: str = DEFAULT_NETWORK, optimization: str = "all") -> None:
+                 network: str = DEFAULT_NETWORK, optimization: str = "all",
+                 policies: Sequence[ExitPolicy] | None = None) -> None:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be one of {ON_FAILURE}")
         if net.device.type != "cpu":
@@ -86,6 +88,8 @@ class CompiledCascadeRunner:
         self._shapes = self._stage_input_shapes()
         self.sessions = SessionCache(self._build, max_sessions)
         self._plans: dict[int, tuple[ExitPolicy, SegmentPlan]] = {}
+        if policies:
+            self.prepare(policies)
 
     # -- shapes and sessions -------------------------------------------------------------------------
 
