@@ -177,6 +177,19 @@ def test_injected_run_time_failure_reruns_on_reference(setup, compiled, monkeypa
     assert err.value.code == "engine_failed" and err.value.status == 503
 
 
+def test_lazy_build_failure_at_run_time_reruns_on_reference(setup, monkeypatch):
+    runner = CompiledCascadeRunner(setup["net"], setup["bundle"].heads, setup["ics"])
+
+    def broken(key):
+        raise EngineBuildError(f"cannot compile segment {key.label()}", segment=key.label())
+
+    monkeypatch.setattr(runner.sessions, "_build", broken)
+    policy, x = setup["policies"]["ic_entropy"], setup["x"][:6]
+    got, want = runner.run(x, policy), setup["ref"].run(x, policy)
+    assert torch.equal(got.exit_index, want.exit_index) and torch.equal(got.pred, want.pred)
+    assert runner.failures == 1
+
+
 class _NumpyStage(nn.Module):
     """A stage that leaves torch (same values: ReLU of a ReLU), which tracing would bake in as a constant."""
 
