@@ -207,7 +207,8 @@ class CompiledCascadeRunner:
         except _RunFailure as exc:
             self.last_failure = str(exc)
             if self.on_failure == "raise":
-                raise EngineFailed(f"the compiled engine failed ({exc})") from exc
+                log.error("compiled engine failed (%s); batch of %d refused", exc, b)
+                raise EngineFailed("the inference engine failed on this batch; retry") from exc
             self.failures += 1
             log.warning("compiled engine failed (%s); batch of %d re-run on the reference engine (%d so far)",
                         exc, b, self.failures)
