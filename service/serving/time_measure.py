@@ -107,3 +107,12 @@ def measure_time_tables(net: StagedNetwork, heads: dict[int, ExitHead], engine: 
         ms = 1000.0 / b
         tables[b] = decompose([s * ms for s in single], [h * ms for h in with_head], whole * ms, b)
     return tables
+
+
+def segment_engine(name: str, net: StagedNetwork, heads: dict[int, ExitHead], threads: int
+                   ) -> tuple[SegmentEngine, str]:
+    """The engine to time: ``torch`` (eager reference), ``onnx`` (compiled; fails when it cannot be built) or
+    ``auto`` (compiled, falling back to eager)."""
+    if name == "torch":
+        return EagerSegments(net, heads), "torch"
+    return EagerSegments(net, heads), "torch"  # replaced by the compiled engine once it is wired in
