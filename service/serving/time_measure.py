@@ -26,6 +26,7 @@ import torch
 from service.backbones import StagedNetwork
 from service.earlyexit import ExitHead
 from service.earlyexit.time_axis import TimeTable, decompose
+from service.serving.compiled.runner import CompiledCascadeRunner
 from service.serving.compiled.segments import CM, DEFAULT_NETWORK, FINAL, SegmentKey
 
 
@@ -109,10 +110,29 @@ def measure_time_tables(net: StagedNetwork, heads: dict[int, ExitHead], engine: 
     return tables
 
 
+class CompiledSegments:
+    """The compiled engine's sessions as segments (built on first use, cached by the runner)."""
+
+    def __init__(self, runner: CompiledCascadeRunner) -> None:
+        self.runner = runner
+
+    def segment_callable(self, key: SegmentKey) -> Callable[[torch.Tensor], object]:
+        session = self.runner.sessions.get(key)
+
+        def run(x: torch.Tensor) -> object:
+            return session.run(None, {"x": x.numpy()})
+
+        return run
+
+
 def segment_engine(name: str, net: StagedNetwork, heads: dict[int, ExitHead], threads: int
                    ) -> tuple[SegmentEngine, str]:
-    """The engine to time: ``torch`` (eager reference), ``onnx`` (compiled; fails when it cannot be built) or
-    ``auto`` (compiled, falling back to eager)."""
-    if name == "torch":
-        return EagerSegments(net, heads), "torch"
-    return EagerSegments(net, heads), "torch"  # replaced by the compiled engine once it is wired in
+    """The engine to time: ``torch`` (eager reference), ``onnx`` (compiled; raises
+    :class:`~service.serving.compiled.errors.EngineBuildError` when it cannot be built) or ``auto`` (compiled,
+    falling back to eager with the reason logged), as :func:`~service.serving.compiled.factory.build_runner`."""
+    from service.serving.compiled.factory import build_runner
+
+    runner, _info = build_runner(name, net, heads, None, threads=threads)
+    if isinstance(runner, CompiledCascadeRunner):
+        return CompiledSegments(runner), "onnx"
+    return EagerSegments(net, heads), "torch"
