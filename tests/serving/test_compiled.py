@@ -156,6 +156,23 @@ def test_sessions_are_lazy_and_bounded(setup):
         CompiledCascadeRunner(setup["net"], setup["bundle"].heads).run(setup["x"][:2], setup["policies"]["ic_prob"])
 
 
+def test_missing_sessions_never_stall_a_batch(setup):
+    """missing="reference": a batch whose sessions are not built is answered by the reference engine at once
+    while a background thread builds them; once built, the compiled engine serves, with the same answers."""
+    runner = CompiledCascadeRunner(setup["net"], setup["bundle"].heads, setup["ics"], missing="reference")
+    policy, x = setup["policies"]["cm"], setup["x"][:8]
+    want = setup["ref"].run(x, policy)
+    first = runner.run(x, policy)
+    assert runner.reference_batches == 1
+    assert torch.equal(first.exit_index, want.exit_index) and torch.equal(first.pred, want.pred)
+    assert runner.builder.wait_idle(timeout=600)
+    assert all(k in runner.sessions for k in runner.plan(policy).segment_keys())
+    again = runner.run(x, policy)
+    assert runner.reference_batches == 1  # served compiled now
+    differing_rows(again, want, near_ties(setup["ref"], policy, x))
+    assert runner.info()["building"] == 0 and runner.info()["uncompilable_segments"] == {}
+
+
 def test_injected_run_time_failure_reruns_on_reference(setup, compiled, monkeypatch, caplog):
     policy, x = setup["policies"]["combined"], setup["x"]
     key = plan_for(policy).stops[1].key

@@ -38,12 +38,13 @@ from service.serving.compiled.errors import EngineBuildError, EngineFailed
 from service.serving.compiled.export import OPSET, SegmentModule, SessionConfig, build_segment
 from service.serving.compiled.fused_heads import FinalSoftmax, FusedClassMeans, FusedIC
 from service.serving.compiled.segments import CM, DEFAULT_NETWORK, IC, SegmentKey, SegmentPlan, plan_for
-from service.serving.compiled.sessions import SessionCache
+from service.serving.compiled.sessions import BackgroundBuilder, SessionCache
 
 log = logging.getLogger("classmeans.engine")
 
 _IC, _CM, _BOTH = (RULE_NAMES.index(r) for r in ("ic", "cm", "ic+cm"))
 ON_FAILURE = ("reference", "raise")
+MISSING = ("build", "reference")
 
 
 class _RunFailure(Exception):
@@ -61,7 +62,10 @@ class CompiledCascadeRunner:
     the session cache), ``on_failure`` (``"reference"``: re-run a failed batch on the torch engine;
     ``"raise"``: :class:`EngineFailed`), ``network`` (this network's id in segment keys), ``optimization``
     (ORT graph optimisation level: ``all``, ``basic``, ``none``), ``policies`` (:meth:`prepare` them now, so
-    that ``Catalog.build`` can build every session when a bundle is activated, off the hot path).
+    that ``Catalog.build`` can build every session when a bundle is activated, off the hot path), ``missing``
+    (what a batch does when a session it needs is not built yet: ``"build"`` builds it there, on the hot
+    path; ``"reference"`` serves the batch on the reference engine and has a background thread build it, so
+    that no request ever waits for an export: the serving default).
     """
 
     engine = "onnx"
@@ -69,9 +73,11 @@ class CompiledCascadeRunner:
     def __init__(self, net: StagedNetwork, cm_heads: dict[int, ExitHead], ics: ICSet | None = None, *,
                  threads: int = 1, max_sessions: int = 256, on_failure: str = "reference",
                  network: str = DEFAULT_NETWORK, optimization: str = "all",
-                 policies: Sequence[ExitPolicy] | None = None) -> None:
+                 policies: Sequence[ExitPolicy] | None = None, missing: str = "build") -> None:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be one of {ON_FAILURE}")
+        if missing not in MISSING:
+            raise ValueError(f"missing must be one of {MISSING}")
         if net.device.type != "cpu":
             raise EngineBuildError(f"the ONNX Runtime engine serves on the CPU; the network is on {net.device}")
         self.reference = CascadeRunner(net, cm_heads, ics)
@@ -87,6 +93,9 @@ class CompiledCascadeRunner:
         self.last_failure: str | None = None
         self._shapes = self._stage_input_shapes()
         self.sessions = SessionCache(self._build, max_sessions)
+        self.missing = missing
+        self.builder = BackgroundBuilder(self.sessions)
+        self.reference_batches = 0  # batches served by the reference engine while their sessions were built
         self._plans: dict[int, tuple[ExitPolicy, SegmentPlan]] = {}
         if policies:
             self.prepare(policies)
@@ -170,7 +179,9 @@ class CompiledCascadeRunner:
         return {"engine": self.engine, "threads": self.config.intra_op_threads, "exporter":
                 f"torch.onnx.export(dynamo=False), opset {OPSET}", "onnxruntime": ort.__version__,
                 "sessions": len(self.sessions), "builds": self.sessions.builds, "failures": self.failures,
-                "on_failure": self.on_failure}
+                "on_failure": self.on_failure, "missing": self.missing, "building": self.builder.pending,
+                "reference_batches": self.reference_batches,
+                "uncompilable_segments": {k.label(): why for k, why in self.builder.failed.items()}}
 
     # -- running -------------------------------------------------------------------------------------
 
@@ -197,6 +208,12 @@ class CompiledCascadeRunner:
                 rows.append(slot[id(p)])
             index = np.asarray(rows, dtype=np.int64) if len(distinct) > 1 else None
         plans = [self.plan(p) for p in distinct]
+        if self.missing == "reference":
+            lacking = [k for plan in plans for k in plan.segment_keys() if k not in self.sessions]
+            if lacking:
+                self.builder.request(lacking)
+                self.reference_batches += 1
+                return self.reference.run(x, policies)
         xn = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         try:
             if index is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -9,6 +11,8 @@ from collections.abc import Callable
 import onnxruntime as ort
 
 from service.serving.compiled.segments import SegmentKey
+
+log = logging.getLogger("classmeans.engine")
 
 
 class SessionCache:
@@ -62,3 +66,66 @@ class SessionCache:
     def clear(self) -> None:
         with self._lock:
             self._sessions.clear()
+
+
+class BackgroundBuilder:
+    """Builds sessions into a :class:`SessionCache` on one daemon thread, so that no request waits for an
+    export: a runner asks for the keys it lacks and serves that batch on the reference engine meanwhile.
+
+    A key whose build fails is remembered (``failed``: key -> reason) and never retried: its plans keep
+    running on the reference engine, with the same answers.
+    """
+
+    def __init__(self, cache: SessionCache, name: str = "classmeans-session-builder") -> None:
+        self.cache = cache
+        self.name = name
+        self.failed: dict[SegmentKey, str] = {}
+        self._pending: set[SegmentKey] = set()
+        self._queue: queue.Queue[SegmentKey] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def request(self, keys: list[SegmentKey]) -> None:
+        """Queue every key that is neither built, pending nor failed; returns at once."""
+        with self._lock:
+            for k in keys:
+                if k in self.cache or k in self._pending or k in self.failed:
+                    continue
+                self._pending.add(k)
+                self._idle.clear()
+                self._queue.put(k)
+            if self._pending and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                key = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    if not self._pending:
+                        self._thread = None
+                        return
+                continue
+            try:
+                self.cache.get(key)
+            except Exception as exc:  # export/load/validation: remembered, the reference engine serves it
+                self.failed[key] = f"{type(exc).__name__}: {exc}"
+                log.error("segment %s does not compile (%s); its profiles run on the reference engine",
+                          key.label(), exc)
+            finally:
+                with self._lock:
+                    self._pending.discard(key)
+                    if not self._pending:
+                        self._idle.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is pending (tests, start-up scripts); returns whether it got there."""
+        return self._idle.wait(timeout)
