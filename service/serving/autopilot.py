@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from service.earlyexit.ic_rules import MODES
+from service.earlyexit.modes import BUNDLE_MODE, is_mode
 
 Clock = Callable[[], float]
 
@@ -64,14 +64,14 @@ class AutopilotConfig:
 
     target_ms: float
     min_accuracy: float | None = None
-    mode: str = "cm"
+    mode: str = BUNDLE_MODE
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_ms) and MIN_TARGET_MS <= self.target_ms <= MAX_TARGET_MS):
             raise ValueError(f"latency_slo_ms must be between {MIN_TARGET_MS:g} and {MAX_TARGET_MS:g}")
         if self.min_accuracy is not None and not (math.isfinite(self.min_accuracy) and 0 <= self.min_accuracy <= 1):
             raise ValueError("min_accuracy must be between 0 and 1")
-        if self.mode not in MODES:
+        if not is_mode(self.mode):
             raise ValueError(f"unknown mode {self.mode!r}")
 
     @property
@@ -89,7 +89,7 @@ class AutopilotConfig:
         try:
             floor = obj.get("min_accuracy")
             return cls(float(obj["latency_slo_ms"]), None if floor is None else float(floor),
-                       str(obj.get("mode") or "cm"))
+                       str(obj.get("mode") or BUNDLE_MODE))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"autopilot: {exc}") from None
 

@@ -26,6 +26,7 @@ import torch
 from service.backbones import StagedNetwork
 from service.backbones.preprocess import Normalizer
 from service.earlyexit import Operating, select_by_target
+from service.earlyexit.modes import BUNDLE_MODE, get_mode
 from service.errors import ActiveStateError, ModeMismatch, ProfileNotFound, ServiceError
 from service.serving.ic_serving import ICStore, check_mode, load_ic_store, mode_candidates
 from service.serving.metrics import Metrics
@@ -167,7 +168,7 @@ class Engine:
         check_mode(mode)
         with self._lock:
             snap = self._snapshot
-            op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode or "cm"), min_accuracy=min_accuracy,
+            op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode or BUNDLE_MODE), min_accuracy=min_accuracy,
                                   max_flops_fraction=max_flops_fraction)
             return self._publish(snap.catalog, op, profile_switch=True)
 
@@ -287,7 +288,7 @@ class Engine:
         h, w = self.spec.input_size
         policies, seen = [], set()
         for p in snap.policies.values():
-            if p.mode == "cm" or p.mode not in seen:
+            if get_mode(p.mode).from_bundle or p.mode not in seen:
                 policies.append(p)
                 seen.add(p.mode)
         for b in batch_sizes:

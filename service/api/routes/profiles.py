@@ -13,10 +13,11 @@ from service.api.errors import ApiError
 from service.api.inference import operating_info
 from service.api.limits import read_body_capped, require_json_object
 from service.earlyexit.hull import TargetUnreachable
+from service.earlyexit.modes import BUNDLE_MODE, get_mode
 from service.serving.autopilot import AutopilotConfig
 from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.engine import Engine
-from service.serving.ic_serving import CM, check_mode, profile_rows
+from service.serving.ic_serving import check_mode, profile_rows
 from service.serving.snapshot import Snapshot
 from service.store.bundles import BundleError
 from service.store.estimates import estimate_info, read_measured
@@ -70,7 +71,7 @@ async def list_profiles(state: StateDep, engine: EngineDep) -> schemas.ProfilesR
                                 flops_fraction=p.flops_fraction, thresholds=thr, exits=exits,
                                 default=name == b.default_profile, active=name in (snap.operating.a, snap.operating.b),
                                 share=_share(snap, name),
-                                estimate=estimate_info(b, p, measured) if mode == CM else None)
+                                estimate=estimate_info(b, p, measured) if get_mode(mode).from_bundle else None)
             for name, mode, thr, exits, p in profile_rows(b, snap.ic)]
     ic_info = engine.ic_store.info(snap.ic)
     return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
@@ -117,7 +118,7 @@ async def _engage_autopilot(runtime: AutopilotRuntime | None, engine: Engine,
     check_mode(target.mode)  # 422 unknown_mode
     if runtime is None:
         raise ApiError(503, "not_ready", "the autopilot is not running")
-    config = AutopilotConfig(float(target.latency_slo_ms or 0), target.min_accuracy, target.mode or "cm")
+    config = AutopilotConfig(float(target.latency_slo_ms or 0), target.min_accuracy, target.mode or BUNDLE_MODE)
     try:
         runtime.check(config)  # 409 mode_unavailable
     except TargetUnreachable as exc:
