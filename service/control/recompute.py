@@ -112,7 +112,7 @@ def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeans
         bid = ids[0]
         job.set_progress("activating" if opts.activate else "validating")
         if opts.activate:
-            snap = engine.activate_bundle(bid)
+            snap = engine.writer.activate_bundle(bid)
             active = {"bundle": snap.bundle_id, "profile": snap.profile_name, "version": snap.version}
         else:
             load_bundle(engine.model_dir, bid, engine.spec, engine.net.num_exits)

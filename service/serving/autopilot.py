@@ -94,6 +94,18 @@ class AutopilotConfig:
             raise ValueError(f"autopilot: {exc}") from None
 
 
+def parse_persisted(active: dict[str, Any]) -> tuple[AutopilotConfig | None, str | None]:
+    """``active.json``'s ``"autopilot"`` key, parsed once where the state is adopted: (the configuration, or
+    None when the key is absent or unusable; why it is unusable, or None)."""
+    raw = active.get("autopilot")
+    if raw is None:
+        return None, None
+    try:
+        return AutopilotConfig.from_json(raw), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
 @dataclass(frozen=True)
 class Tuning:
     """The controller's constants (see the module docstring for what each does)."""

@@ -149,7 +149,7 @@ async def test_a_persisted_switch_wins_over_a_pending_move(tiny_store: Path):
         engine = s.state.engine
         stale = engine.snapshot.version
         assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
-        assert engine.move_operating(0.02, "cm", stale) is None
+        assert engine.writer.move_operating(0.02, "cm", stale) is None
         assert engine.snapshot.operating.a == "full" and engine.snapshot.operating.b is None
 
 
@@ -221,8 +221,8 @@ async def test_a_new_version_with_the_same_configuration_keeps_the_controllers_p
         moved, ctl = s.state.engine.snapshot.operating, rt.state.controller
         assert moved.flops_fraction < 1.0
         engine = s.state.engine
-        engine.move_operating(1.0, "cm", engine.snapshot.version)  # as a follower adopting a persisted state
-        engine.persist_autopilot(rt.state.config.to_json())  # at the full network: a version bump, same config
+        engine.writer.move_operating(1.0, "cm", engine.snapshot.version)  # as a follower adopting a persisted state
+        engine.writer.persist_autopilot(rt.state.config.to_json())  # at the full network: a version bump, same config
         assert engine.snapshot.operating != moved
         rt.follow()
         assert rt.state.controller is ctl and rt.state.version == s.state.engine.snapshot.version

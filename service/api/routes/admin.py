@@ -27,6 +27,7 @@ from service.control.recompute import KIND, ClassMeansOptions, read_dataset_uplo
 from service.earlyexit.exit_head import METRICS
 from service.earlyexit.search import SEARCH_MODES
 from service.ingest.labelled import DatasetError
+from service.store.listing import bundle_summaries
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={401: {"model": schemas.ErrorBody, "description": "unauthorized"}})
@@ -126,7 +127,7 @@ async def get_job(state: StateDep, job_id: Annotated[str, Path(max_length=100)])
 @router.get("/bundles", response_model=schemas.BundlesResponse)
 async def list_bundles(engine: EngineDep) -> schemas.BundlesResponse:
     """Every bundle in the store, the serving one marked."""
-    rows = await anyio.to_thread.run_sync(engine.bundle_summaries)
+    rows = await anyio.to_thread.run_sync(bundle_summaries, engine.model_dir, engine.snapshot.bundle_id)
     return schemas.BundlesResponse(model=engine.spec.name, active=active_state(engine.snapshot),
                                    bundles=[schemas.BundleInfo(**r) for r in rows])
 
@@ -141,6 +142,6 @@ async def activate_bundle(
 ) -> schemas.SwitchResponse:
     """Validate a bundle fully and serve it (roll back or forward); persisted."""
     old = engine.snapshot
-    new = await anyio.to_thread.run_sync(lambda: engine.activate_bundle(bundle_id, profile))
+    new = await anyio.to_thread.run_sync(lambda: engine.writer.activate_bundle(bundle_id, profile))
     return switch_response(engine, new, old)
 
