@@ -238,8 +238,8 @@ async def _infer(request: Request, state: AppState, engine: Engine, snap: Snapsh
             raise _bad("the input is empty")
         req, outcome = await _classify(state, engine, snap, inp, parsed.binary.get(0), n,
                                        profile, exits_off, deadline)
-    except binary.OipInputError as exc:
-        raise ApiError(413 if exc.code == "payload_too_large" else 400, exc.code, str(exc)) from None
+    except binary.OipInputError as exc:  # its own code and status (400, 413): the envelope, no traceback chain
+        raise exc from None
     payload = _response(body, req, outcome, engine)
     content, head = binary.encode_response(payload, tensors.binary_outputs(body.outputs, params))
     headers = state_headers(snap, req.served_as)
