@@ -46,7 +46,7 @@ def default_workers() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.serving.settings import Settings
+    from service.api.settings import Settings
 
     overrides: dict[str, Any] = {k: v for k, v in (("store", args.store), ("model", args.model),
                                                    ("host", args.host), ("port", args.port),

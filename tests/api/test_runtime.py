@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from service.api.settings import Settings
 from service.cli.main import build_parser
 from service.control.jobs import JobInProgress, JobManager
 from service.serving.engine import Engine
 from service.serving.metrics import Metrics
-from service.serving.settings import Settings
 from service.serving.snapshot import InferenceRequest
 from tests.api.conftest import MODEL, sample_images
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from service.api import create_app
-from service.serving.settings import Settings
+from service.api.settings import Settings
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

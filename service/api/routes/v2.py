@@ -34,6 +34,7 @@ from service.api import schemas
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
 from service.api.inference import Payload, check_profile, classify_samples, deadline_for, decode_all, state_headers
+from service.api.middleware import inference_route
 from service.api.oip import binary, model_info, tensors
 from service.api.state import AppState
 from service.serving.engine import Engine
@@ -180,6 +181,7 @@ async def model_version_stats(model_name: str, version: str, state: StateDep, en
 
 @router.post("/models/{model_name}/infer", response_model=schemas.InferResponse, responses=INFER_RESPONSES,
              openapi_extra=INFER_DOC)
+@inference_route
 async def infer(model_name: str, request: Request, state: StateDep, engine: EngineDep) -> Response:
     """Classify a BYTES (encoded images) or FP32 (normalised pixels) input."""
     return await _infer(request, state, engine, _served(engine, model_name, None))
