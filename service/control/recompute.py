@@ -68,7 +68,8 @@ async def submit_recompute(jobs: JobManager, engine: Engine, opts: ClassMeansOpt
     opened on exit (before the job starts). Any failure on the way (the reservation's :class:`JobInProgress`
     aside) fails the job, with a :class:`ServiceError`'s code and message (``upload_failed`` for anything
     else, e.g. a client that went away), and propagates."""
-    job = jobs.reserve(KIND, opts.to_json())  # JobInProgress (409) while another job is active
+    # The job record lives in the store (a lock and an fsync): off the event loop, as every file access here.
+    job = await asyncio.to_thread(jobs.reserve, KIND, opts.to_json())  # JobInProgress (409) while one is active
     try:
         async with receive() as (fileobj, source):
             job.set_progress("validating")
@@ -82,7 +83,7 @@ async def submit_recompute(jobs: JobManager, engine: Engine, opts: ClassMeansOpt
         raise
     job.options["filename"] = name
     job.options["num_images"] = len(data)
-    jobs.start(job, lambda j: recompute_class_means(engine, data, opts, j, source=source))
+    await asyncio.to_thread(jobs.start, job, lambda j: recompute_class_means(engine, data, opts, j, source=source))
     return job
 
 
