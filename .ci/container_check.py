@@ -53,7 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# the embedded default (service/serving/settings.py DEFAULT_MODEL; this script runs without the venv)
+# the embedded default (service/api/settings.py DEFAULT_MODEL; this script runs without the venv)
 DEFAULT_MODEL = "cifar10-resnet56"
 DOCKER = "/usr/bin/docker"  # Debian's client: another client earlier on PATH may want buildx
 BASE_IMAGE_RE = re.compile(r"^FROM\s+(\S+)", re.M)

@@ -40,6 +40,7 @@ import numpy as np
 from bench.images import ImageSet, load_images
 from bench.loadgen import ClassmeansTarget, merge_rounds, run_load
 from bench.servers import REPO, Server, classmeans_server
+from service.earlyexit.modes import BUNDLE_MODE, get_mode
 
 DEFAULT_MODEL_DIR = REPO / "model_store" / "cifar10-resnet20"
 CAP_S = 15.0
@@ -271,7 +272,8 @@ def _two_profiles(srv: Server) -> list[str]:
     with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
         body = c.get("/profiles").json()
     default = body["default_profile"]
-    other = next(p["name"] for p in body["profiles"] if p["name"] != default and p.get("mode", "cm") == "cm")
+    other = next(p["name"] for p in body["profiles"] if p["name"] != default
+                 and get_mode(p.get("mode", BUNDLE_MODE)).from_bundle)
     return [other, default]
 
 

@@ -59,7 +59,7 @@ from bench.serving_report import target_profile
 DEFAULT_MODEL = REPO / "model_store" / "cifar10-resnet56"
 ROWS = ("litserve", "litserve_ort", "ours_oob", "ours_exits_off", "ours_target", "ours_default")
 CLIENTS = (1, 32)
-MAX_BATCH, BATCH_WAIT_S = 32, 0.002  # ours' defaults (service/serving/settings.py), given to LitServe too
+MAX_BATCH, BATCH_WAIT_S = 32, 0.002  # ours' defaults (service/api/settings.py), given to LitServe too
 PROBE = ((1, 1), (1, 2), (2, 1), (2, 2))  # LitServe workers_per_device x threads
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 EXTRA_PACKAGES = ("onnxruntime", "onnx", "prometheus_client", "litserve")

@@ -107,3 +107,66 @@ def test_every_module_imports(package: str):
         except ImportError as exc:
             broken.append(f"{info.name}: {exc!r}")
     assert not broken, "\n".join(broken)
+
+
+# -- the split of issue 22 -------------------------------------------------------------------------------
+
+MODE_NAMES = {"cm", "ic_prob", "ic_entropy", "combined"}
+MODES_TABLE = SERVICE / "earlyexit" / "modes.py"
+
+
+def test_the_decision_mode_table_imports_torch_and_the_stdlib_only():
+    import sys
+
+    for imported in imports_of(MODES_TABLE):
+        top = imported.split(".")[0]
+        assert top in {"torch", "__future__"} or top in sys.stdlib_module_names, imported
+
+
+def _mode_comparisons(path: Path) -> list[str]:
+    """Comparisons (``==``, ``!=``, ``in``) with a decision-mode name, and dicts keyed by them and indexed."""
+
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant) and node.value in MODE_NAMES:
+            return True
+        if isinstance(node, ast.Name) and node.id == "CM":
+            return True
+        return isinstance(node, ast.Tuple | ast.List | ast.Set) and any(named(e) for e in node.elts)
+
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Compare) and (named(node.left) or any(named(c) for c in node.comparators)):
+            hits.append(f"{module_name(path)}:{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict) and any(
+                named(k) for k in node.value.keys if k is not None):
+            hits.append(f"{module_name(path)}:{node.lineno}: a dict keyed by mode names")
+    return hits
+
+
+def test_no_module_compares_decision_mode_names_outside_the_table():
+    """Modes are data (service/earlyexit/modes.py): every other module asks the table, so a new mode is one
+    registration, not an edit of every module that branches on a name."""
+    hits = [h for p in MODULES if p != MODES_TABLE for h in _mode_comparisons(p)]
+    hits += [h for p in sorted((ROOT / "bench").rglob("*.py")) for h in _mode_comparisons(p)]
+    assert not hits, "\n".join(hits)
+
+
+def test_only_the_state_writer_writes_active_json_from_serving():
+    """The engine runs inference and holds the snapshot; switches and the compare-and-swap of active.json are
+    the state writer's (service/serving/state_writer.py)."""
+    writers = []
+    for path in (SERVICE / "serving").rglob("*.py"):
+        text = path.read_text()
+        if "update_active" in text or "write_active" in text:
+            writers.append(module_name(path))
+    assert writers == ["service.serving.state_writer"], writers
+    assert "service.api" not in {i.split(".")[0] + "." + i.split(".")[1] for i in
+                                 imports_of(SERVICE / "serving" / "state_writer.py") if i.startswith("service.")}
+
+
+def test_bundle_listing_is_the_stores_and_the_admin_route_stays_thin():
+    engine = (SERVICE / "serving" / "engine.py").read_text()
+    assert "json.loads" not in engine and "bundle_summaries" not in engine
+    admin = (SERVICE / "api" / "routes" / "admin.py").read_text()
+    assert "BaseException" not in admin and "getattr(exc" not in admin and ".reserve(" not in admin
+    assert "service.control.recompute" in imports_of(SERVICE / "api" / "routes" / "admin.py")

@@ -20,6 +20,7 @@ from service.api.middleware import MetricsMiddleware
 from service.api.oip.errors import OipErrorMiddleware
 from service.api.replica import drain_on_signal
 from service.api.routes import admin, classify, health, profiles, v2
+from service.api.settings import Settings
 from service.api.state import AppState
 from service.api.ui import install_ui
 from service.control.jobs import JobManager
@@ -30,7 +31,6 @@ from service.serving.cpu_budget import intra_op_threads
 from service.serving.engine import Engine, EngineLoadError
 from service.serving.follower import start_follower
 from service.serving.metrics import Metrics
-from service.serving.settings import Settings
 
 log = logging.getLogger("classmeans.api")
 
@@ -67,7 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher = Batcher(engine.run_batch, max_batch_size=s.max_batch_size, max_delay_s=s.max_delay_s,
                           queue_size=s.queue_size,
                           on_depth=lambda n: m.queue_depth.labels(m.model).set(n),
-                          on_wait=lambda sec: m.queue_wait.labels(m.model).observe(sec))
+                          on_wait=lambda sec: m.queue_wait.labels(m.model).observe(sec), on_reject=m.reject)
         await batcher.start()
         state.engine, state.batcher = engine, batcher
         state.follower = start_follower(engine, s.follow_interval_s)  # switches made by other processes

@@ -18,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.deps import StateDep
 from service.api.errors import ApiError
-from service.serving.settings import MIN_TOKEN_CHARS, Settings
+from service.api.settings import MIN_TOKEN_CHARS, Settings
 from service.store.atomic import write_bytes_atomic
 
 log = logging.getLogger("classmeans.auth")

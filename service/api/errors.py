@@ -2,8 +2,8 @@
 
 Every domain exception derives from :class:`service.errors.ServiceError` and carries its stable ``code``,
 its status, and any headers (``Retry-After``, ``Location``); one handler maps them all. The framework's
-own errors (routing, validation) and :class:`ApiError` (HTTP-only checks in the routes) get the same
-envelope. Messages are for humans and never carry a traceback or an exception class name. Bad input is
+own errors (routing, validation) get the same envelope; :class:`ApiError` (HTTP-only checks in the routes)
+is a ``ServiceError`` too. Messages are for humans and never carry a traceback or an exception class name. Bad input is
 always a 4xx; an unexpected exception is a 500 ``internal_error`` whose details go to the log only.
 """
 
@@ -31,13 +31,18 @@ CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404
 
 
 
-class ApiError(StarletteHTTPException):
-    """An HTTP error with a stable ``code`` (an HTTPException, so FastAPI re-raises it unchanged)."""
+class ApiError(ServiceError):
+    """An HTTP-only refusal (a size cap, a media type, a malformed form or body) with a stable ``code``, its
+    status and headers: a :class:`ServiceError` like every other expected failure, so whatever records a
+    failure (a job, the log) reads its code the same way."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
+        self.status = status
+        self._headers = headers
+
+    def headers(self) -> dict[str, str] | None:
+        return self._headers
 
 
 def not_ready(reason: str) -> ApiError:
@@ -59,8 +64,6 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if isinstance(exc, ApiError):
-        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
     code = CODE_BY_STATUS.get(exc.status_code, f"http_{exc.status_code}")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404:

@@ -26,9 +26,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.errors import handle_exception
 from service.api.inference import classify_json, deadline_for, request_t0
 from service.api.limits import read_body_capped
+from service.api.routes.classify import DEFAULT_TOP_K, EXITS, MAX_PROFILE_NAME, MAX_TOP_K
 from service.api.state import AppState
 
-_TOP_K = re.compile(r"[1-9][0-9]{0,3}")
+_TOP_K = re.compile(rf"[1-9][0-9]{{0,{len(str(MAX_TOP_K)) - 1}}}")  # digits only; the value is checked too
 _PARAMS = frozenset({"profile", "top_k", "exits"})
 Options = tuple[str | None, int, bool]
 
@@ -43,7 +44,7 @@ def plain_options(scope: Scope) -> Options | None:
     if not ctype.split(b";", 1)[0].strip().lower().startswith(b"image/"):
         return None
     profile: str | None = None
-    top_k, exits = 5, "on"
+    top_k, exits = DEFAULT_TOP_K, EXITS[0]
     qs = scope.get("query_string", b"")
     if qs:
         pairs = parse_qsl(qs.decode("latin-1"), keep_blank_values=True)
@@ -52,18 +53,18 @@ def plain_options(scope: Scope) -> Options | None:
             return None
         for key, value in pairs:
             if key == "top_k":
-                if not _TOP_K.fullmatch(value) or int(value) > 1000:
+                if not _TOP_K.fullmatch(value) or int(value) > MAX_TOP_K:
                     return None
                 top_k = int(value)
             elif key == "exits":
-                if value not in ("on", "off"):
+                if value not in EXITS:
                     return None
                 exits = value
-            elif not 1 <= len(value) <= 200:
+            elif not 1 <= len(value) <= MAX_PROFILE_NAME:
                 return None
             else:
                 profile = value
-    return profile, top_k, exits == "off"
+    return profile, top_k, exits == EXITS[1]
 
 
 class ClassifyFastLane:

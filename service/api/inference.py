@@ -22,7 +22,7 @@ from service.api import schemas
 from service.api.state import AppState
 from service.errors import ProfileNotFound
 from service.ingest.images import ImageError, decode_image
-from service.serving.batcher import BatcherClosed, DeadlineExceeded, Overloaded, QueueTimeout, Submitted
+from service.serving.batcher import Submitted
 from service.serving.engine import Engine
 from service.serving.snapshot import InferenceOutcome, InferenceRequest, Snapshot
 
@@ -35,13 +35,10 @@ def check_profile(snapshot: Snapshot, profile: str | None) -> None:
 
 
 def admit(state: AppState, n: int) -> None:
-    """Fast 503 ``overloaded`` before any decoding when the queue cannot take ``n`` more samples."""
+    """Fast 503 ``overloaded`` before any decoding when the queue cannot take ``n`` more samples (the batcher
+    refuses and counts it)."""
     assert state.batcher is not None
-    if state.batcher.closing:
-        raise BatcherClosed("the server is shutting down")
-    if not state.batcher.has_room(n):
-        state.metrics.reject("overloaded")
-        raise Overloaded()
+    state.batcher.admit(n)
 
 
 # One small image (a CIFAR-sized PNG decodes in ~0.1 ms) is decoded on the event loop: handing it to a
@@ -89,19 +86,9 @@ def deadline_for(state: AppState, timeout_s: float | None = None) -> float:
 
 async def run_inference(state: AppState, req: InferenceRequest, deadline: float
                         ) -> tuple[InferenceOutcome, Submitted]:
-    """Submit to the batcher; rejections are counted by reason and re-raised for the error handlers."""
+    """Submit to the batcher (which counts its rejections by reason); they reach the error handlers."""
     assert state.batcher is not None
-    try:
-        sub = await state.batcher.submit(req, req.size, deadline)
-    except Overloaded:
-        state.metrics.reject("overloaded")
-        raise
-    except QueueTimeout:
-        state.metrics.reject("queue_timeout")
-        raise
-    except DeadlineExceeded:
-        state.metrics.reject("deadline")
-        raise
+    sub = await state.batcher.submit(req, req.size, deadline)
     outcome = sub.result
     assert isinstance(outcome, InferenceOutcome)
     return outcome, sub

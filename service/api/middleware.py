@@ -1,8 +1,15 @@
-"""Request metrics as a pure ASGI middleware: count, latency and in-flight gauge per route template."""
+"""Request metrics as a pure ASGI middleware: count, latency and in-flight gauge per route template.
+
+The autopilot's latency window is fed here too, by the routes that mark themselves as inference
+(:func:`inference_route` on the endpoint function): a new inference route joins the signal by saying so, not
+by being added to a list of paths in this module.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,8 +19,20 @@ from service.serving.metrics import Metrics
 
 # Probes and scrapes are neither "in flight" work nor admission-controlled.
 UNCOUNTED_INFLIGHT = frozenset({"/metrics", "/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
-# Inference routes whose latencies feed the autopilot's window (2xx/3xx: answered; 503/504: refused).
-INFERENCE_ENDPOINTS = frozenset({"/classify", "/v2/models/{model_name}/infer"})
+INFERENCE_MARK = "__classmeans_inference__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def inference_route(endpoint: F) -> F:
+    """Mark a route's endpoint as inference: its latencies feed the autopilot's window (2xx/3xx: answered;
+    503/504: refused). Put it under the router's decorator."""
+    setattr(endpoint, INFERENCE_MARK, True)
+    return endpoint
+
+
+def is_inference(scope: Scope) -> bool:
+    """Whether the matched route (``scope["route"]``, set by the router or the lean lane) is marked inference."""
+    return bool(getattr(getattr(scope.get("route"), "endpoint", None), INFERENCE_MARK, False))
 
 
 class MetricsMiddleware:
@@ -59,7 +78,7 @@ class MetricsMiddleware:
             m.requests.labels(m.model, endpoint, str(status)).inc()
             seconds = time.perf_counter() - start
             m.latency.labels(m.model, endpoint).observe(seconds)
-            if self.window is not None and endpoint in INFERENCE_ENDPOINTS and (status < 400 or status in (503, 504)):
+            if self.window is not None and (status < 400 or status in (503, 504)) and is_inference(scope):
                 self.window.record(seconds, ok=status < 400)
 
     def _endpoint(self, scope: Scope) -> str:

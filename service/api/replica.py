@@ -28,7 +28,7 @@ WORKER_HEADER = b"x-classmeans-worker"
 def worker_app() -> FastAPI:
     """The ASGI app of one worker process, configured from the environment (uvicorn ``factory=True``)."""
     from service.api.app import create_app
-    from service.serving.settings import Settings
+    from service.api.settings import Settings
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),

@@ -8,13 +8,13 @@ from typing import Any
 
 import anyio
 
+from service.api.settings import Settings
 from service.control.jobs import JobManager
 from service.serving.autopilot import LatencyWindow
 from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.batcher import Batcher
 from service.serving.engine import Engine
 from service.serving.metrics import Metrics
-from service.serving.settings import Settings
 
 
 @dataclass

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.serving.settings import Settings
+    from service.api.settings import Settings
 
     overrides: dict[str, Any] = {k: v for k, v in (("store", args.store), ("model", args.model),
                                                    ("host", args.host), ("port", args.port),

@@ -1,23 +1,30 @@
 """The class-means recompute job: an uploaded ImageFolder archive -> a new bundle, activated or staged.
 
-Two steps, both off the event loop: :func:`read_dataset_upload` reads and checks the archive (bad uploads
-are refused before any job runs), then :func:`recompute_class_means` calibrates with the network that is
-already loaded and, when asked, activates the new bundle through the engine (an atomic snapshot swap). A
-failure at any point removes the bundle it wrote, so the store and the serving state are as before.
+This module owns a recompute's whole life. :func:`submit_recompute` reserves the job (one at a time: 409
+``job_in_progress`` before anything is uploaded), receives the archive through the caller's ``receive``
+(the HTTP route streams the body to a temporary file), reads and checks it off the event loop
+(:func:`read_dataset_upload`: bad uploads are refused before any job runs, the job failed with the error's
+code), then starts :func:`recompute_class_means` in the background: it calibrates with the network that is
+already loaded and, when asked, activates the new bundle through the state writer (an atomic snapshot swap).
+A failure at any point removes the bundle it wrote, so the store and the serving state are as before; a job
+whose process died is cleaned up by the next process (:func:`abandoned_cleanup`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from service.control.jobs import Job, JobFailure
+from service.control.jobs import Job, JobFailure, JobManager
+from service.errors import ServiceError
 from service.ingest.archives import ArchiveLimits, read_image_folder_archive
 from service.ingest.labelled import LabelledImages
 from service.offline.calibration import CalibrationConfig, HeadConfig
@@ -49,6 +56,35 @@ class ClassMeansOptions:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+Receive = Callable[[], AbstractAsyncContextManager[tuple[BinaryIO, str | None]]]
+
+
+async def submit_recompute(jobs: JobManager, engine: Engine, opts: ClassMeansOptions, receive: Receive) -> Job:
+    """Reserve a recompute job, receive and check its archive, start it; returns the running job.
+
+    ``receive()`` is entered after the reservation and yields ``(file, name or None)``; it closes what it
+    opened on exit (before the job starts). Any failure on the way (the reservation's :class:`JobInProgress`
+    aside) fails the job, with a :class:`ServiceError`'s code and message (``upload_failed`` for anything
+    else, e.g. a client that went away), and propagates."""
+    # The job record lives in the store (a lock and an fsync): off the event loop, as every file access here.
+    job = await asyncio.to_thread(jobs.reserve, KIND, opts.to_json())  # JobInProgress (409) while one is active
+    try:
+        async with receive() as (fileobj, source):
+            job.set_progress("validating")
+            name = source or "upload"
+            data = await asyncio.to_thread(read_dataset_upload, fileobj, name, engine)
+    except BaseException as exc:  # the job must not stay reserved, whatever happened
+        if isinstance(exc, ServiceError):
+            jobs.fail(job, exc.code, exc.message)
+        else:
+            jobs.fail(job, "upload_failed", "the upload did not complete")
+        raise
+    job.options["filename"] = name
+    job.options["num_images"] = len(data)
+    await asyncio.to_thread(jobs.start, job, lambda j: recompute_class_means(engine, data, opts, j, source=source))
+    return job
 
 
 def read_dataset_upload(fileobj: BinaryIO, filename: str, engine: Engine,
@@ -112,7 +148,7 @@ def recompute_class_means(engine: Engine, data: LabelledImages, opts: ClassMeans
         bid = ids[0]
         job.set_progress("activating" if opts.activate else "validating")
         if opts.activate:
-            snap = engine.activate_bundle(bid)
+            snap = engine.writer.activate_bundle(bid)
             active = {"bundle": snap.bundle_id, "profile": snap.profile_name, "version": snap.version}
         else:
             load_bundle(engine.model_dir, bid, engine.spec, engine.net.num_exits)

@@ -40,9 +40,18 @@ from dataclasses import dataclass, field
 import torch
 
 from service.earlyexit.cascade_table import CascadeCosts, CascadeTable
+from service.earlyexit.modes import (
+    CM_HEAD,
+    CRITERIA,
+    IC_HEAD,
+    MODES,
+    RULE_NAMES,
+    DecisionMode,
+    get_mode,
+)
 
-MODES = ("cm", "ic_prob", "ic_entropy", "combined")
-RULE_NAMES = ("ic", "cm", "ic+cm", "final")  # what fired, reported per prediction
+__all__ = ["MODES", "RULE_NAMES", "ICCosts", "ICDecisionTable", "branchynet_fires", "combined_fires",
+           "disabled_value", "entropy", "from_score_thresholds", "num_criteria", "sdn_fires", "to_score_thresholds"]
 
 
 # ---------------------------------------------------------------------------------------------- the rules
@@ -72,19 +81,13 @@ def combined_fires(ic_top: torch.Tensor, cm_top: torch.Tensor, t_ic: float | tor
 
 
 def disabled_value(mode: str) -> float:
-    """The user-space threshold that switches an exit off in ``mode`` (1 for probabilities, 0 for entropy)."""
-    _check_mode(mode)
-    return 0.0 if mode == "ic_entropy" else 1.0
+    """The user-space threshold that switches an exit off in ``mode`` (1 for probabilities, 0 for entropy;
+    its first criterion's for a mode with several)."""
+    return get_mode(mode).disabled_user[0]
 
 
 def num_criteria(mode: str) -> int:
-    _check_mode(mode)
-    return 2 if mode == "combined" else 1
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown decision mode {mode!r}; use one of {MODES}")
+    return get_mode(mode).num_criteria
 
 
 def to_score_thresholds(mode: str, thresholds: torch.Tensor) -> torch.Tensor:
@@ -94,8 +97,9 @@ def to_score_thresholds(mode: str, thresholds: torch.Tensor) -> torch.Tensor:
     (or ``(2, E)``) with ``[:, 0]`` the IC and ``[:, 1]`` the class-means thresholds. Entropy thresholds
     are negated (``H < T`` is ``-H > -T``).
     """
+    m = get_mode(mode)
     t = torch.as_tensor(thresholds, dtype=torch.float32)
-    c = num_criteria(mode)
+    c = m.num_criteria
     if c == 1:
         if t.ndim == 1:
             t = t.unsqueeze(0)
@@ -105,15 +109,17 @@ def to_score_thresholds(mode: str, thresholds: torch.Tensor) -> torch.Tensor:
     else:
         if t.ndim == 2:
             t = t.unsqueeze(0)
-        if t.ndim != 3 or t.shape[1] != 2:
-            raise ValueError("combined thresholds must be (S, 2, E): [:, 0] IC, [:, 1] class means")
-    return -t if mode == "ic_entropy" else t
+        if t.ndim != 3 or t.shape[1] != c:
+            rows = ", ".join(f"[:, {i}] {k}" for i, k in enumerate(m.keys or ()))
+            raise ValueError(f"{mode} thresholds must be (S, {c}, E): {rows}")
+    return m.to_score(t)
 
 
 def from_score_thresholds(mode: str, score_t: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_score_thresholds`: ``(S, C, E)`` -> ``(S, E)`` or ``(S, 2, E)``."""
-    t = -score_t if mode == "ic_entropy" else score_t
-    return t[:, 0] if num_criteria(mode) == 1 else t
+    """Inverse of :func:`to_score_thresholds`: ``(S, C, E)`` -> ``(S, E)`` or ``(S, C, E)``."""
+    m = get_mode(mode)
+    t = m.from_score(score_t)
+    return t[:, 0] if m.num_criteria == 1 else t
 
 
 @dataclass
@@ -134,14 +140,15 @@ class ICCosts:
     def full(self) -> float:
         return float(self.backbone_cum[-1])
 
+    def head_cost(self, head: str) -> tuple[float, ...]:
+        return self.cm_cost if head == CM_HEAD else self.ic_cost
+
     def cascade(self, mode: str) -> CascadeCosts:
-        _check_mode(mode)
+        """The predictor head paid wherever a criterion is enabled; a criterion on another head adds that head."""
+        m = get_mode(mode)
         zeros = tuple(0.0 for _ in self.ic_cost)
-        if mode == "cm":
-            return CascadeCosts(self.backbone_cum, self.cm_cost, (zeros,))
-        if mode == "combined":
-            return CascadeCosts(self.backbone_cum, self.ic_cost, (zeros, self.cm_cost))
-        return CascadeCosts(self.backbone_cum, self.ic_cost, (zeros,))
+        crit = tuple(zeros if CRITERIA[s].head == m.predictor else self.head_cost(CRITERIA[s].head) for s in m.slots)
+        return CascadeCosts(self.backbone_cum, self.head_cost(m.predictor), crit)
 
 
 @dataclass
@@ -202,21 +209,28 @@ class ICDecisionTable:
 
     def cascade(self, mode: str) -> CascadeTable:
         """The generic cascade that ``mode`` evaluates (scores in score space; see the module docstring)."""
-        _check_mode(mode)
-        e = self.num_exits - 1
-        if mode in ("cm", "combined") and not self.has_cm:
+        m = get_mode(mode)
+        if m.needs_cm and not self.has_cm:
             raise ValueError(f"mode {mode!r} needs class-means columns (load a bundle)")
-        if mode == "cm":
-            assert self.cm_prob is not None and self.cm_pred is not None
-            pred = torch.cat([self.cm_pred, self.ic_pred[:, -1:]], 1)
-            return CascadeTable(self.cm_prob.unsqueeze(1), (1.0,), pred, self.labels)
-        if mode == "ic_prob":
-            return CascadeTable(self.ic_prob[:, :e].unsqueeze(1), (1.0,), self.ic_pred, self.labels)
-        if mode == "ic_entropy":
-            return CascadeTable((-self.ic_entropy[:, :e]).unsqueeze(1), (0.0,), self.ic_pred, self.labels)
-        assert self.cm_prob is not None
-        return CascadeTable(torch.stack([self.ic_prob[:, :e], self.cm_prob], 1), (1.0, 1.0), self.ic_pred,
-                            self.labels)
+        cols = [self._score(s) for s in m.slots]
+        scores = cols[0].unsqueeze(1) if len(cols) == 1 else torch.stack(cols, 1)
+        return CascadeTable(scores, m.disabled_score, self._pred(m), self.labels)
+
+    def _score(self, slot: int) -> torch.Tensor:
+        """``(N, E)`` score column of criterion slot ``slot`` (:data:`~service.earlyexit.modes.CRITERIA`)."""
+        e = self.num_exits - 1
+        c = CRITERIA[slot]
+        if c.head == CM_HEAD:
+            assert self.cm_prob is not None
+            return self.cm_prob
+        return self.ic_prob[:, :e] if c.score == "top" else -self.ic_entropy[:, :e]
+
+    def _pred(self, m: DecisionMode) -> torch.Tensor:
+        """``(N, M)`` predictions of ``m``'s predictor head at the early exits, the network's own last."""
+        if m.predictor == IC_HEAD:
+            return self.ic_pred
+        assert self.cm_pred is not None
+        return torch.cat([self.cm_pred, self.ic_pred[:, -1:]], 1)
 
     def evaluate(self, mode: str, thresholds: torch.Tensor, costs: ICCosts) -> tuple[torch.Tensor, torch.Tensor]:
         """User-space thresholds (``(S, E)``, or ``(S, 2, E)`` for ``combined``) -> (mean FLOPs, accuracy)."""
@@ -240,15 +254,7 @@ class ICDecisionTable:
         early = ex < cas.num_exits - 1
         exc = ex.clamp_max(cas.num_exits - 2)
         fired = cas.fires(t)[0][rows, :, exc] & early.unsqueeze(1)  # (N, C)
-        rule = torch.full((n,), RULE_NAMES.index("final"), dtype=torch.int64)
-        if mode == "cm":
-            rule[fired[:, 0]] = RULE_NAMES.index("cm")
-        elif mode == "combined":
-            rule[fired[:, 0]] = RULE_NAMES.index("ic")
-            rule[fired[:, 1]] = RULE_NAMES.index("cm")
-            rule[fired[:, 0] & fired[:, 1]] = RULE_NAMES.index("ic+cm")
-        else:
-            rule[fired[:, 0]] = RULE_NAMES.index("ic")
+        rule = get_mode(mode).rule_labels(fired)
         return {"exit": ex, "pred": cas.pred[rows, ex], "flops": flops, "rule": rule}
 
     def evaluate_sdn_fallback(self, thresholds: torch.Tensor, costs: ICCosts) -> tuple[torch.Tensor, torch.Tensor]:

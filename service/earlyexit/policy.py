@@ -27,7 +27,8 @@ policies:
   slot 2, predictor ``ic``;
 * ``combined`` (E2CM + SDN): slots 0 and 1 (it goes on only if both approve), predictor ``ic``.
 
-The offline evaluation of the same rules is :class:`~service.earlyexit.cascade_table.CascadeTable`.
+The slots and the modes are one table, :mod:`service.earlyexit.modes`; this module only reads it. The offline
+evaluation of the same rules is :class:`~service.earlyexit.cascade_table.CascadeTable`.
 """
 
 from __future__ import annotations
@@ -38,24 +39,26 @@ from dataclasses import dataclass, field
 import torch
 
 from service.earlyexit.costs import ExitCosts
-from service.earlyexit.ic_rules import MODES, RULE_NAMES, ICCosts
+from service.earlyexit.ic_rules import ICCosts
+from service.earlyexit.modes import (
+    BUNDLE_MODE,
+    CM_SLOT,
+    CRITERIA,
+    DISABLED,
+    FINAL_RULE,
+    HEADS,
+    IC_NEGENT_SLOT,
+    IC_TOP_SLOT,
+    SLOTS_OF_HEAD,
+    get_mode,
+    is_mode,
+    rule_index,
+)
 
-CRITERIA = (("cm", "top"), ("ic", "top"), ("ic", "negent"))  # (head, score) per slot
-DISABLED = (1.0, 1.0, 0.0)  # the score-space threshold at or above which each slot never fires
-PREDICTORS = ("cm", "ic")
-CM_SLOT, IC_TOP_SLOT, IC_NEGENT_SLOT = 0, 1, 2
-FINAL_RULE = RULE_NAMES.index("final")
+PREDICTORS = HEADS
 
-
-def rule_index(fired_cm: bool, fired_ic: bool) -> int:
-    """Index into :data:`RULE_NAMES` of an exit whose class-means / IC criteria fired as given."""
-    if fired_cm and fired_ic:
-        return RULE_NAMES.index("ic+cm")
-    if fired_ic:
-        return RULE_NAMES.index("ic")
-    if fired_cm:
-        return RULE_NAMES.index("cm")
-    return FINAL_RULE
+__all__ = ["CM_SLOT", "CRITERIA", "DISABLED", "FINAL_RULE", "IC_NEGENT_SLOT", "IC_TOP_SLOT", "PREDICTORS",
+           "ExitPolicy", "class_means_policy", "heads_consulted", "ic_policy", "rule_index"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +68,9 @@ class ExitPolicy:
     ``thresholds (3, M - 1)`` float32 in score space (:data:`CRITERIA`); ``predictor``: ``"cm"`` or ``"ic"``;
     ``head_cost (2, M - 1)`` float64 FLOPs of consulting the class-means head (row 0) and the IC (row 1)
     at each exit; ``backbone_cum (M,)`` float64 backbone FLOPs up to each exit (the last: the full
-    network). ``mode`` is the decision mode it was searched in (:data:`~service.earlyexit.ic_rules.MODES`).
+    network). ``mode`` is the decision mode it was searched in (:mod:`service.earlyexit.modes`).
+    ``heads_at``: per exit, the heads consulted there (in :data:`~service.earlyexit.modes.HEADS` order; empty
+    where no criterion is enabled): the predictor's and those of the enabled criteria.
     """
 
     name: str
@@ -76,13 +81,18 @@ class ExitPolicy:
     backbone_cum: torch.Tensor = field(repr=False)
     plan: tuple[tuple[int, tuple[float, float, float], float] | None, ...] = field(init=False, repr=False)
     cum: tuple[float, ...] = field(init=False, repr=False)  # backbone_cum as Python floats
+    heads_at: tuple[tuple[str, ...], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         m1 = self.backbone_cum.shape[0] - 1
         if self.thresholds.shape != (len(CRITERIA), m1) or self.head_cost.shape != (2, m1):
             raise ValueError(f"thresholds must be (3, {m1}) and head_cost (2, {m1})")
-        if self.predictor not in PREDICTORS or self.mode not in MODES:
+        if self.predictor not in PREDICTORS or not is_mode(self.mode):
             raise ValueError(f"unknown predictor {self.predictor!r} or mode {self.mode!r}")
+        enabled = self.enabled().tolist()
+        heads_at = tuple(heads_consulted([enabled[c][j] for c in range(len(CRITERIA))], self.predictor)
+                         for j in range(m1))
+        object.__setattr__(self, "heads_at", heads_at)
         object.__setattr__(self, "plan", self._compile())
         object.__setattr__(self, "cum", tuple(self.backbone_cum.tolist()))
 
@@ -90,17 +100,14 @@ class ExitPolicy:
         """Per exit, Python scalars for the batch-1 path: ``None`` where nothing is enabled, else
         ``(j, (T_cm, T_ic_top, T_ic_negent), FLOPs of the heads consulted there)``."""
         t = self.thresholds.tolist()
-        enabled = self.enabled().tolist()
         cost = self.head_cost.tolist()
         plan: list[tuple[int, tuple[float, float, float], float] | None] = []
-        for j in range(self.thresholds.shape[1]):
-            on = [enabled[c][j] for c in range(len(CRITERIA))]
-            if not any(on):
+        for j, heads in enumerate(self.heads_at):
+            if not heads:
                 plan.append(None)
                 continue
-            need_cm = on[CM_SLOT] or self.predictor == "cm"
-            need_ic = on[IC_TOP_SLOT] or on[IC_NEGENT_SLOT] or self.predictor == "ic"
-            plan.append((j, (t[0][j], t[1][j], t[2][j]), cost[0][j] * need_cm + cost[1][j] * need_ic))
+            paid = cost[0][j] * (HEADS[0] in heads) + cost[1][j] * (HEADS[1] in heads)
+            plan.append((j, (t[0][j], t[1][j], t[2][j]), paid))
         return tuple(plan)
 
     @property
@@ -115,6 +122,13 @@ class ExitPolicy:
         """FLOPs of a sample that leaves at ``exit_index``: backbone plus every head consulted on the way."""
         consulted = sum(p[2] for p in self.plan[:exit_index + 1] if p is not None)
         return self.cum[exit_index] + consulted
+
+
+def heads_consulted(on: Sequence[bool], predictor: str) -> tuple[str, ...]:
+    """The heads consulted at an exit whose criterion slots are enabled as ``on`` (none when no slot is)."""
+    if not any(on):
+        return ()
+    return tuple(h for h in HEADS if h == predictor or any(on[s] for s in SLOTS_OF_HEAD[h]))
 
 
 def _policy(name: str, mode: str, predictor: str, slots: dict[int, torch.Tensor], exits: Sequence[int],
@@ -136,7 +150,9 @@ def class_means_policy(name: str, thresholds: torch.Tensor | Sequence[float], co
     if t.shape != (costs.num_exits - 1,):
         raise ValueError(f"thresholds must be ({costs.num_exits - 1},)")
     m1 = costs.num_exits - 1
-    return _policy(name, "cm", "cm", {CM_SLOT: t}, range(m1), costs.head_cost, [0.0] * m1, costs.backbone_cum)
+    m = get_mode(BUNDLE_MODE)
+    return _policy(name, m.name, m.predictor, {m.slots[0]: t}, range(m1), costs.head_cost, [0.0] * m1,
+                   costs.backbone_cum)
 
 
 def ic_policy(name: str, mode: str, thresholds: torch.Tensor | Sequence, exits: Sequence[int], costs: ICCosts,
@@ -144,16 +160,15 @@ def ic_policy(name: str, mode: str, thresholds: torch.Tensor | Sequence, exits: 
     """A profile of an IC set in its own units: ``(E,)`` thresholds at the IC ``exits`` (``(2, E)``
     ``[T^ic, T^cm]`` for ``combined``; entropies for ``ic_entropy``). ``costs`` give the IC and class-means
     heads' FLOPs and the backbone's at the IC exits; ``backbone_cum (M,)`` fills the other exits."""
-    if mode not in MODES:
-        raise ValueError(f"unknown decision mode {mode!r}")
+    m = get_mode(mode)
     t = torch.as_tensor(thresholds, dtype=torch.float32)
     e = len(exits)
-    if t.shape != ((2, e) if mode == "combined" else (e,)):
-        raise ValueError(f"{mode} thresholds must be {'(2, E)' if mode == 'combined' else '(E,)'}")
-    slots = {"cm": {CM_SLOT: t}, "ic_prob": {IC_TOP_SLOT: t}, "ic_entropy": {IC_NEGENT_SLOT: -t},
-             "combined": {IC_TOP_SLOT: t[0], CM_SLOT: t[1]} if t.ndim == 2 else {}}[mode]
+    if t.shape != m.user_shape(e):
+        raise ValueError(f"{mode} thresholds must be {m.threshold_shape}")
+    score = m.to_score(t.reshape(1, m.num_criteria, e))[0]
+    slots = {s: score[i] for i, s in enumerate(m.slots)}
     cum = list(backbone_cum)
     for i, x in enumerate(exits):
         cum[x] = costs.backbone_cum[i]
     cum[-1] = costs.backbone_cum[-1]
-    return _policy(name, mode, "cm" if mode == "cm" else "ic", slots, exits, costs.cm_cost, costs.ic_cost, cum)
+    return _policy(name, mode, m.predictor, slots, exits, costs.cm_cost, costs.ic_cost, cum)

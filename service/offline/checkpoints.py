@@ -13,10 +13,12 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from service.errors import ServiceError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt", ".tar")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -24,12 +26,15 @@ PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 6
 
 
-class CheckpointError(ValueError):
-    """The checkpoint cannot be read, or does not fit the architecture: the message says why and what to do."""
+class CheckpointError(ServiceError, ValueError):
+    """The checkpoint cannot be read, or does not fit the architecture: the message says why and what to do.
+    Codes: ``invalid_checkpoint`` (422), ``not_found`` (404), ``exists`` (an output folder in the way, 409)."""
+
+    code, status = "invalid_checkpoint", 422
+    STATUS_BY_CODE: ClassVar[dict[str, int]] = {"not_found": 404, "exists": 409}
 
     def __init__(self, message: str, code: str = "invalid_checkpoint") -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from service.errors import ServiceError
+
 UNKNOWN = "training data unknown"
 
 
-class SelectionOverlapError(ValueError):
-    """Calibration was asked to refuse a selection split that overlaps the backbone's training data."""
+class SelectionOverlapError(ServiceError, ValueError):
+    """Calibration was asked to refuse a selection split that overlaps the backbone's training data (422)."""
 
-    code = "selection_overlaps_training"
+    code, status = "selection_overlaps_training", 422
 
 
 @dataclass(frozen=True)

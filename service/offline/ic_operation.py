@@ -8,11 +8,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from service.backbones import StagedNetwork, StageProfile
 from service.backbones.internal_classifiers import ICSet
 from service.backbones.preprocess import Normalizer
-from service.earlyexit.cascade_search import combined_seeds, search_mode
-from service.earlyexit.ic_rules import MODES, ICCosts, ICDecisionTable
+from service.earlyexit.cascade_search import CascadeSearch, combined_seeds, search_mode
+from service.earlyexit.ic_rules import ICCosts, ICDecisionTable
+from service.earlyexit.modes import CM_HEAD, IC_HEAD, DecisionMode, get_mode, mode_names, search_order
 from service.ingest.labelled import LabelledImages
 from service.offline.ic_cache import extract_cache
 from service.offline.ics import FrozenBackbone, ICTrainConfig, ProgressFn, ic_table_from_cache, train_ics
@@ -23,43 +26,47 @@ from service.store.ic_sets import ic_costs, save_ics
 # ------------------------------------------------------------------------------------- costs and profiles
 
 
-def search_profiles(table: ICDecisionTable, costs: ICCosts, modes: Sequence[str] = MODES, samples: int = 10_000,
-                    seed: int = 0, refine_rounds: int = 6) -> dict[str, list[dict[str, Any]]]:
-    """Hull profiles per decision mode on a selection table. ``combined`` is seeded with the SDN hull.
+def search_profiles(table: ICDecisionTable, costs: ICCosts, modes: Sequence[str] | None = None,
+                    samples: int = 10_000, seed: int = 0, refine_rounds: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """Hull profiles per decision mode (default: every mode of the table) on a selection table. A mode with
+    seeds (``combined``: the SDN and class-means hulls) is seeded with their hulls.
 
     Each profile: ``name`` (``<mode>-NN``, cheapest first, or ``full``), ``mode``, ``thresholds`` (a list,
     or ``{"ic": [...], "cm": [...]}`` for ``combined``), mean ``flops``, ``flops_fraction``, ``accuracy``.
     """
     out: dict[str, list[dict[str, Any]]] = {}
     found = {}
-    order = [m for m in ("ic_prob", "cm", "ic_entropy", "combined") if m in modes]
-    for mode in order:
-        if mode in ("cm", "combined") and not table.has_cm:
+    for mode in search_order(mode_names() if modes is None else modes):
+        dm = get_mode(mode)
+        if dm.needs_cm and not table.has_cm:
             continue
-        extra = None
-        if mode == "combined":
-            sdn = found.get("ic_prob")
-            cm = found.get("cm")
-            extra = combined_seeds(sdn.thresholds[sdn.hull] if sdn else None, cm.thresholds[cm.hull] if cm else None,
-                                   table.num_exits - 1)
+        extra = _seeds(dm, found, table.num_exits - 1) if dm.seeds else None
         res = search_mode(table, costs, mode, samples, seed, refine_rounds, extra)
         found[mode] = res
         out[mode] = profiles_of(res, costs.full)
     return out
 
 
-def profiles_of(res, full_flops: float) -> list[dict[str, Any]]:
+def _seeds(dm: DecisionMode, found: dict[str, CascadeSearch], num_early: int) -> torch.Tensor:
+    """User-space seed candidates of a two-criterion mode from its seeding modes' hulls (each seeding mode's
+    thresholds in the row of the same head, the other row off: :func:`combined_seeds`)."""
+    hulls = {get_mode(s).predictor: found[s].thresholds[found[s].hull] if s in found else None for s in dm.seeds}
+    return combined_seeds(hulls.get(IC_HEAD), hulls.get(CM_HEAD), num_early)
+
+
+def profiles_of(res: CascadeSearch, full_flops: float) -> list[dict[str, Any]]:
+    dm = get_mode(res.mode)
     profiles = []
     for i, idx in enumerate(res.hull):
         t = res.thresholds[idx]
-        thr: Any = t.tolist() if res.mode != "combined" else {"ic": t[0].tolist(), "cm": t[1].tolist()}
+        thr: Any = dm.thresholds_json(t)
         f, a = float(res.flops[idx]), float(res.accuracy[idx])
         name = "full" if idx == 0 else f"{res.mode}-{i:02d}"
         profiles.append({"name": name, "mode": res.mode, "thresholds": thr, "flops": f,
                          "flops_fraction": f / full_flops, "accuracy": a})
     if not any(p["name"] == "full" for p in profiles):
         t = res.thresholds[0]
-        thr = t.tolist() if res.mode != "combined" else {"ic": t[0].tolist(), "cm": t[1].tolist()}
+        thr = dm.thresholds_json(t)
         profiles.append({"name": "full", "mode": res.mode, "thresholds": thr, "flops": float(res.flops[0]),
                          "flops_fraction": float(res.flops[0]) / full_flops, "accuracy": float(res.accuracy[0]),
                          "on_hull": False})
@@ -133,8 +140,8 @@ def _heldout(net: StagedNetwork, norm: Normalizer, selection: LabelledImages, ic
     acc = table.per_exit_accuracy()
     summary["heldout_ic_accuracy"] = acc["ic"][:-1]
     summary["heldout_full_accuracy"] = acc["ic"][-1]
-    if "cm" in acc:
-        summary["heldout_cm_accuracy"] = acc["cm"]
+    if CM_HEAD in acc:
+        summary["heldout_cm_accuracy"] = acc[CM_HEAD]
     if not search:
         return None
     costs = ic_costs(stage_profile, ics, bundle.heads if bundle else None)

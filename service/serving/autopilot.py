@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from service.earlyexit.ic_rules import MODES
+from service.earlyexit.modes import BUNDLE_MODE, is_mode
 
 Clock = Callable[[], float]
 
@@ -64,14 +64,14 @@ class AutopilotConfig:
 
     target_ms: float
     min_accuracy: float | None = None
-    mode: str = "cm"
+    mode: str = BUNDLE_MODE
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_ms) and MIN_TARGET_MS <= self.target_ms <= MAX_TARGET_MS):
             raise ValueError(f"latency_slo_ms must be between {MIN_TARGET_MS:g} and {MAX_TARGET_MS:g}")
         if self.min_accuracy is not None and not (math.isfinite(self.min_accuracy) and 0 <= self.min_accuracy <= 1):
             raise ValueError("min_accuracy must be between 0 and 1")
-        if self.mode not in MODES:
+        if not is_mode(self.mode):
             raise ValueError(f"unknown mode {self.mode!r}")
 
     @property
@@ -89,9 +89,21 @@ class AutopilotConfig:
         try:
             floor = obj.get("min_accuracy")
             return cls(float(obj["latency_slo_ms"]), None if floor is None else float(floor),
-                       str(obj.get("mode") or "cm"))
+                       str(obj.get("mode") or BUNDLE_MODE))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"autopilot: {exc}") from None
+
+
+def parse_persisted(active: dict[str, Any]) -> tuple[AutopilotConfig | None, str | None]:
+    """``active.json``'s ``"autopilot"`` key, parsed once where the state is adopted: (the configuration, or
+    None when the key is absent or unusable; why it is unusable, or None)."""
+    raw = active.get("autopilot")
+    if raw is None:
+        return None, None
+    try:
+        return AutopilotConfig.from_json(raw), None
+    except ValueError as exc:
+        return None, str(exc)
 
 
 @dataclass(frozen=True)

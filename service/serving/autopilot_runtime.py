@@ -3,13 +3,17 @@
 An asyncio task on the serving process's event loop (started by the app's lifespan) ticks every
 ``tick_s``: it reads the recent latencies (:class:`~service.serving.autopilot.LatencyWindow`, fed by the HTTP
 middleware), the batcher's queue depth and throughput, steps the :class:`~service.serving.autopilot.Controller`
-and, when the budget moved, publishes the matching hull point in memory (:meth:`Engine.move_operating`:
+and, when the budget moved, publishes the matching hull point in memory (:meth:`StateWriter.move_operating`:
 no ``active.json`` write, no version bump; every response names the point that served it).
 
 Configuration follows the store: the autopilot is on while ``active.json`` carries an ``"autopilot"`` key at
-the version this process serves. Turning it on writes that key (:meth:`Engine.persist_autopilot`); every
-other persisted switch writes ``active.json`` without it, which turns it off. A restarted process, and every
-process that follows ``active.json``, picks the configuration up on its next tick. Each process runs its own
+the version this process serves. That key is parsed once, where the state is adopted, into the snapshot
+(:attr:`Snapshot.autopilot`); this loop reads the snapshot, never the file (one poller of ``active.json`` per
+process: service/serving/follower.py; no file I/O on the event loop). Turning it on is one call,
+:meth:`AutopilotRuntime.engage`: validate, write that key (:meth:`StateWriter.persist_autopilot`), engage with
+the bounds computed once. Every other persisted switch writes ``active.json`` without it, which turns it off.
+A restarted process, and every process that follows ``active.json``, picks the configuration up on its next
+tick. Each process runs its own
 controller on its own load signal: replicas behind a balancer see similar load, so they settle on similar
 points; the moving point itself is never shared.
 """
@@ -27,13 +31,13 @@ from service.earlyexit import Profile, select_by_target
 from service.earlyexit.hull import TargetUnreachable
 from service.serving.autopilot import AutopilotConfig, Clock, Controller, LatencyWindow, Signal, Tuning
 from service.serving.ic_serving import mode_candidates
-from service.store.active import read_active_or_none
 from service.store.bundles import BundleError
 
 if TYPE_CHECKING:
     from service.serving.batcher import Batcher
     from service.serving.engine import Engine
     from service.serving.metrics import Metrics
+    from service.serving.snapshot import Snapshot
 
 log = logging.getLogger("classmeans.autopilot")
 
@@ -102,22 +106,34 @@ class AutopilotRuntime:
 
     # -- following the store --------------------------------------------------------------------------
 
-    def follow(self) -> None:
-        """When the served version changed, (re)read the configuration persisted with it."""
+    async def engage(self, config: AutopilotConfig) -> Snapshot:
+        """Turn the autopilot on with ``config``, in one call: its bounds on the serving bundle (raises what
+        :meth:`check` raises, changing nothing), the configuration persisted (in a worker thread: the store's
+        lock and an fsync), then engaged with those bounds. Returns the snapshot serving afterwards."""
+        found = self.check(config)
+        new = await asyncio.to_thread(self.engine.writer.persist_autopilot, config)
+        self.follow(bounds_of=(config, new.bundle_id, found))
+        return self.engine.snapshot
+
+    def follow(self, bounds_of: tuple[AutopilotConfig, str, tuple[float, float]] | None = None) -> None:
+        """When the served version changed, engage or disengage as the configuration it carries says.
+        ``bounds_of``: (configuration, bundle, bounds) already computed by :meth:`engage`."""
         snap = self.engine.snapshot
         if snap.version == self._seen_version:
             return
         self._seen_version = snap.version
-        active = read_active_or_none(self.engine.model_dir) or {}
-        if active.get("version") != snap.version:
-            return  # the store moved on; a follower adopts it, and this runs again at that version
-        raw = active.get("autopilot")
-        if raw is None:
-            self._disengage(f"version {snap.version} has no autopilot configuration")
+        config = snap.autopilot
+        if config is None:
+            if snap.autopilot_error is not None:
+                log.error("autopilot configuration in active.json (version %d) is unusable: %s", snap.version,
+                          snap.autopilot_error)
+                self._disengage(f"unusable configuration: {snap.autopilot_error}")
+            else:
+                self._disengage(f"version {snap.version} has no autopilot configuration")
             return
+        known = bounds_of[2] if bounds_of is not None and bounds_of[:2] == (config, snap.bundle_id) else None
         try:
-            config = AutopilotConfig.from_json(raw)
-            self._engage(config, snap.version)
+            self._engage(config, snap.version, known)
         except (ValueError, TargetUnreachable, BundleError) as exc:
             log.error("autopilot configuration in active.json (version %d) is unusable: %s", snap.version, exc)
             self._disengage(f"unusable configuration: {exc}")
@@ -128,14 +144,14 @@ class AutopilotRuntime:
         snap = self.engine.snapshot
         return bounds(mode_candidates(snap.bundle, snap.ic, config.mode), config.min_accuracy)
 
-    def _engage(self, config: AutopilotConfig, version: int) -> None:
+    def _engage(self, config: AutopilotConfig, version: int, known: tuple[float, float] | None = None) -> None:
         snap = self.engine.snapshot
         old = self.state
         if old is not None and old.config == config and old.bundle == snap.bundle_id:
             old.version = version  # same configuration re-persisted or adopted from the store: keep the
             self._publish(old.controller.f, 0)  # controller's state, and its point (not the persisted one)
             return
-        floor, ceiling = self.check(config)
+        floor, ceiling = known if known is not None else self.check(config)
         ctl = Controller(config.target_s, floor, ceiling, snap.operating.flops_fraction, self.clock, self.tuning)
         self.state = _Engaged(config, ctl, version, snap.bundle_id)
         log.warning("autopilot on: p99 target %.1f ms, floor f=%.3f, ceiling f=%.3f, mode %s", config.target_ms,
@@ -178,7 +194,7 @@ class AutopilotRuntime:
     def _publish(self, f: float, direction: int) -> None:
         st = self.state
         assert st is not None
-        new = self.engine.move_operating(f, st.config.mode, st.version)
+        new = self.engine.writer.move_operating(f, st.config.mode, st.version)
         if new is None:  # a persisted switch won the race; follow it on the next tick
             return
         m = self.metrics

@@ -113,7 +113,8 @@ class Batcher:
     def __init__(self, run: RunFn, *, max_batch_size: int, max_delay_s: float, queue_size: int,
                  thread_name: str = "classmeans-infer", thread_init: Callable[[], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
-                 on_wait: Callable[[float], None] | None = None) -> None:
+                 on_wait: Callable[[float], None] | None = None,
+                 on_reject: Callable[[str], None] | None = None) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_delay_s >= 0")
         self._run = run
@@ -124,6 +125,7 @@ class Batcher:
         self._thread_init = thread_init
         self._on_depth = on_depth or (lambda n: None)
         self._on_wait = on_wait or (lambda s: None)
+        self._on_reject = on_reject or (lambda reason: None)  # each refusal, by reason (the metrics count them)
         self._queue: deque[_Pending] = deque()
         self._queued = 0  # samples waiting (dropped requests excluded)
         self._wakeup: asyncio.Event | None = None
@@ -177,17 +179,28 @@ class Batcher:
         """Whether ``size`` more samples would be admitted right now (a cheap pre-check before decoding)."""
         return not self._closing and self._queued + size <= self.queue_size
 
+    def admit(self, size: int) -> None:
+        """The pre-check as a refusal: :class:`BatcherClosed` while stopping, a fast :class:`Overloaded`
+        (counted, reason ``overloaded``) when ``size`` more samples would not fit now."""
+        if self._closing:
+            raise BatcherClosed("the server is shutting down")
+        if not self.has_room(size):
+            self._on_reject("overloaded")
+            raise Overloaded()
+
     # -- submitting ------------------------------------------------------------------------------------
 
     async def submit(self, payload: Any, size: int, deadline: float) -> Submitted:
         """Queue ``payload`` (``size`` samples) and wait for its result until ``deadline`` (monotonic).
 
         Raises :class:`Overloaded` at once when the queue has no room, :class:`QueueTimeout` or
-        :class:`DeadlineExceeded` when the deadline passes, :class:`BatcherClosed` while stopping.
+        :class:`DeadlineExceeded` when the deadline passes (each counted through ``on_reject``: ``overloaded``,
+        ``queue_timeout``, ``deadline``), :class:`BatcherClosed` while stopping.
         """
         if self._closing or self._task is None:
             raise BatcherClosed("the server is shutting down")
         if self._queued + size > self.queue_size:
+            self._on_reject("overloaded")
             raise Overloaded()
         now = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -204,6 +217,12 @@ class Batcher:
         except asyncio.CancelledError:  # the client went away
             if p.started is None:
                 self._drop(p)
+            raise
+        except QueueTimeout:
+            self._on_reject("queue_timeout")
+            raise
+        except DeadlineExceeded:
+            self._on_reject("deadline")
             raise
         finally:
             timer.cancel()

@@ -9,8 +9,13 @@ policy, so one batch can mix profiles of every mode (per-request overrides, time
 Three paths, one decision: a single row (batch 1, the latency case) runs on Python scalars precomputed
 per policy (:attr:`ExitPolicy.plan`); a batch of one policy consults whole running batches with scalar
 thresholds; a mixed batch gathers each row's thresholds. They give the same exits, predictions, rules and
-FLOPs (``tests/serving/test_cascade.py``), and the offline
+FLOPs (``tests/serving/test_runner.py`` for class means, ``tests/offline/test_ics.py``
+``test_runner_equals_offline_table_in_every_mode`` for every mode), and the offline
 :class:`~service.earlyexit.cascade_table.CascadeTable` gives the same decisions from cached scores.
+
+No path names a decision mode: each reads the policy's data and the criterion slots of
+:mod:`service.earlyexit.modes` (which head each slot reads, its score, the threshold that disables it), so a
+mode added to that table runs here unchanged (``tests/serving/test_extra_mode.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import torch
 from service.backbones import StagedNetwork
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import ExitHead
-from service.earlyexit.ic_rules import RULE_NAMES, entropy
-from service.earlyexit.policy import CM_SLOT, DISABLED, FINAL_RULE, ExitPolicy, rule_index
+from service.earlyexit.ic_rules import entropy
+from service.earlyexit.modes import CM_HEAD, CRITERIA, DISABLED, FINAL_RULE, HEADS, IC_HEAD, RULE_NAMES, rule_index
+from service.earlyexit.policy import ExitPolicy
 
 _IC, _CM, _BOTH = (RULE_NAMES.index(r) for r in ("ic", "cm", "ic+cm"))
+SLOTS = {h: tuple(s for s, c in enumerate(CRITERIA) if c.head == h) for h in HEADS}  # criterion slots per head
 
 
 @dataclass
@@ -78,22 +85,21 @@ class CascadeRunner:
     def _ic(self, j: int, feat: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.ic_heads[j](feat).float(), 1)
 
+    def _head(self, head: str, j: int, feat: torch.Tensor) -> torch.Tensor:
+        """``(n, K)`` probabilities of ``head`` (:data:`~service.earlyexit.modes.HEADS`) at exit ``j``."""
+        return self._cm(j, feat) if head == CM_HEAD else self._ic(j, feat)
+
     def check(self, policy: ExitPolicy) -> ExitPolicy:
         """Raise ``ValueError`` when ``policy`` needs a head this runner does not have (checked once)."""
         if self._checked.get(id(policy)) is policy:
             return policy
         if policy.num_exits != self.num_exits:
             raise ValueError(f"policy {policy.name!r} has {policy.num_exits} exits, the network {self.num_exits}")
-        on = policy.enabled()
-        any_on = on.any(0)
-        need_cm = (on[CM_SLOT] | (any_on & (policy.predictor == "cm"))).tolist()
-        need_ic = (on[1:].any(0) | (any_on & (policy.predictor == "ic"))).tolist()
-        missing = [j for j, n in enumerate(need_cm) if n and j not in self.cm_heads]
-        if missing:
-            raise ValueError(f"exits {missing} are enabled but have no class means")
-        missing = [j for j, n in enumerate(need_ic) if n and j not in self.ic_heads]
-        if missing:
-            raise ValueError(f"exits {missing} are enabled but have no internal classifier")
+        for head, what in zip(HEADS, ("class means", "internal classifier"), strict=True):
+            have = set(self.cm_heads if head == CM_HEAD else self.ic_heads)
+            missing = [j for j, heads in enumerate(policy.heads_at) if head in heads and j not in have]
+            if missing:
+                raise ValueError(f"exits {missing} are enabled but have no {what}")
         if len(self._checked) >= 256:
             self._checked.clear()
         self._checked[id(policy)] = policy
@@ -129,7 +135,6 @@ class CascadeRunner:
         """One row on Python scalars: the same decisions and FLOPs as the batched paths (float32 scores
         compared with float32 thresholds as doubles, exactly), without masks or compaction."""
         consulted = 0.0
-        by_cm = policy.predictor == "cm"
         plan = policy.plan
         feat = x
         for j, stage in enumerate(self.net.stages):
@@ -137,20 +142,20 @@ class CascadeRunner:
             step = plan[j]
             if step is None:
                 continue
-            _, (tc, ti, tn), cost = step
+            _, t, cost = step
             consulted += cost
-            pc = self._cm(j, feat) if (tc < 1.0 or by_cm) else None
-            q = self._ic(j, feat) if (ti < 1.0 or tn < 0.0 or not by_cm) else None
-            fire_cm = tc < 1.0 and float(pc.max()) > tc  # type: ignore[union-attr]
-            fire_ic = q is not None and ((ti < 1.0 and float(q.max()) > ti)
-                                         or (tn < 0.0 and -float(entropy(q)[0]) > tn))
-            if fire_cm or fire_ic:
-                out = pc if by_cm else q
-                assert out is not None
+            probs = {h: self._head(h, j, feat) for h in policy.heads_at[j]}
+            fired = dict.fromkeys(HEADS, False)
+            for s, crit in enumerate(CRITERIA):
+                if t[s] < crit.disabled and not fired[crit.head]:
+                    p = probs[crit.head]
+                    fired[crit.head] = (float(p.max()) if crit.score == "top" else -float(entropy(p)[0])) > t[s]
+            if fired[CM_HEAD] or fired[IC_HEAD]:
+                out = probs[policy.predictor]
                 c, pr = out.max(1)
                 return ExitResult(torch.tensor([j]), pr, c, out,
                                   torch.tensor([policy.cum[j] + consulted], dtype=torch.float64),
-                                  torch.tensor([rule_index(fire_cm, fire_ic)]))
+                                  torch.tensor([rule_index(fired[CM_HEAD], fired[IC_HEAD])]))
         p = torch.softmax(self.net.head(feat).float(), 1)
         c, pr = p.max(1)
         m = self.num_exits
@@ -164,7 +169,6 @@ class CascadeRunner:
         """Every row has ``policy`` (one profile: the common case). A disabled exit costs no tensor
         operation; the FLOPs of the heads consulted are a per-exit table of Python floats."""
         acc = _Outputs(x.shape[0], self.num_exits)
-        by_cm = policy.predictor == "cm"
         consulted = 0.0
         consulted_at = [0.0] * self.num_exits  # head FLOPs spent by a row that leaves at exit j
         feat = x
@@ -173,12 +177,10 @@ class CascadeRunner:
             step = policy.plan[j]
             if step is None:
                 continue
-            _, (tc, ti, tn), cost = step
+            _, t, cost = step
             consulted += cost
             consulted_at[j] = consulted
-            pc = self._cm(j, feat) if (tc < 1.0 or by_cm) else None
-            q = self._ic(j, feat) if (ti < 1.0 or tn < 0.0 or not by_cm) else None
-            s = _decide(pc, q, by_cm, tc, ti, tn)
+            s = _decide({h: self._head(h, j, feat) for h in policy.heads_at[j]}, policy.predictor, t)
             feat = acc.record(j, s, feat)
             if feat.shape[0] == 0:
                 break
@@ -195,7 +197,7 @@ class CascadeRunner:
         t_all = torch.stack([p.thresholds for p in policies])  # (P, 3, M-1)
         on_all = t_all < torch.tensor(DISABLED).view(1, -1, 1)
         stage_on = on_all.any(1).any(0).tolist()
-        by_ic = torch.tensor([p.predictor == "ic" for p in policies])
+        predictor = torch.tensor([HEADS.index(p.predictor) for p in policies])  # (P,) index into HEADS
         cost = torch.stack([p.head_cost for p in policies])  # (P, 2, M-1)
         consulted = torch.zeros(b, dtype=torch.float64)
         feat = x
@@ -204,14 +206,13 @@ class CascadeRunner:
             if not stage_on[j]:
                 continue
             pol = index[acc.rows]
-            t, on, pic = t_all[pol, :, j], on_all[pol, :, j], by_ic[pol]
+            t, on, by = t_all[pol, :, j], on_all[pol, :, j], predictor[pol]
             any_on = on.any(1)
             if not bool(any_on.any()):
                 continue
-            need_cm = on[:, 0] | (any_on & ~pic)
-            need_ic = on[:, 1] | on[:, 2] | (any_on & pic)
-            consulted[acc.rows] += need_cm * cost[pol, 0, j] + need_ic * cost[pol, 1, j]
-            s = self._decide_rows(j, feat, t, need_cm, need_ic, pic)
+            need = [on[:, list(SLOTS[h])].any(1) | (any_on & (by == i)) for i, h in enumerate(HEADS)]
+            consulted[acc.rows] += need[0] * cost[pol, 0, j] + need[1] * cost[pol, 1, j]
+            s = self._decide_rows(j, feat, t, need, by)
             feat = acc.record(j, s, feat)
             if feat.shape[0] == 0:
                 break
@@ -220,32 +221,35 @@ class CascadeRunner:
         acc.flops = backbone[index, acc.exit_index] + consulted
         return acc.result()
 
-    def _decide_rows(self, j: int, feat: torch.Tensor, t: torch.Tensor, need_cm: torch.Tensor,
-                     need_ic: torch.Tensor, pic: torch.Tensor) -> _Step:
-        """One exit for rows with their own thresholds ``t (n, 3)``: each head runs on the rows that need it."""
+    def _decide_rows(self, j: int, feat: torch.Tensor, t: torch.Tensor, need: list[torch.Tensor],
+                     by: torch.Tensor) -> _Step:
+        """One exit for rows with their own thresholds ``t (n, 3)``: each head (``need[h] (n,)``, per
+        :data:`HEADS`) runs on the rows that need it; ``by (n,)`` indexes each row's predictor head. A
+        disabled slot's threshold is one no score exceeds, so every slot of a head is compared."""
         n = feat.shape[0]
-        fired_cm = torch.zeros(n, dtype=torch.bool)
-        fired_ic = torch.zeros(n, dtype=torch.bool)
+        fired = {h: torch.zeros(n, dtype=torch.bool) for h in HEADS}
         top = torch.zeros(n, dtype=torch.float32)
         pred = torch.zeros(n, dtype=torch.int64)
         probs: torch.Tensor | None = None
-        for head, need in (("ic", need_ic), ("cm", need_cm)):
-            if not bool(need.any()):
+        for i, head in enumerate(HEADS):
+            if not bool(need[i].any()):
                 continue
-            loc = torch.nonzero(need).flatten()
-            p = self._ic(j, feat[loc]) if head == "ic" else self._cm(j, feat[loc])
+            loc = torch.nonzero(need[i]).flatten()
+            p = self._head(head, j, feat[loc])
             c, pr = p.max(1)
-            if head == "ic":
-                fired_ic[loc] = (c > t[loc, 1]) | (-entropy(p) > t[loc, 2])
-            else:
-                fired_cm[loc] = c > t[loc, 0]
-            mine = pic[loc] if head == "ic" else ~pic[loc]
+            f: torch.Tensor | None = None
+            for s in SLOTS[head]:
+                g = _score(CRITERIA[s].score, c, p) > t[loc, s]
+                f = g if f is None else f | g
+            assert f is not None
+            fired[head][loc] = f
+            mine = by[loc] == i
             if probs is None:
                 probs = torch.zeros(n, p.shape[1], dtype=torch.float32)
             at = loc[mine]
             top[at], pred[at], probs[at] = c[mine], pr[mine], p[mine]
         assert probs is not None
-        return _Step(fired_cm | fired_ic, fired_cm, fired_ic, top, pred, probs)
+        return _Step(fired[CM_HEAD] | fired[IC_HEAD], fired[CM_HEAD], fired[IC_HEAD], top, pred, probs)
 
     def _finish(self, acc: _Outputs, feat: torch.Tensor) -> None:
         """Rows still running take the network's own classifier."""
@@ -256,29 +260,26 @@ class CascadeRunner:
         acc.set_rows(acc.rows, pr, c, p)
 
 
-def _decide(pc: torch.Tensor | None, q: torch.Tensor | None, by_cm: bool, tc: float, ti: float, tn: float
-            ) -> _Step:
-    """One exit for rows sharing scalar thresholds; ``pc``/``q`` are the heads' probabilities (or None)."""
-    fired_cm = fired_ic = None
-    cm_top = cm_pred = None
-    if pc is not None:
-        cm_top, cm_pred = pc.max(1)
-        if tc < 1.0:
-            fired_cm = cm_top > tc
-    if q is not None:
-        ic_top, ic_pred = q.max(1)
-        if ti < 1.0:
-            fired_ic = ic_top > ti
-        if tn < 0.0:
-            by_entropy = -entropy(q) > tn
-            fired_ic = by_entropy if fired_ic is None else fired_ic | by_entropy
+def _score(kind: str, top: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """A criterion's score from its head's probabilities: the top probability, or minus the entropy."""
+    return top if kind == "top" else -entropy(probs)
+
+
+def _decide(probs: dict[str, torch.Tensor], predictor: str, t: tuple[float, float, float]) -> _Step:
+    """One exit for rows sharing scalar thresholds ``t`` (per criterion slot); ``probs``: the consulted
+    heads' probabilities. A head's ``fired`` is None where none of its criteria is enabled."""
+    tops = {h: p.max(1) for h, p in probs.items()}
+    fired: dict[str, torch.Tensor | None] = dict.fromkeys(HEADS)
+    for s, crit in enumerate(CRITERIA):
+        if t[s] < crit.disabled:
+            g = _score(crit.score, tops[crit.head][0], probs[crit.head]) > t[s]
+            f = fired[crit.head]
+            fired[crit.head] = g if f is None else f | g
+    fired_cm, fired_ic = fired[CM_HEAD], fired[IC_HEAD]
     fire = fired_cm if fired_ic is None else (fired_ic if fired_cm is None else fired_cm | fired_ic)
     assert fire is not None
-    if by_cm:
-        assert pc is not None and cm_top is not None and cm_pred is not None
-        return _Step(fire, fired_cm, fired_ic, cm_top, cm_pred, pc)
-    assert q is not None
-    return _Step(fire, fired_cm, fired_ic, ic_top, ic_pred, q)
+    top, pred = tops[predictor]
+    return _Step(fire, fired_cm, fired_ic, top, pred, probs[predictor])
 
 
 class _Outputs:

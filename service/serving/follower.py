@@ -3,8 +3,9 @@
 The model store is the one source of truth. A switch made by any process (another worker of the same
 server, another replica on a shared volume, the CLI) is written to ``active.json`` under the store lock
 with a bumped version; every process sees the change within one poll interval and swaps its snapshot with
-:meth:`Engine.adopt` (the same atomic swap an admin switch uses; in-flight requests finish on the snapshot
-they were admitted with).
+:meth:`StateWriter.adopt <service.serving.state_writer.StateWriter.adopt>` (the same atomic swap an admin
+switch uses; in-flight requests finish on the snapshot they were admitted with). It is the one reader of
+``active.json`` in a serving process: the autopilot's configuration comes with the adopted snapshot.
 
 Polling, not only inotify: inotify does not see writes made on another machine of a network volume. Each
 poll is one ``stat`` (inode, size, mtime: ``os.replace`` always gives a new inode); the file is read only when
@@ -33,11 +34,16 @@ DEFAULT_REREAD_S = 2.0
 
 
 class Adopter(Protocol):
-    """What the follower drives: :class:`~service.serving.engine.Engine` in production."""
-
-    model_dir: Path
+    """What adopts a newer state: :class:`~service.serving.state_writer.StateWriter` in production."""
 
     def adopt(self, active: dict[str, Any]) -> bool: ...
+
+
+class Followed(Protocol):
+    """What the follower follows: :class:`~service.serving.engine.Engine` in production."""
+
+    model_dir: Path
+    writer: Adopter
 
 
 Signature = tuple[int, int, int]
@@ -54,7 +60,7 @@ def _signature(path: Path) -> Signature | None:
 class ActiveFollower:
     """Poll ``<model_dir>/active.json`` every ``interval_s`` in a daemon thread and adopt newer versions."""
 
-    def __init__(self, engine: Adopter, interval_s: float = DEFAULT_INTERVAL_S,
+    def __init__(self, engine: Followed, interval_s: float = DEFAULT_INTERVAL_S,
                  reread_s: float = DEFAULT_REREAD_S) -> None:
         self.engine = engine
         self.path = Path(engine.model_dir) / ACTIVE_FILE
@@ -101,7 +107,7 @@ class ActiveFollower:
         if active is None:
             return False
         try:
-            changed = self.engine.adopt(active)
+            changed = self.engine.writer.adopt(active)
         except (ServiceError, KeyError, TypeError, ValueError) as exc:
             self._report(sig, f"cannot adopt {ACTIVE_FILE} version {active.get('version')!r} (bundle "
                               f"{active.get('bundle')!r}): {exc}; the last good state keeps serving")
@@ -119,7 +125,7 @@ class ActiveFollower:
             self._bad = (sig, message)
 
 
-def start_follower(engine: Adopter, interval_s: float = DEFAULT_INTERVAL_S) -> ActiveFollower:
+def start_follower(engine: Followed, interval_s: float = DEFAULT_INTERVAL_S) -> ActiveFollower:
     """Start following ``engine``'s store (``interval_s`` <= 0: do not follow)."""
     follower = ActiveFollower(engine, interval_s)
     if interval_s > 0:

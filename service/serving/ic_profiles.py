@@ -1,6 +1,7 @@
 """An IC set's ``profiles.json``, validated: the servable hull vertices of each IC decision mode.
 
-Only the modes served beside the bundle are kept (:data:`IC_SERVED_MODES`); the IC set's ``cm`` profiles
+Only the modes served beside the bundle are kept (:data:`IC_SERVED_MODES`, from the decision-mode table
+:mod:`service.earlyexit.modes`); the IC set's ``cm`` profiles
 (class means at the six IC exits only, kept for the report and to seed ``combined``) are not served: the
 bundle's own profiles (every exit) are at least as good. Each mode's ``full`` entry is the bundle's ``full``.
 """
@@ -15,18 +16,19 @@ from typing import Any
 import torch
 
 from service.earlyexit import Operating, Profile
-from service.earlyexit.ic_rules import MODES
+from service.earlyexit.modes import get_mode, ic_served_modes, is_mode
 from service.serving.snapshot import FULL
 from service.store.ic_sets import ICError
 
-IC_SERVED_MODES = ("ic_prob", "ic_entropy", "combined")
+IC_SERVED_MODES = ic_served_modes()  # the built-in ones; the parser asks the table
 PROFILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,79}$")
 
 
 @dataclass(frozen=True)
 class ICProfile:
     """One servable IC hull vertex. ``thresholds``: ``E`` values (``{"ic": [...], "cm": [...]}`` for
-    ``combined``) at the IC exits, as stored; ``tensor``: the same as ``(E,)`` (``(2, E)`` for ``combined``)."""
+    ``combined``) at the IC exits, as stored; ``tensor``: the same as ``(E,)`` (``(2, E)`` for ``combined``;
+    :meth:`~service.earlyexit.modes.DecisionMode.thresholds_tensor`)."""
 
     name: str
     mode: str
@@ -64,11 +66,12 @@ def parse_ic_profiles(stored: Any, num_ic: int, flops_full: float) -> tuple[str 
     out: dict[str, list[ICProfile]] = {}
     seen: set[str] = set()
     for mode, entries in stored["modes"].items():
-        if mode not in MODES:
+        if not is_mode(mode):
             raise ICError(f"profiles.json: unknown mode {mode!r}")
         if not isinstance(entries, list):
             raise ICError(f"profiles.json: mode {mode} must list profiles")
-        if mode not in IC_SERVED_MODES:
+        dm = get_mode(mode)
+        if not dm.ic_served:
             continue
         plist = []
         for p in entries:
@@ -84,15 +87,15 @@ def parse_ic_profiles(stored: Any, num_ic: int, flops_full: float) -> tuple[str 
                         and abs(frac - flops / flops_full) <= 1e-6 * max(1.0, frac)):
                     raise ICError(f"{what}: FLOPs or accuracy out of range")
                 raw = p["thresholds"]
-                if mode == "combined":
+                thr: list[float] | dict[str, list[float]]
+                if dm.keys is not None:
                     if not isinstance(raw, dict):
-                        raise ICError(f"{what}: combined thresholds must be {{'ic': [...], 'cm': [...]}}")
-                    thr: list[float] | dict[str, list[float]] = {
-                        "ic": _floats(raw.get("ic"), num_ic, what), "cm": _floats(raw.get("cm"), num_ic, what)}
-                    t = torch.tensor([thr["ic"], thr["cm"]], dtype=torch.float32)
+                        form = ", ".join(f"'{k}': [...]" for k in dm.keys)
+                        raise ICError(f"{what}: {mode} thresholds must be {{{form}}}")
+                    thr = {k: _floats(raw.get(k), num_ic, what) for k in dm.keys}
                 else:
                     thr = _floats(raw, num_ic, what)
-                    t = torch.tensor(thr, dtype=torch.float32)
+                t = dm.thresholds_tensor(thr)
             except (KeyError, TypeError, ValueError) as exc:
                 if isinstance(exc, ICError):
                     raise

@@ -35,10 +35,11 @@ import numpy as np
 from service.backbones import StagedNetwork, StageProfile, profile_stages
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import Profile, upper_hull
-from service.earlyexit.ic_rules import MODES, ICCosts, to_score_thresholds
+from service.earlyexit.ic_rules import ICCosts, to_score_thresholds
+from service.earlyexit.modes import BUNDLE_MODE, get_mode, ic_served_modes, is_mode, mode_names
 from service.earlyexit.policy import ExitPolicy, ic_policy
 from service.errors import ModeUnavailable, UnknownMode
-from service.serving.ic_profiles import IC_SERVED_MODES, ICProfile, parse_ic_profiles
+from service.serving.ic_profiles import ICProfile, parse_ic_profiles
 from service.serving.snapshot import FULL
 from service.store.bundle_model import Bundle
 from service.store.ic_sets import ICError, ic_costs, list_ics_ids, load_ics
@@ -46,13 +47,13 @@ from service.store.model_dir import ModelSpec
 
 log = logging.getLogger("classmeans.ics")
 
-CM = "cm"
+CM = BUNDLE_MODE  # the mode of the bundle's own profiles
 
 
 def check_mode(mode: str | None) -> None:
-    """422 ``unknown_mode`` for a mode that is not one of :data:`MODES`."""
-    if mode is not None and mode not in MODES:
-        raise UnknownMode(f"unknown decision mode {mode!r}; use one of {', '.join(MODES)}")
+    """422 ``unknown_mode`` for a mode that is not in the decision-mode table."""
+    if mode is not None and not is_mode(mode):
+        raise UnknownMode(f"unknown decision mode {mode!r}; use one of {', '.join(mode_names())}")
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,7 @@ class ICServing:
         if exit_index != last and exit_index not in exits:
             return None
         e = len(exits) if exit_index == last else exits.index(exit_index)
-        disable: tuple[float, ...] = (1.0, 1.0) if p.mode == "combined" else (
-            (0.0,) if p.mode == "ic_entropy" else (1.0,))
+        disable = get_mode(p.mode).disabled_score
         per_exit = self.costs.cascade(p.mode).per_exit(to_score_thresholds(p.mode, p.tensor), disable)
         return float(per_exit[0, e])
 
@@ -114,7 +114,8 @@ class ICStore:
         if serving is not None and serving.unavailable:
             out["unavailable"] = dict(serving.unavailable)
         elif serving is None and self.status == "loaded":
-            out["unavailable"] = {m: "the IC set could not be used with the serving bundle" for m in IC_SERVED_MODES}
+            out["unavailable"] = {m: "the IC set could not be used with the serving bundle"
+                                  for m in ic_served_modes()}
         return out
 
     def serving_for(self, net: StagedNetwork, bundle: Bundle) -> ICServing | None:
@@ -135,22 +136,26 @@ class ICStore:
             if abs(want - got) > 1e-6 * max(1.0, want):
                 raise ValueError(f"backbone FLOPs at exit {e} differ: IC set {want}, bundle {got}")
         unavailable: dict[str, str] = {}
-        modes = [m for m in IC_SERVED_MODES if self.profiles.get(m)]
-        for m in IC_SERVED_MODES:
+        modes = [m for m in ic_served_modes() if self.profiles.get(m)]
+        for m in ic_served_modes():
             if m not in modes:
                 unavailable[m] = f"IC set {self.ics_id} has no {m} profiles"
         heads = None
-        if "combined" in modes:
+        with_cm = [m for m in modes if get_mode(m).needs_cm]  # modes that read the serving bundle's class means
+        if with_cm:
             missing = [e for e in exits if e not in bundle.heads]
+            why = None
             if self.bundle != bundle.bundle_id:
-                unavailable["combined"] = (f"its thresholds were searched with the class means of bundle "
-                                           f"{self.bundle}; the serving bundle is {bundle.bundle_id}")
+                why = (f"its thresholds were searched with the class means of bundle "
+                       f"{self.bundle}; the serving bundle is {bundle.bundle_id}")
             elif missing:
-                unavailable["combined"] = f"the serving bundle has no class means at exits {missing}"
+                why = f"the serving bundle has no class means at exits {missing}"
             else:
                 heads = {e: bundle.heads[e] for e in exits}
-            if heads is None:
-                modes.remove("combined")
+            if why is not None:
+                for m in with_cm:
+                    unavailable[m] = why
+                    modes.remove(m)
         costs: ICCosts = ic_costs(self.stage_profile, self.ics, heads)
         taken = set(bundle.profile_names())
         profiles: dict[str, ICProfile] = {}
@@ -208,7 +213,7 @@ def mode_candidates(bundle: Bundle, ic: ICServing | None, mode: str) -> list[Pro
     profiles of ``mode`` plus the plain network (``full``) otherwise. 409 ``mode_unavailable`` when the
     mode cannot be served now."""
     check_mode(mode)
-    if mode == CM:
+    if get_mode(mode).from_bundle:
         return list(bundle.profiles)
     if ic is None or mode not in ic.modes:
         why = (ic.unavailable.get(mode) if ic is not None else None) or "no internal classifiers are loaded"

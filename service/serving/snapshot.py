@@ -3,7 +3,8 @@
 A :class:`Catalog` is what one bundle (plus the IC set, when one serves with it) offers: every servable
 profile as an :class:`~service.earlyexit.policy.ExitPolicy` for the one
 :class:`~service.serving.cascade.CascadeRunner`, with its offline FLOPs and accuracy. A
-:class:`Snapshot` is (catalog, operating point, version); the engine publishes a new one on every switch.
+:class:`Snapshot` is (catalog, operating point, version, the autopilot configuration persisted with that
+version); the engine publishes a new one on every switch (service/serving/state_writer.py).
 An :class:`InferenceRequest` carries the snapshot it was admitted under, so it is served entirely by that
 state even if a switch happens while it waits.
 """
@@ -24,6 +25,7 @@ from service.serving.cascade import CascadeRunner
 from service.store.bundle_model import Bundle
 
 if TYPE_CHECKING:
+    from service.serving.autopilot import AutopilotConfig
     from service.serving.ic_serving import ICServing
 
 FULL = "full"  # the profile name reported when exits are switched off for a request
@@ -97,6 +99,10 @@ class Snapshot:
     version: int
     updated: str
     fallback_from: str | None = None
+    # The autopilot configuration persisted with this version (parsed once, where active.json is adopted),
+    # or why the persisted one is unusable; None/None: the autopilot is off.
+    autopilot: AutopilotConfig | None = None
+    autopilot_error: str | None = None
     # From the catalog, for the many readers: the bundle, its id, the runner, the policies, the IC set.
     bundle: Bundle = field(init=False, repr=False)
     bundle_id: str = field(init=False)
@@ -133,10 +139,10 @@ class Snapshot:
         return out
 
 
-def make_snapshot(catalog: Catalog, op: Operating, version: int, updated: str,
-                  fallback_from: str | None = None) -> Snapshot:
+def make_snapshot(catalog: Catalog, op: Operating, version: int, updated: str, fallback_from: str | None = None,
+                  autopilot: AutopilotConfig | None = None, autopilot_error: str | None = None) -> Snapshot:
     router = TimeSharingRouter(op.lam) if op.b is not None else None
-    return Snapshot(catalog, op, router, version, updated, fallback_from)
+    return Snapshot(catalog, op, router, version, updated, fallback_from, autopilot, autopilot_error)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from service.backbones import StageProfile
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import ExitHead
 from service.earlyexit.ic_rules import ICCosts
+from service.earlyexit.modes import get_mode
 from service.store.atomic import fresh_staging_dir, publish_dir_atomic
 from service.store.bundles import BUNDLE_ID_RE, BundleError, new_bundle_id
 from service.store.model_dir import ModelSpec, check_provenance
@@ -55,11 +56,9 @@ def ic_costs(stage_profile: StageProfile, ics: ICSet, cm_heads: dict[int, ExitHe
 
 
 def profile_thresholds(profile: dict[str, Any]) -> torch.Tensor:
-    """A stored profile's thresholds as the tensor :mod:`service.earlyexit.ic_rules` takes."""
-    t = profile["thresholds"]
-    if isinstance(t, dict):
-        return torch.tensor([t["ic"], t["cm"]], dtype=torch.float32)
-    return torch.tensor(t, dtype=torch.float32)
+    """A stored profile's thresholds as the tensor :mod:`service.earlyexit.ic_rules` takes (its mode's
+    stored form: :meth:`~service.earlyexit.modes.DecisionMode.thresholds_tensor`)."""
+    return get_mode(str(profile["mode"])).thresholds_tensor(profile["thresholds"])
 
 
 

@@ -7,8 +7,8 @@ so a crashed writer never leaves the store locked (no stale lock files to clean 
 disks and on NFSv4 / most network volumes that Kubernetes ReadWriteMany classes provide (Linux maps
 ``flock`` to NFS byte-range locks); a volume that supports no locking at all answers ``store_busy``.
 
-Two failures have stable codes (both :class:`~service.store.bundles.BundleError`, so every caller already
-turns them into the error envelope):
+Two failures have stable codes, both a :class:`StoreError` (a :class:`~service.errors.ServiceError`, apart from
+the bundles' :class:`~service.store.bundles.BundleError`; the API turns them into the error envelope):
 
 * ``store_busy`` (HTTP 503): another writer held the lock past the timeout; retry.
 * ``store_read_only`` (HTTP 409): the store cannot be written (read-only volume or no permission); the
@@ -25,8 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.errors import RETRY_AFTER_S
-from service.store.bundles import BundleError
+from service.errors import RETRY_AFTER_S, ServiceError
 
 LOCKS_DIR = "locks"
 WRITER_LOCK = "active.lock"
@@ -35,19 +34,26 @@ DEFAULT_TIMEOUT_S = 10.0
 READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-class StoreBusy(BundleError):
+class StoreError(ServiceError, ValueError):
+    """The store's writers' lock or its volume refused a write (a ``ValueError`` too, as it was when these
+    errors were bundle errors)."""
+
+    code, status = "store_error", 503
+
+
+class StoreBusy(StoreError):
     """Another writer held the store lock past the timeout (503; retry after a second)."""
 
-    code = "store_busy"
+    code, status = "store_busy", 503
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(RETRY_AFTER_S)}
 
 
-class StoreReadOnly(BundleError):
-    """The store cannot be written by this process."""
+class StoreReadOnly(StoreError):
+    """The store cannot be written by this process (409)."""
 
-    code = "store_read_only"
+    code, status = "store_read_only", 409
 
 
 def read_only_error(path: Path, exc: OSError) -> StoreReadOnly:
@@ -101,7 +107,7 @@ def is_locked(path: Path) -> bool:
         return False
     try:
         fd = try_lock(path)
-    except BundleError:
+    except StoreError:
         return False
     if fd is None:
         return True

@@ -25,8 +25,8 @@ from fastapi import FastAPI
 from PIL import Image
 
 from service.api import create_app
+from service.api.settings import Settings
 from service.api.state import AppState
-from service.serving.settings import Settings
 from tests.factories import CIFAR_DIR, CLASSES, synthetic_images
 
 TOKEN = "test-admin-token-0123456789"

@@ -112,7 +112,7 @@ async def test_a_job_failing_late_removes_its_bundle(served, monkeypatch):
     def broken_activation(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(engine, "activate_bundle", broken_activation)
+    monkeypatch.setattr(engine.writer, "activate_bundle", broken_activation)
     r = await upload(served.client, make_zip(dataset_members(5)), holdout=0.2)
     job = await wait_job(served.client, r.json()["id"])
     assert job["state"] == "failed" and job["error"]["code"] == "internal_error"

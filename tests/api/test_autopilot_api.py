@@ -149,7 +149,7 @@ async def test_a_persisted_switch_wins_over_a_pending_move(tiny_store: Path):
         engine = s.state.engine
         stale = engine.snapshot.version
         assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
-        assert engine.move_operating(0.02, "cm", stale) is None
+        assert engine.writer.move_operating(0.02, "cm", stale) is None
         assert engine.snapshot.operating.a == "full" and engine.snapshot.operating.b is None
 
 
@@ -221,9 +221,37 @@ async def test_a_new_version_with_the_same_configuration_keeps_the_controllers_p
         moved, ctl = s.state.engine.snapshot.operating, rt.state.controller
         assert moved.flops_fraction < 1.0
         engine = s.state.engine
-        engine.move_operating(1.0, "cm", engine.snapshot.version)  # as a follower adopting a persisted state
-        engine.persist_autopilot(rt.state.config.to_json())  # at the full network: a version bump, same config
+        engine.writer.move_operating(1.0, "cm", engine.snapshot.version)  # as a follower adopting a persisted state
+        engine.writer.persist_autopilot(rt.state.config.to_json())  # at the full network: a version bump, same config
         assert engine.snapshot.operating != moved
         rt.follow()
         assert rt.state.controller is ctl and rt.state.version == s.state.engine.snapshot.version
         assert s.state.engine.snapshot.operating == moved
+
+
+async def test_the_configuration_rides_in_the_snapshot_and_the_runtime_never_reads_the_file(
+        tiny_store: Path, monkeypatch):
+    """Engaging persists the configuration and puts it, parsed, in the snapshot; the runtime engages from the
+    snapshot alone (the follower is the one reader of active.json), and a switch without it disengages."""
+    import service.store.bundles as bundles
+
+    async with serve(make_settings(tiny_store)) as s:
+        assert (await s.client.post("/profiles", json={"latency_slo_ms": 80, "min_accuracy": 0.5},
+                                    headers=AUTH)).status_code == 200
+        snap = s.state.engine.snapshot
+        assert snap.autopilot is not None and snap.autopilot.target_ms == 80 and snap.autopilot.min_accuracy == 0.5
+        assert active_json(s.model_dir)["autopilot"] == snap.autopilot.to_json()
+        await s.state.autopilot.stop()
+
+        def no_reads(*a, **k):
+            raise AssertionError("the autopilot read active.json")
+
+        monkeypatch.setattr(bundles, "read_json_or_none", no_reads)  # under read_active, however imported
+        rt = AutopilotRuntime(s.state.engine, s.state.batcher, LatencyWindow(), s.state.metrics, clock=FakeClock())
+        rt.follow()
+        assert rt.state is not None and rt.state.config == snap.autopilot
+        monkeypatch.undo()
+        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
+        assert s.state.engine.snapshot.autopilot is None
+        rt.follow()
+        assert rt.state is None

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from service.api.settings import DEFAULT_MODEL
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.ingest.labelled import LabelledImages
 from service.offline.evaluation import decision_table_for
 from service.offline.ic_cache import extract_cache
 from service.offline.ics import ic_table_from_cache
-from service.serving.settings import DEFAULT_MODEL
 from service.serving.snapshot import Snapshot
 from service.store.ic_sets import ic_costs
 from tests.api.conftest import (

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from service.api.settings import Settings
 from service.cli.main import build_parser
 from service.control.jobs import JobInProgress, JobManager
 from service.serving.engine import Engine
 from service.serving.metrics import Metrics
-from service.serving.settings import Settings
 from service.serving.snapshot import InferenceRequest
 from tests.api.conftest import MODEL, sample_images
 
@@ -20,7 +20,7 @@ def test_requests_admitted_under_different_snapshots_share_a_batch_but_not_a_sta
     engine = Engine.load(tiny_store / MODEL, Metrics(MODEL))
     images, _ = sample_images(3)
     before = engine.snapshot
-    after = engine.switch_profile("full")
+    after = engine.writer.switch_profile("full")
     assert after.version == before.version + 1 and before.profile_name != "full"
     reqs = [InferenceRequest(before, pixels=images[:2]), InferenceRequest(after, pixels=images[2:])]
     out = engine.run_batch(reqs)
@@ -33,7 +33,7 @@ def test_switches_persist_and_bump_the_version(tiny_store):
     model_dir = tiny_store / MODEL
     engine = Engine.load(model_dir)
     v = engine.snapshot.version
-    snap = engine.switch_target(max_flops_fraction=0.5)
+    snap = engine.writer.switch_target(max_flops_fraction=0.5)
     on_disk = json.loads((model_dir / "active.json").read_text())
     assert on_disk["version"] == v + 1 and on_disk["operating"] == snap.operating_json()
     assert Engine.load(model_dir).snapshot.operating == snap.operating  # read back after a "restart"

@@ -104,7 +104,7 @@ def graceful_timeout_s() -> float:
     """The server's graceful-shutdown time: its settings' default when importable, else the 30 s of the
     design notes (uvicorn timeout_graceful_shutdown)."""
     try:
-        from service.serving.settings import Settings
+        from service.api.settings import Settings
     except ImportError:
         return 30.0
     field = Settings.model_fields.get("graceful_timeout_s")

@@ -102,6 +102,6 @@ def test_the_prometheus_stand_in_recipe_passes_hadolint():
 
 def test_container_check_expects_the_embedded_default(cc):
     """The script runs without the venv, so it names the default itself; it must name the service's."""
-    from service.serving.settings import DEFAULT_MODEL
+    from service.api.settings import DEFAULT_MODEL
 
     assert cc.DEFAULT_MODEL == DEFAULT_MODEL

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from service.api import create_app
+from service.api.settings import Settings
 from service.serving.cpu_budget import budget_from, plan_threads
-from service.serving.settings import Settings
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from service.api.settings import DEFAULT_MODEL
 from service.ingest.npz import load_npz
 from service.offline.operations import evaluate_model
-from service.serving.settings import DEFAULT_MODEL
 from service.store.active import resolve_bundle
 from service.store.bundles import read_active, read_bundle
 from service.store.estimates import read_measured

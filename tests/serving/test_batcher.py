@@ -188,3 +188,32 @@ async def test_sequential_requests_do_not_wait_for_the_delay():
     finally:
         await b.stop()
     assert rec.batches == [["a"], ["b"], ["c"]]
+
+
+async def test_the_batcher_counts_its_own_refusals():
+    """Every refusal is reported through ``on_reject`` by the batcher itself, once, with its reason."""
+    rec = Recorder()
+    rec.gate.clear()
+    reasons: list[str] = []
+    b = Batcher(rec, max_batch_size=1, max_delay_s=0.0, queue_size=1, on_reject=reasons.append)
+    await b.start()
+    try:
+        running = asyncio.create_task(b.submit("first", 1, far()))
+        await asyncio.to_thread(rec.entered.wait, 10)
+        with pytest.raises(QueueTimeout):  # waits in the queue past its deadline
+            await b.submit("late", 1, time.monotonic() + 0.05)
+        queued = asyncio.create_task(b.submit("queued", 1, far()))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            b.admit(1)
+        with pytest.raises(Overloaded):
+            await b.submit("over", 1, far())
+        assert reasons == ["queue_timeout", "overloaded", "overloaded"]
+        rec.gate.set()
+        await asyncio.gather(running, queued)
+    finally:
+        rec.gate.set()
+        await b.stop()
+    with pytest.raises(BatcherClosed):
+        b.admit(1)
+    assert reasons == ["queue_timeout", "overloaded", "overloaded"]  # closing is not an overload

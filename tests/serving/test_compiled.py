@@ -272,8 +272,8 @@ def test_default_model_served_equals_reference_on_cifar10():
     """Every profile of the default model's active bundle, first 500 CIFAR-10 test images: the same exit and
     prediction for >= 99.9 % of the rows, every difference a threshold (or argmax) tie. The reference decisions
     come from one eager pass (:class:`ClassMeansTable`); the runner itself is compared at two profiles."""
+    from service.api.settings import DEFAULT_MODEL
     from service.ingest.npz import load_npz
-    from service.serving.settings import DEFAULT_MODEL
     from service.store.active import resolve_bundle
 
     model_dir = REPO / "model_store" / DEFAULT_MODEL

@@ -81,8 +81,8 @@ def test_this_machine_has_a_budget():
 
 
 def test_serve_logs_its_choice(caplog):
+    from service.api.settings import Settings
     from service.cli.serve_cmd import choose_plan
-    from service.serving.settings import Settings
 
     caplog.set_level("INFO", logger="classmeans.serve")
     plan = choose_plan(Settings(admin_token="x" * 16))

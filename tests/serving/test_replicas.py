@@ -148,11 +148,11 @@ def test_follower_adopts_a_newer_version_and_ignores_older_ones(two_engines):
     a, b = two_engines
     follower = ActiveFollower(b, interval_s=0.05)
     target = next(p for p in _profiles(a) if p != a.snapshot.profile_name)
-    new = a.switch_profile(target)
+    new = a.writer.switch_profile(target)
     assert follower.poll() or b.snapshot.version == new.version
     assert (b.snapshot.version, b.snapshot.profile_name) == (new.version, target)
     assert b.snapshot.bundle is not None and b.snapshot.bundle_id == new.bundle_id
-    assert not b.adopt({"bundle": new.bundle_id, "operating": {"a": "full"}, "version": new.version - 1})
+    assert not b.writer.adopt({"bundle": new.bundle_id, "operating": {"a": "full"}, "version": new.version - 1})
     assert b.snapshot.version == new.version, "versions never go back"
 
 
@@ -197,7 +197,7 @@ def test_two_engines_switching_at_once_converge_to_one_state(two_engines):
     def admin(engine: Engine, k: int) -> None:
         try:
             for i in range(15):
-                engine.switch_profile(names[(i + k) % len(names)])
+                engine.writer.switch_profile(names[(i + k) % len(names)])
         except BaseException as exc:
             errors.append(exc)
 
@@ -233,16 +233,16 @@ def test_profile_switch_against_a_replaced_bundle_is_refused(two_engines, tmp_pa
     src = a.model_dir / "bundles" / bid
     shutil.copytree(src, a.model_dir / "bundles" / other)
     try:
-        new = a.activate_bundle(other)
+        new = a.writer.activate_bundle(other)
         assert b.snapshot.bundle_id == bid and new.version > b.snapshot.version
         with pytest.raises(BundleError) as err:
-            b.switch_profile(_profiles(b)[0])
+            b.writer.switch_profile(_profiles(b)[0])
         assert err.value.code == "active_conflict"
         assert read_active(a.model_dir)["bundle"] == other, "the activation was not undone"
         assert ActiveFollower(b).poll() and b.snapshot.bundle_id == other
-        b.switch_profile(_profiles(b)[0])  # after following, the switch goes through
+        b.writer.switch_profile(_profiles(b)[0])  # after following, the switch goes through
     finally:
-        a.activate_bundle(bid)
+        a.writer.activate_bundle(bid)
         ActiveFollower(b).poll()
         shutil.rmtree(a.model_dir / "bundles" / other)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from service.serving.settings import DEFAULT_MODEL
+from service.api.settings import DEFAULT_MODEL
 from tests.api.conftest import TOKEN, sample_pngs
 from tests.api.test_e2e import free_port, serve_argv
 from tests.ui.conftest import CHROMIUM_ARGS, REPO, _route, chromium_path

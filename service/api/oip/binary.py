@@ -18,9 +18,11 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+
+from service.errors import ServiceError
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -35,13 +37,16 @@ MAX_ELEMENTS = 1 << 40
 _LEN = struct.Struct("<I")
 
 
-class OipInputError(ValueError):
+class OipInputError(ServiceError, ValueError):
     """A request the protocol cannot accept; ``str(exc)`` is the message for the client, ``code`` our stable
-    error code (``invalid_input``; ``validation_error`` for a header that is not a JSON object)."""
+    error code (``invalid_input``; ``validation_error`` for a header that is not a JSON object; 400) or
+    ``payload_too_large`` (a body that decompresses past the limit; 413)."""
+
+    code, status = "invalid_input", 400
+    STATUS_BY_CODE: ClassVar[dict[str, int]] = {"payload_too_large": 413}
 
     def __init__(self, message: str, code: str = "invalid_input") -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 @dataclass

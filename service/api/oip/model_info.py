@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.api.settings import Settings
 from service.serving.engine import Engine
 from service.serving.metrics import Metrics
-from service.serving.settings import Settings
 
 INFER_ENDPOINTS = frozenset({"/classify", "/v2/models/{model_name}/infer",
                              "/v2/models/{model_name}/versions/{version}/infer"})

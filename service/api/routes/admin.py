@@ -10,7 +10,9 @@ time: 409 ``job_in_progress`` with the running job's ``Location``.
 
 from __future__ import annotations
 
-from typing import IO, Annotated, Any, Literal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -20,13 +22,13 @@ from service.api import schemas
 from service.api.auth import require_admin
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
-from service.api.forms import ParsedForm, parse_multipart
+from service.api.forms import parse_multipart
 from service.api.limits import stream_to_tempfile
 from service.api.routes.profiles import active_state, switch_response
-from service.control.recompute import KIND, ClassMeansOptions, read_dataset_upload, recompute_class_means
+from service.control.recompute import ClassMeansOptions, submit_recompute
 from service.earlyexit.exit_head import METRICS
 from service.earlyexit.search import SEARCH_MODES
-from service.ingest.labelled import DatasetError
+from service.store.listing import bundle_summaries
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={401: {"model": schemas.ErrorBody, "description": "unauthorized"}})
@@ -74,40 +76,34 @@ async def upload_class_means(
     opts = ClassMeansOptions(holdout=holdout, search=search, samples=samples, seed=seed, activate=activate,
                              reduction=reduction, metric=metric, temperature=temperature, tag=tag,
                              allow_overlap=allow_overlap)
-    job = state.jobs.reserve(KIND, opts.to_json())  # 409 while another job is active
-    fh: IO[bytes] | None = None
-    form: ParsedForm | None = None
-    try:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            form = await parse_multipart(request, 1, ("file", "archive"))
-            if not form.files:
-                raise ApiError(422, "validation_error", "no 'file' part in the multipart body")
-            fileobj: Any = form.files[0].file
-            source = filename or form.files[0].filename or None
-        elif ctype in ARCHIVE_TYPES:
-            fh = await stream_to_tempfile(request, state.settings.max_upload_bytes)
-            fileobj, source = fh, filename
-        else:
-            raise ApiError(415, "unsupported_media_type", "send the archive as application/zip, application/gzip "
-                           "or application/x-tar, or as the 'file' part of multipart/form-data")
-        job.set_progress("validating")
-        name = source or "upload"
-        data = await anyio.to_thread.run_sync(read_dataset_upload, fileobj, name, engine)
-    except BaseException as exc:
-        code = getattr(exc, "code", None) if isinstance(exc, ApiError | DatasetError) else None
-        state.jobs.fail(job, code or "upload_failed", str(exc) if code else "the upload did not complete")
-        raise
-    finally:
-        if fh is not None:
-            fh.close()
-        if form is not None:
-            await form.close()
-    job.options["filename"] = name
-    job.options["num_images"] = len(data)
-    state.jobs.start(job, lambda j: recompute_class_means(engine, data, opts, j, source=source))
+    job = await submit_recompute(state.jobs, engine, opts,
+                                 lambda: _archive(request, state.settings.max_upload_bytes, filename))
     return JSONResponse(schemas.JobInfo(**job.to_json()).model_dump(), status_code=202,
                         headers={"Location": f"/admin/jobs/{job.id}"})
+
+
+@asynccontextmanager
+async def _archive(request: Request, max_bytes: int, filename: str | None) -> AsyncIterator[tuple[Any, str | None]]:
+    """The uploaded archive as a file (a multipart ``file`` part, or the raw body streamed to a temporary
+    file under ``max_bytes``) and its name; closed on exit."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await parse_multipart(request, 1, ("file", "archive"))
+        try:
+            if not form.files:
+                raise ApiError(422, "validation_error", "no 'file' part in the multipart body")
+            yield form.files[0].file, filename or form.files[0].filename or None
+        finally:
+            await form.close()
+    elif ctype in ARCHIVE_TYPES:
+        fh = await stream_to_tempfile(request, max_bytes)
+        try:
+            yield fh, filename
+        finally:
+            fh.close()
+    else:
+        raise ApiError(415, "unsupported_media_type", "send the archive as application/zip, application/gzip "
+                       "or application/x-tar, or as the 'file' part of multipart/form-data")
 
 
 @router.get("/jobs", response_model=schemas.JobList)
@@ -126,7 +122,7 @@ async def get_job(state: StateDep, job_id: Annotated[str, Path(max_length=100)])
 @router.get("/bundles", response_model=schemas.BundlesResponse)
 async def list_bundles(engine: EngineDep) -> schemas.BundlesResponse:
     """Every bundle in the store, the serving one marked."""
-    rows = await anyio.to_thread.run_sync(engine.bundle_summaries)
+    rows = await anyio.to_thread.run_sync(bundle_summaries, engine.model_dir, engine.snapshot.bundle_id)
     return schemas.BundlesResponse(model=engine.spec.name, active=active_state(engine.snapshot),
                                    bundles=[schemas.BundleInfo(**r) for r in rows])
 
@@ -141,6 +137,6 @@ async def activate_bundle(
 ) -> schemas.SwitchResponse:
     """Validate a bundle fully and serve it (roll back or forward); persisted."""
     old = engine.snapshot
-    new = await anyio.to_thread.run_sync(lambda: engine.activate_bundle(bundle_id, profile))
+    new = await anyio.to_thread.run_sync(lambda: engine.writer.activate_bundle(bundle_id, profile))
     return switch_response(engine, new, old)
 

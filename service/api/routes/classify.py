@@ -13,8 +13,14 @@ from service.api.errors import ApiError
 from service.api.forms import parse_multipart, read_upload
 from service.api.inference import classify_json, deadline_for, request_t0
 from service.api.limits import read_body_capped
+from service.api.middleware import inference_route
 
 router = APIRouter(tags=["data plane"])
+
+# The route's limits, shared with the lean lane (service/api/fastlane.py), which must accept exactly these.
+DEFAULT_TOP_K, MAX_TOP_K = 5, 1000
+MAX_PROFILE_NAME = 200
+EXITS = ("on", "off")
 
 ERRORS = {400: {"model": schemas.ErrorBody, "description": "empty_image, invalid_form"},
           404: {"model": schemas.ErrorBody, "description": "profile_not_found"},
@@ -36,20 +42,23 @@ def _form_options(fields: dict[str, str], profile: str | None, top_k: int, exits
         except ValueError:
             raise ApiError(422, "validation_error", "top_k must be an integer") from None
     exits = fields.get("exits", exits)
-    if not 1 <= top_k <= 1000:
-        raise ApiError(422, "validation_error", "top_k must be between 1 and 1000")
-    if exits not in ("on", "off"):
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ApiError(422, "validation_error", f"top_k must be between 1 and {MAX_TOP_K}")
+    if exits not in EXITS:
         raise ApiError(422, "validation_error", "exits must be 'on' or 'off'")
     return profile, top_k, exits
 
 
 @router.post("/classify", response_model=schemas.ClassifyResponse, responses=ERRORS)
+@inference_route
 async def classify(
     request: Request,
     state: StateDep,
     engine: EngineDep,
-    profile: Annotated[str | None, Query(max_length=200, description="per-request profile override")] = None,
-    top_k: Annotated[int, Query(ge=1, le=1000, description="class probabilities to return per image")] = 5,
+    profile: Annotated[str | None, Query(max_length=MAX_PROFILE_NAME, description="per-request profile override")
+                       ] = None,
+    top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description="class probabilities to return per image")
+                     ] = DEFAULT_TOP_K,
     exits: Annotated[Literal["on", "off"], Query(description="'off' runs the full network")] = "on",
 ) -> JSONResponse:
     """Classify images; each leaves the network at its own exit."""

@@ -13,10 +13,11 @@ from service.api.errors import ApiError
 from service.api.inference import operating_info
 from service.api.limits import read_body_capped, require_json_object
 from service.earlyexit.hull import TargetUnreachable
+from service.earlyexit.modes import BUNDLE_MODE, get_mode
 from service.serving.autopilot import AutopilotConfig
 from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.engine import Engine
-from service.serving.ic_serving import CM, check_mode, profile_rows
+from service.serving.ic_serving import check_mode, profile_rows
 from service.serving.snapshot import Snapshot
 from service.store.bundles import BundleError
 from service.store.estimates import estimate_info, read_measured
@@ -70,7 +71,7 @@ async def list_profiles(state: StateDep, engine: EngineDep) -> schemas.ProfilesR
                                 flops_fraction=p.flops_fraction, thresholds=thr, exits=exits,
                                 default=name == b.default_profile, active=name in (snap.operating.a, snap.operating.b),
                                 share=_share(snap, name),
-                                estimate=estimate_info(b, p, measured) if mode == CM else None)
+                                estimate=estimate_info(b, p, measured) if get_mode(mode).from_bundle else None)
             for name, mode, thr, exits, p in profile_rows(b, snap.ic)]
     ic_info = engine.ic_store.info(snap.ic)
     return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
@@ -97,13 +98,13 @@ async def switch_profile(request: Request, state: StateDep, engine: EngineDep) -
         raise ApiError(422, "invalid_target", f"{where}: {first.get('msg', 'invalid target')}") from None
     old = engine.snapshot
     if target.latency_slo_ms is not None:
-        new = await _engage_autopilot(state.autopilot, engine, target)
+        new = await _engage_autopilot(state.autopilot, target)
     elif target.name is not None:
-        new = await anyio.to_thread.run_sync(engine.switch_profile, target.name, target.mode)
+        new = await anyio.to_thread.run_sync(engine.writer.switch_profile, target.name, target.mode)
     else:
         new = await anyio.to_thread.run_sync(
-            lambda: engine.switch_target(min_accuracy=target.min_accuracy,
-                                         max_flops_fraction=target.max_flops_fraction, mode=target.mode))
+            lambda: engine.writer.switch_target(min_accuracy=target.min_accuracy,
+                                                max_flops_fraction=target.max_flops_fraction, mode=target.mode))
     if state.autopilot is not None:
         state.autopilot.follow()  # on with the new configuration, or off after any other switch
     out = switch_response(engine, engine.snapshot if target.latency_slo_ms is not None else new, old)
@@ -111,15 +112,13 @@ async def switch_profile(request: Request, state: StateDep, engine: EngineDep) -
     return out
 
 
-async def _engage_autopilot(runtime: AutopilotRuntime | None, engine: Engine,
-                            target: schemas.ProfileSwitch) -> Snapshot:
+async def _engage_autopilot(runtime: AutopilotRuntime | None, target: schemas.ProfileSwitch) -> Snapshot:
     """Validate everything first (nothing changes on a 4xx), then persist the configuration."""
     check_mode(target.mode)  # 422 unknown_mode
     if runtime is None:
         raise ApiError(503, "not_ready", "the autopilot is not running")
-    config = AutopilotConfig(float(target.latency_slo_ms or 0), target.min_accuracy, target.mode or "cm")
+    config = AutopilotConfig(float(target.latency_slo_ms or 0), target.min_accuracy, target.mode or BUNDLE_MODE)
     try:
-        runtime.check(config)  # 409 mode_unavailable
+        return await runtime.engage(config)  # 409 mode_unavailable; nothing changes on an error
     except TargetUnreachable as exc:
         raise ApiError(422, "floor_unreachable", f"min_accuracy {target.min_accuracy}: {exc}") from None
-    return await anyio.to_thread.run_sync(engine.persist_autopilot, config.to_json())

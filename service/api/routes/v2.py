@@ -34,6 +34,7 @@ from service.api import schemas
 from service.api.deps import EngineDep, StateDep
 from service.api.errors import ApiError
 from service.api.inference import Payload, check_profile, classify_samples, deadline_for, decode_all, state_headers
+from service.api.middleware import inference_route
 from service.api.oip import binary, model_info, tensors
 from service.api.state import AppState
 from service.serving.engine import Engine
@@ -180,6 +181,7 @@ async def model_version_stats(model_name: str, version: str, state: StateDep, en
 
 @router.post("/models/{model_name}/infer", response_model=schemas.InferResponse, responses=INFER_RESPONSES,
              openapi_extra=INFER_DOC)
+@inference_route
 async def infer(model_name: str, request: Request, state: StateDep, engine: EngineDep) -> Response:
     """Classify a BYTES (encoded images) or FP32 (normalised pixels) input."""
     return await _infer(request, state, engine, _served(engine, model_name, None))
@@ -238,8 +240,8 @@ async def _infer(request: Request, state: AppState, engine: Engine, snap: Snapsh
             raise _bad("the input is empty")
         req, outcome = await _classify(state, engine, snap, inp, parsed.binary.get(0), n,
                                        profile, exits_off, deadline)
-    except binary.OipInputError as exc:
-        raise ApiError(413 if exc.code == "payload_too_large" else 400, exc.code, str(exc)) from None
+    except binary.OipInputError as exc:  # its own code and status (400, 413): the envelope, no traceback chain
+        raise exc from None
     payload = _response(body, req, outcome, engine)
     content, head = binary.encode_response(payload, tensors.binary_outputs(body.outputs, params))
     headers = state_headers(snap, req.served_as)
