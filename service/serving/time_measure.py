@@ -25,9 +25,10 @@ import torch
 
 from service.backbones import StagedNetwork
 from service.earlyexit import ExitHead
+from service.earlyexit.modes import CM_HEAD
 from service.earlyexit.time_axis import TimeTable, decompose
 from service.serving.compiled.runner import CompiledCascadeRunner
-from service.serving.compiled.segments import CM, DEFAULT_NETWORK, FINAL, SegmentKey
+from service.serving.compiled.segments import DEFAULT_NETWORK, FINAL, SegmentKey
 
 
 class SegmentEngine(Protocol):
@@ -54,7 +55,7 @@ class EagerSegments:
             if key.final:
                 return torch.softmax(net.head(x).float(), 1)
             out = [x]
-            if CM in key.heads:
+            if CM_HEAD in key.heads:
                 out.append(heads[key.end].probabilities(x))
             return out
 
@@ -100,7 +101,7 @@ def measure_time_tables(net: StagedNetwork, heads: dict[int, ExitHead], engine: 
             single.append(_median_seconds(engine.segment_callable(key), xs[j], reps))
         for j in range(m - 1):
             if j in heads:
-                key = SegmentKey(network, j, j, (CM,))
+                key = SegmentKey(network, j, j, (CM_HEAD,))
                 with_head.append(_median_seconds(engine.segment_callable(key), xs[j], reps))
             else:
                 with_head.append(single[j])

@@ -32,12 +32,13 @@ from service.backbones import StagedNetwork
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import ExitHead
 from service.earlyexit.ic_rules import RULE_NAMES, entropy
+from service.earlyexit.modes import CM_HEAD, IC_HEAD
 from service.earlyexit.policy import FINAL_RULE, ExitPolicy, rule_index
 from service.serving.cascade import CascadeRunner, ExitResult
 from service.serving.compiled.errors import EngineBuildError, EngineFailed
 from service.serving.compiled.export import OPSET, SegmentModule, SessionConfig, build_segment
 from service.serving.compiled.fused_heads import FinalSoftmax, FusedClassMeans, FusedIC
-from service.serving.compiled.segments import CM, DEFAULT_NETWORK, IC, SegmentKey, SegmentPlan, plan_for
+from service.serving.compiled.segments import DEFAULT_NETWORK, SegmentKey, SegmentPlan, plan_for
 from service.serving.compiled.sessions import BackgroundBuilder, SessionCache
 
 log = logging.getLogger("classmeans.engine")
@@ -127,9 +128,9 @@ class CompiledCascadeRunner:
             return SegmentModule(stages, final=FinalSoftmax(self.net.head), owner=self.net.module).eval()
         heads: list[torch.nn.Module] = []
         for h in key.heads:
-            if h == CM:
+            if h == CM_HEAD:
                 heads.append(FusedClassMeans(self.cm_heads[key.end], self._shapes[key.end + 1]))
-            elif h == IC:
+            elif h == IC_HEAD:
                 heads.append(FusedIC(self.ic_heads[key.end]))  # type: ignore[arg-type]
             else:
                 raise ValueError(f"unknown head {h!r}")

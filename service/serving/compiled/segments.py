@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.earlyexit.modes import CM_HEAD, IC_HEAD
 from service.earlyexit.policy import CM_SLOT, IC_NEGENT_SLOT, IC_TOP_SLOT, ExitPolicy
 
 DEFAULT_NETWORK = "main"
-CM, IC, FINAL = "cm", "ic", "final"
+FINAL = "final"  # the network head's softmax ends a segment (class-means / IC heads: modes.HEADS)
 
 
 @dataclass(frozen=True, order=True)
@@ -91,7 +92,7 @@ class SegmentPlan:
 
 def plan_for(policy: ExitPolicy, network: str = DEFAULT_NETWORK) -> SegmentPlan:
     """The segments ``policy`` runs: one per exit where any criterion is enabled, then the head."""
-    by_cm = policy.predictor == "cm"
+    by_cm = policy.predictor == CM_HEAD
     m = policy.num_exits
     stops: list[Stop] = []
     consulted = 0.0
@@ -103,7 +104,7 @@ def plan_for(policy: ExitPolicy, network: str = DEFAULT_NETWORK) -> SegmentPlan:
         _, t, cost = step
         need_cm = t[CM_SLOT] < 1.0 or by_cm
         need_ic = t[IC_TOP_SLOT] < 1.0 or t[IC_NEGENT_SLOT] < 0.0 or not by_cm
-        heads = tuple(h for h, on in ((CM, need_cm), (IC, need_ic)) if on)
+        heads = tuple(h for h, on in ((CM_HEAD, need_cm), (IC_HEAD, need_ic)) if on)
         consulted += cost
         consulted_at[j] = consulted
         stops.append(Stop(SegmentKey(network, start, j, heads), j, t, need_cm, need_ic, consulted))
