@@ -31,6 +31,7 @@ from service.serving.cpu_budget import intra_op_threads
 from service.serving.engine import Engine, EngineLoadError
 from service.serving.follower import start_follower
 from service.serving.metrics import Metrics
+from service.serving.runners import RunnerOptions
 
 log = logging.getLogger("classmeans.api")
 
@@ -40,7 +41,7 @@ def _load(settings: Settings, metrics: Metrics) -> Engine:
     threads = intra_op_threads(settings.torch_threads, settings.workers)
     torch.set_num_threads(threads)
     log.info("intra-op threads: %d (process %d)", threads, os.getpid())
-    engine = Engine.load(settings.model_dir, metrics)
+    engine = Engine.load(settings.model_dir, metrics, RunnerOptions(settings.engine, threads))
     if settings.warmup:
         engine.warm_up(batch_sizes=(1, min(8, settings.max_batch_size)))
     return engine

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     queue_size: int = Field(256, ge=1, description="most samples waiting for the network; more -> 503")
     request_deadline_s: float = Field(10.0, gt=0, description="deadline of one inference request")
     decode_threads: int = Field(2, ge=1, description="threads decoding images off the event loop")
+    engine: str = Field("auto", pattern=r"^(auto|onnx|torch)$",
+                        description="what runs the cascade: auto (the compiled ONNX Runtime engine on CPU, torch if "
+                                    "the network cannot be compiled), onnx (compiled or fail at start), torch "
+                                    "(the eager reference engine)")
     torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads of each serving process (0: its "
                                "share of the usable cores, see service/serving/cpu_budget.py)")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,13 @@ from service.backbones.preprocess import Normalizer
 from service.earlyexit.modes import get_mode
 from service.errors import ActiveStateError, ProfileNotFound, ServiceError
 from service.serving.autopilot import parse_persisted
+from service.serving.compiled import EngineBuildError
 from service.serving.ic_serving import ICStore, load_ic_store
 from service.serving.metrics import Metrics
 from service.serving.outcomes import outcomes
+from service.serving.runners import RunnerOptions
 from service.serving.snapshot import Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
-from service.serving.state_writer import StateWriter, now_iso
+from service.serving.state_writer import StateWriter, now_iso, operating_names
 from service.store.active import active_version, read_active_or_none
 from service.store.atomic import sweep_tmp
 from service.store.bundle_model import load_bundle
@@ -59,8 +62,10 @@ class Engine:
     """The network, the current :class:`Snapshot`, and inference on it; :attr:`writer` replaces the snapshot."""
 
     def __init__(self, model_dir: Path, spec: ModelSpec, net: StagedNetwork, snapshot: Snapshot,
-                 metrics: Metrics | None = None, ic_store: ICStore | None = None) -> None:
+                 metrics: Metrics | None = None, ic_store: ICStore | None = None,
+                 runner_options: RunnerOptions | None = None) -> None:
         self.model_dir = Path(model_dir)
+        self.runner_options = runner_options or RunnerOptions()
         self.ic_store = ic_store or ICStore("absent")
         self.spec = spec
         self.net = net
@@ -75,11 +80,14 @@ class Engine:
     # -- loading -----------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, model_dir: Path, metrics: Metrics | None = None) -> Engine:
-        """Sweep temp leftovers, load the model, then the active bundle and operating point.
+    def load(cls, model_dir: Path, metrics: Metrics | None = None,
+             runner_options: RunnerOptions | None = None) -> Engine:
+        """Sweep temp leftovers, load the model, then the active bundle and operating point, run by the engine
+        of ``runner_options`` (default: the torch reference engine; ``classmeans serve``: ``auto``).
 
         A corrupt active bundle falls back to the newest loadable one (logged as an error); with no
-        loadable bundle at all, raises :class:`EngineLoadError`.
+        loadable bundle at all, or an explicitly requested engine that cannot be built, raises
+        :class:`EngineLoadError`.
         """
         model_dir = Path(model_dir)
         if not (model_dir / "model.json").is_file():
@@ -92,12 +100,17 @@ class Engine:
         except Exception as exc:
             raise EngineLoadError(f"cannot load model {model_dir.name!r}: {exc}") from exc
         ic_store = load_ic_store(model_dir, spec, net)  # never raises: a broken IC set leaves class means serving
-        snapshot = cls._initial_snapshot(model_dir, spec, net, ic_store)
-        return cls(model_dir, spec, net, snapshot, metrics, ic_store)
+        options = runner_options or RunnerOptions()
+        try:
+            snapshot = cls._initial_snapshot(model_dir, spec, net, ic_store, options)
+        except EngineBuildError as exc:
+            raise EngineLoadError(f"the {options.engine} engine cannot serve model {model_dir.name!r}: {exc}") from exc
+        log.info("engine: %s", snapshot.catalog.engine_info)
+        return cls(model_dir, spec, net, snapshot, metrics, ic_store, options)
 
     @staticmethod
     def _initial_snapshot(model_dir: Path, spec: ModelSpec, net: StagedNetwork,
-                          ic_store: ICStore | None = None) -> Snapshot:
+                          ic_store: ICStore | None = None, options: RunnerOptions | None = None) -> Snapshot:
         store = ic_store or ICStore("absent")
         m = net.num_exits
         active = read_active_or_none(model_dir)
@@ -110,7 +123,8 @@ class Engine:
         if active is not None:
             try:
                 bundle = load_bundle(model_dir, str(active["bundle"]), spec, m)
-                catalog = Catalog.build(net, bundle, store.serving_for(net, bundle))
+                catalog = Catalog.build(net, bundle, store.serving_for(net, bundle), options,
+                                        warm=operating_names(active) or [bundle.default_profile])
                 try:
                     operating = catalog.operating_from_json(active.get("operating", {"a": bundle.default_profile}))
                 except (ActiveStateError, ProfileNotFound) as exc:
@@ -134,7 +148,8 @@ class Engine:
                 continue
             if failed:
                 log.error("SERVING FALLBACK BUNDLE %s instead of %s", bid, failed)
-            catalog = Catalog.build(net, bundle, store.serving_for(net, bundle))
+            catalog = Catalog.build(net, bundle, store.serving_for(net, bundle), options,
+                                    warm=[bundle.default_profile])
             return make_snapshot(catalog, catalog.operating(bundle.default_profile), version, now_iso(),
                                  fallback_from=failed)
         why = f"active bundle {failed} is corrupt and no other bundle loads" if failed else "no bundle found"
@@ -157,10 +172,13 @@ class Engine:
         elif switch == "bundle":
             self.metrics.bundle_activations.labels(self.metrics.model).inc()
 
-    def catalog_for(self, bundle_id: str) -> Catalog:
-        """Load and validate bundle ``bundle_id`` fully and build what it serves (with the IC set, if it fits)."""
+    def catalog_for(self, bundle_id: str, warm: Sequence[str] = ()) -> Catalog:
+        """Load and validate bundle ``bundle_id`` fully and build what it serves (with the IC set, if it fits),
+        on this process's engine; the sessions of the profiles in ``warm`` (default: the bundle's default
+        profile) are built before it returns (an activation never makes a request wait for an export)."""
         bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
-        return Catalog.build(self.net, bundle, self.ic_store.serving_for(self.net, bundle))
+        return Catalog.build(self.net, bundle, self.ic_store.serving_for(self.net, bundle), self.runner_options,
+                             warm=list(warm) or [bundle.default_profile])
 
     # -- inference (worker thread) -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ state even if a switch happens while it waits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ from service.earlyexit import Operating, Profile, TimeSharingRouter
 from service.earlyexit.policy import ExitPolicy, class_means_policy
 from service.errors import ActiveStateError, ProfileNotFound
 from service.serving.cascade import CascadeRunner
+from service.serving.compiled import CompiledCascadeRunner
+from service.serving.runners import RunnerOptions, make_runner
 from service.store.bundle_model import Bundle
 
 if TYPE_CHECKING:
@@ -37,25 +40,41 @@ class Catalog:
     profiles first (``full`` among them), then the IC profiles; the runner that serves them all."""
 
     bundle: Bundle
-    runner: CascadeRunner
+    runner: CascadeRunner | CompiledCascadeRunner
     policies: dict[str, ExitPolicy] = field(repr=False)
     profiles: dict[str, Profile] = field(repr=False)
     ic: ICServing | None = None  # the IC set's profiles and why some modes are unavailable, when loaded
+    engine_info: dict[str, Any] = field(default_factory=dict, repr=False)  # which engine runs it, and why
 
     @classmethod
-    def build(cls, net: StagedNetwork, bundle: Bundle, ic: ICServing | None = None) -> Catalog:
+    def build(cls, net: StagedNetwork, bundle: Bundle, ic: ICServing | None = None,
+              options: RunnerOptions | None = None, warm: Sequence[str] = ()) -> Catalog:
+        """Every profile as a policy, and the runner of ``options`` (:mod:`service.serving.runners`): the
+        sessions of the profiles in ``warm`` (and ``full``) are built now, the bundle's other profiles' in the
+        background."""
         policies = {p.name: class_means_policy(p.name, p.thresholds, bundle.costs) for p in bundle.profiles}
         policies.setdefault(FULL, class_means_policy(FULL, [1.0] * (bundle.num_exits - 1), bundle.costs))
         profiles = {p.name: p for p in bundle.profiles}
+        bundle_policies = list(policies.values())
         if ic is not None:
             for name, ip in ic.profiles.items():
                 policies[name] = ic.policies[name]
                 profiles[name] = ip.as_profile()
-        return cls(bundle, CascadeRunner(net, bundle.heads, ic.ics if ic is not None else None), policies,
-                   profiles, ic)
+        now = [policies[n] for n in dict.fromkeys([*warm, FULL]) if n in policies]
+        runner, info = make_runner(options or RunnerOptions(), net, bundle.heads, ic.ics if ic is not None else None,
+                                   now, bundle_policies)
+        return cls(bundle, runner, policies, profiles, ic, info)
 
     def mode_of(self, name: str) -> str:
         return self.policies[name].mode
+
+    def engine_state(self) -> dict[str, Any]:
+        """Which engine runs this catalog and why (fallback reason), with the compiled engine's live counters
+        (sessions built, building, batches re-run on the reference engine)."""
+        out = dict(self.engine_info)
+        if isinstance(self.runner, CompiledCascadeRunner):
+            out.update(self.runner.info())
+        return out
 
     def operating(self, name: str) -> Operating:
         """The operating point that serves profile ``name`` alone."""
@@ -106,7 +125,7 @@ class Snapshot:
     # From the catalog, for the many readers: the bundle, its id, the runner, the policies, the IC set.
     bundle: Bundle = field(init=False, repr=False)
     bundle_id: str = field(init=False)
-    runner: CascadeRunner = field(init=False, repr=False)
+    runner: CascadeRunner | CompiledCascadeRunner = field(init=False, repr=False)
     policies: dict[str, ExitPolicy] = field(init=False, repr=False)
     ic: ICServing | None = field(init=False, repr=False)
 

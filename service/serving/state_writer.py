@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("classmeans.engine")
 
 
+def operating_names(active: dict[str, Any] | None) -> list[str]:
+    """The profile names an ``active.json`` operating point serves (its ``a`` and ``b``; none when absent)."""
+    op = (active or {}).get("operating")
+    return [str(op[k]) for k in ("a", "b") if isinstance(op, dict) and op.get(k) is not None]
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -80,7 +86,7 @@ class StateWriter:
 
     def activate_bundle(self, bundle_id: str, profile: str | None = None) -> Snapshot:
         """Load and validate bundle ``bundle_id`` fully, then serve it (its default profile unless named)."""
-        catalog = self.engine.catalog_for(bundle_id)
+        catalog = self.engine.catalog_for(bundle_id, warm=[profile] if profile else [])
         op = catalog.operating(profile or catalog.bundle.default_profile)
         with self._lock:
             return self._persist(catalog, op, switch="bundle")
@@ -136,7 +142,8 @@ class StateWriter:
         old = self.engine.snapshot
         if version <= old.version:
             return False
-        catalog = old.catalog if bundle_id == old.bundle_id else self.engine.catalog_for(bundle_id)
+        catalog = (old.catalog if bundle_id == old.bundle_id
+                   else self.engine.catalog_for(bundle_id, warm=operating_names(active)))
         operating = catalog.operating_from_json(active.get("operating", {"a": catalog.bundle.default_profile}))
         autopilot, error = parse_persisted(active)
         new = make_snapshot(catalog, operating, version, str(active.get("updated", "")), autopilot=autopilot,

@@ -121,7 +121,8 @@ def _metadata(state: AppState, engine: Engine, snap: Snapshot) -> schemas.ModelM
                     "max_batch_size": s.max_batch_size, "max_delay_ms": s.max_delay_ms,
                     "max_files": s.max_files, "queue_size": s.queue_size,
                     "mean": list(engine.spec.mean), "std": list(engine.spec.std),
-                    "internal_classifiers": engine.ic_store.info(snap.ic)})
+                    "internal_classifiers": engine.ic_store.info(snap.ic),
+                    "engine": snap.catalog.engine_state()})
 
 
 @router.get("/models/{model_name}", response_model=schemas.ModelMetadata, responses=ERRORS)

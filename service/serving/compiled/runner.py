@@ -180,6 +180,7 @@ class CompiledCascadeRunner:
         return {"engine": self.engine, "threads": self.config.intra_op_threads, "exporter":
                 f"torch.onnx.export(dynamo=False), opset {OPSET}", "onnxruntime": ort.__version__,
                 "sessions": len(self.sessions), "builds": self.sessions.builds, "failures": self.failures,
+                "last_failure": self.last_failure,
                 "on_failure": self.on_failure, "missing": self.missing, "building": self.builder.pending,
                 "reference_batches": self.reference_batches,
                 "uncompilable_segments": {k.label(): why for k, why in self.builder.failed.items()}}
