@@ -77,7 +77,7 @@ async def test_a_failing_engine_call_is_re_run_on_the_reference_engine(tiny_stor
     async with serve(make_settings(tiny_store, engine="onnx")) as s:
         want = await _classify_all(s.client, "full")
         runner = s.state.engine.snapshot.runner
-        for key in runner.sessions.keys():
+        for key in runner.sessions:
             session = runner.sessions.get(key)
 
             def broken(*args, **kwargs):

@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import onnxruntime as ort
 
@@ -38,6 +38,9 @@ class SessionCache:
 
     def __contains__(self, key: SegmentKey) -> bool:
         return key in self._sessions
+
+    def __iter__(self) -> Iterator[SegmentKey]:
+        return iter(self.keys())
 
     def keys(self) -> list[SegmentKey]:
         with self._lock:
