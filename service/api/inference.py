@@ -25,6 +25,7 @@ from service.ingest.images import ImageError, decode_image
 from service.serving.batcher import Submitted
 from service.serving.engine import Engine
 from service.serving.snapshot import InferenceOutcome, InferenceRequest, Snapshot
+from service.serving.time_profiles import operating_ms
 
 
 def check_profile(snapshot: Snapshot, profile: str | None) -> None:
@@ -97,7 +98,7 @@ async def run_inference(state: AppState, req: InferenceRequest, deadline: float
 def operating_info(snapshot: Snapshot) -> schemas.Operating:
     op = snapshot.operating
     return schemas.Operating(name=op.name, a=op.a, b=op.b, lam=op.lam, flops_fraction=op.flops_fraction,
-                             accuracy=op.accuracy)
+                             accuracy=op.accuracy, ms=operating_ms(snapshot.bundle, op))
 
 
 def classify_payload(engine: Engine, done: Classified, filenames: list[str | None], t0: float) -> dict[str, Any]:

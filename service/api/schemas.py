@@ -46,6 +46,8 @@ class Operating(BaseModel):
     lam: float = 1.0
     flops_fraction: float
     accuracy: float
+    ms: float | None = Field(None, description="expected ms per sample at batch 1 on this machine (measured by "
+                                               "`classmeans timing`; null: not timed)")
 
 
 class MeasuredInfo(BaseModel):
@@ -82,6 +84,10 @@ class ProfileInfo(BaseModel):
     share: float = Field(description="fraction of traffic this profile gets under the active operating point")
     estimate: EstimateInfo | None = Field(None, description="class-means profiles: the estimate's data, its 95 % "
                                                             "interval and any measured test accuracy")
+    ms: float | None = Field(None, description="expected milliseconds per sample at batch 1 on the machine and "
+                                               "engine `classmeans timing` measured (null: not timed)")
+    ms_batch: dict[str, float] | None = Field(None, description="expected ms per sample by batch size")
+    time_fraction: float | None = Field(None, description="ms / the full network's ms at batch 1")
 
 
 class ProfilesResponse(BaseModel):
@@ -109,6 +115,11 @@ class ProfileSwitch(BaseModel):
     name: str | None = Field(None, min_length=1, max_length=200)
     min_accuracy: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_flops_fraction: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    max_latency_ms: float | None = Field(None, gt=0.0, le=60_000.0, allow_inf_nan=False,
+                                         description="most accurate point whose expected time per sample at "
+                                                     "batch 1 (measured: `classmeans timing`) is at most this")
+    max_time_fraction: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+                                            description="the same as a fraction of the full network's time")
     latency_slo_ms: float | None = Field(None, ge=1.0, le=60_000.0, allow_inf_nan=False,
                                          description="autopilot: p99 latency target in ms (1 .. 60000); "
                                                      "min_accuracy is then its floor")
@@ -118,12 +129,17 @@ class ProfileSwitch(BaseModel):
     @model_validator(mode="after")
     def _exactly_one(self) -> ProfileSwitch:
         if self.latency_slo_ms is not None:
-            if self.name is not None or self.max_flops_fraction is not None:
+            if any(v is not None for v in (self.name, self.max_flops_fraction, self.max_latency_ms,
+                                           self.max_time_fraction)):
                 raise ValueError("latency_slo_ms takes only min_accuracy (the floor) and mode")
             return self
-        given = [k for k in ("name", "min_accuracy", "max_flops_fraction") if getattr(self, k) is not None]
+        given = [k for k in ("name", "min_accuracy", "max_flops_fraction", "max_latency_ms", "max_time_fraction")
+                 if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of name, min_accuracy, max_flops_fraction, latency_slo_ms")
+            raise ValueError("give exactly one of name, min_accuracy, max_flops_fraction, max_latency_ms, "
+                             "max_time_fraction, latency_slo_ms")
+        if given[0] in ("max_latency_ms", "max_time_fraction") and self.mode is not None:
+            raise ValueError(f"{given[0]} chooses among the bundle's class-means profiles (the timed ones): no mode")
         return self
 
 

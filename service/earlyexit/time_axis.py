@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from service.earlyexit.costs import ExitCosts
+from service.earlyexit.hull import Operating, Profile, TargetUnreachable, select_by_target, upper_hull
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,29 @@ def expected_ms(share: torch.Tensor | Sequence[float], thresholds: torch.Tensor 
     if s.shape != per_exit.shape:
         raise ValueError(f"share must be ({per_exit.shape[0]},)")
     return float((s * per_exit).sum())
+
+
+def select_by_time(profiles: Sequence[Profile], time_fraction: dict[str, float], max_time_fraction: float
+                   ) -> Operating:
+    """The most accurate point whose expected time is at most ``max_time_fraction`` of the full network's, on
+    the accuracy-time hull of the profiles that have a measured time (``time_fraction`` by name); between two
+    vertices, their time-shared mix (expected time and accuracy mix linearly, as FLOPs do). The returned
+    :class:`Operating` carries the real FLOPs fraction of that mix. Raises
+    :class:`~service.earlyexit.hull.TargetUnreachable` (naming the cheapest time) when none is that fast."""
+    timed = [p for p in profiles if p.name in time_fraction]
+    if not timed:
+        raise TargetUnreachable("no profile has a measured time: run `classmeans timing` on this machine")
+    t = np.array([time_fraction[p.name] for p in timed])
+    acc = np.array([p.accuracy for p in timed])
+    hull = [timed[i] for i in upper_hull(t, acc)]
+    surrogate = [Profile(p.name, p.thresholds, p.flops, time_fraction[p.name], p.accuracy) for p in hull]
+    try:
+        op = select_by_target(surrogate, max_flops_fraction=max_time_fraction)
+    except TargetUnreachable:
+        cheapest = min(time_fraction[p.name] for p in hull)
+        raise TargetUnreachable(f"no profile takes at most {max_time_fraction:.4f} of the full network's time "
+                                f"(fastest {cheapest:.4f})") from None
+    by_name = {p.name: p for p in hull}
+    fa = by_name[op.a].flops_fraction
+    fb = by_name[op.b].flops_fraction if op.b is not None else fa
+    return Operating(op.a, op.b, op.lam, op.lam * fa + (1 - op.lam) * fb, op.accuracy)

@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.earlyexit import Operating, select_by_target
+from service.earlyexit.hull import TargetUnreachable
 from service.earlyexit.modes import BUNDLE_MODE
+from service.earlyexit.time_axis import select_by_time
 from service.errors import ModeMismatch
 from service.serving.autopilot import AutopilotConfig, parse_persisted
 from service.serving.ic_serving import check_mode, mode_candidates
 from service.serving.snapshot import FULL, Catalog, Snapshot, make_snapshot
+from service.serving.time_profiles import require_time_axis, time_fractions
 from service.store.active import active_version, update_active
 from service.store.bundles import BundleError
 
@@ -82,6 +85,28 @@ class StateWriter:
             snap = self.engine.snapshot
             op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode or BUNDLE_MODE),
                                   min_accuracy=min_accuracy, max_flops_fraction=max_flops_fraction)
+            return self._persist(snap.catalog, op, switch="profile")
+
+    def switch_time(self, max_latency_ms: float | None = None, max_time_fraction: float | None = None) -> Snapshot:
+        """Serve the most accurate point of the bundle's accuracy-time hull whose expected time per sample at
+        batch 1 is at most ``max_latency_ms`` (or ``max_time_fraction`` of the full network's), maybe a
+        time-shared mix; :class:`~service.serving.time_profiles.NoTimeAxis` when the bundle was never timed,
+        :class:`~service.earlyexit.hull.TargetUnreachable` when no point is that fast."""
+        if (max_latency_ms is None) == (max_time_fraction is None):
+            raise ValueError("give exactly one of max_latency_ms, max_time_fraction")
+        with self._lock:
+            snap = self.engine.snapshot
+            full = require_time_axis(snap.bundle)
+            target = max_time_fraction if max_time_fraction is not None else float(max_latency_ms) / full
+            try:
+                op = select_by_time(snap.bundle.profiles, time_fractions(snap.bundle), target)
+            except TargetUnreachable as exc:
+                if max_latency_ms is None:
+                    raise
+                fastest = min(time_fractions(snap.bundle).values()) * full
+                raise TargetUnreachable(f"no point serves within {max_latency_ms:g} ms per sample at batch 1 on "
+                                        f"this machine (fastest {fastest:.3g} ms, full network {full:.3g} ms)"
+                                        ) from exc
             return self._persist(snap.catalog, op, switch="profile")
 
     def activate_bundle(self, bundle_id: str, profile: str | None = None) -> Snapshot:

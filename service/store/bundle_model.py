@@ -7,6 +7,7 @@ dtypes, finiteness, the weights it was calibrated on), so a corrupt bundle is re
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ from service.earlyexit.exit_head import METRICS
 from service.earlyexit.reduction import reduced_dim
 from service.store.bundles import BundleError, BundleFiles, read_bundle, write_bundle
 from service.store.model_dir import ModelSpec, check_provenance
+from service.store.timing import read_timing
+
+log = logging.getLogger("classmeans.store")
 
 FORMAT_VERSION = 1
 
@@ -35,6 +39,7 @@ class Bundle:
     config: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] | None = None  # timing.json (service/store/timing.py): the measured time axis, if any
 
     @property
     def num_exits(self) -> int:
@@ -157,4 +162,11 @@ def _head(bid: str, j: int, e: dict[str, Any], tensors: dict[str, torch.Tensor],
 
 
 def load_bundle(model_dir: Path, bundle_id: str, spec: ModelSpec, num_exits: int | None = None) -> Bundle:
-    return bundle_from_files(read_bundle(model_dir, bundle_id), spec, num_exits)
+    """The bundle, checked, with its measured time axis when ``timing.json`` is there and readable (a damaged
+    timing file is logged and ignored: the bundle serves in FLOPs only)."""
+    bundle = bundle_from_files(read_bundle(model_dir, bundle_id), spec, num_exits)
+    try:
+        bundle.timing = read_timing(model_dir, bundle_id)
+    except BundleError as exc:
+        log.error("bundle %s: %s; serving without its time axis", bundle_id, exc)
+    return bundle

@@ -65,3 +65,22 @@ def test_noise_never_gives_negative_costs():
         TimeTable(1, (1.0, -1.0), (0.1,), 0.0)
     with pytest.raises(ValueError):
         expected_ms([1.0], [0.5], TimeTable(1, (1.0, 1.0), (0.1,), 0.0))
+
+
+def test_select_by_time_walks_the_accuracy_time_hull():
+    from service.earlyexit.hull import Profile, TargetUnreachable
+    from service.earlyexit.time_axis import select_by_time
+
+    ps = [Profile("a", [0.5], 10.0, 0.1, 0.60), Profile("b", [0.7], 30.0, 0.3, 0.80),
+          Profile("c", [0.9], 50.0, 0.5, 0.78), Profile("full", [1.0], 100.0, 1.0, 0.90)]
+    # time differs from FLOPs: c is cheap in FLOPs but slow; b is under the hull in time
+    times = {"a": 0.2, "b": 0.7, "c": 0.4, "full": 1.0}
+    op = select_by_time(ps, times, 0.4)
+    assert op.a == "c" and op.b is None and op.flops_fraction == pytest.approx(0.5)
+    op = select_by_time(ps, times, 0.7)  # between c (0.4) and full (1.0): b is not a vertex of the time hull
+    assert {op.a, op.b} == {"c", "full"} and op.lam == pytest.approx(0.5)
+    assert op.flops_fraction == pytest.approx(0.5 * 0.5 + 0.5 * 1.0) and op.accuracy == pytest.approx(0.84)
+    with pytest.raises(TargetUnreachable, match="fastest 0.2"):
+        select_by_time(ps, times, 0.1)
+    with pytest.raises(TargetUnreachable, match="classmeans timing"):
+        select_by_time(ps, {}, 0.5)

@@ -19,6 +19,8 @@ from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.engine import Engine
 from service.serving.ic_serving import check_mode, profile_rows
 from service.serving.snapshot import Snapshot
+from service.serving.time_profiles import full_ms, profile_ms
+from service.store.bundle_model import Bundle
 from service.store.bundles import BundleError
 from service.store.estimates import estimate_info, read_measured
 
@@ -30,6 +32,7 @@ SWITCH_ERRORS = {401: {"model": schemas.ErrorBody, "description": "unauthorized"
                  422: {"model": schemas.ErrorBody,
                        "description": "invalid_target, target_unreachable, floor_unreachable, unknown_mode, "
                                       "mode_mismatch"}}
+SWITCH_ERRORS[409]["description"] += "; no_time_axis (a time target on a bundle never timed on this machine)"
 
 
 def _share(snap: Snapshot, name: str) -> float:
@@ -44,6 +47,26 @@ def _measured(engine: Engine, bundle_id: str) -> dict | None:
         return read_measured(engine.model_dir, bundle_id)
     except BundleError:  # a damaged measured.json hides the measurement, never the profiles
         return None
+
+
+def _times(bundle: Bundle, name: str) -> dict:
+    """A profile's measured time per sample (batch 1 and by batch size) and its fraction of the full network's."""
+    ms = profile_ms(bundle, name)
+    if ms is None:
+        return {}
+    by_batch = {b: v for b in (bundle.timing or {}).get("full_ms", {}) if (v := profile_ms(bundle, name, b))}
+    full = full_ms(bundle)
+    return {"ms": ms, "ms_batch": by_batch, "time_fraction": ms / full if full else None}
+
+
+def _times(bundle: Bundle, name: str) -> dict:
+    """A profile's measured time per sample (batch 1 and by batch size) and its fraction of the full network's."""
+    ms = profile_ms(bundle, name)
+    if ms is None:
+        return {}
+    by_batch = {b: v for b in (bundle.timing or {}).get("full_ms", {}) if (v := profile_ms(bundle, name, b))}
+    full = full_ms(bundle)
+    return {"ms": ms, "ms_batch": by_batch, "time_fraction": ms / full if full else None}
 
 
 def active_state(snap: Snapshot) -> schemas.ActiveState:
@@ -71,7 +94,8 @@ async def list_profiles(state: StateDep, engine: EngineDep) -> schemas.ProfilesR
                                 flops_fraction=p.flops_fraction, thresholds=thr, exits=exits,
                                 default=name == b.default_profile, active=name in (snap.operating.a, snap.operating.b),
                                 share=_share(snap, name),
-                                estimate=estimate_info(b, p, measured) if get_mode(mode).from_bundle else None)
+                                estimate=estimate_info(b, p, measured) if get_mode(mode).from_bundle else None,
+                                **_times(b, name))
             for name, mode, thr, exits, p in profile_rows(b, snap.ic)]
     ic_info = engine.ic_store.info(snap.ic)
     return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
@@ -101,6 +125,9 @@ async def switch_profile(request: Request, state: StateDep, engine: EngineDep) -
         new = await _engage_autopilot(state.autopilot, target)
     elif target.name is not None:
         new = await anyio.to_thread.run_sync(engine.writer.switch_profile, target.name, target.mode)
+    elif target.max_latency_ms is not None or target.max_time_fraction is not None:
+        new = await anyio.to_thread.run_sync(
+            lambda: engine.writer.switch_time(target.max_latency_ms, target.max_time_fraction))
     else:
         new = await anyio.to_thread.run_sync(
             lambda: engine.writer.switch_target(min_accuracy=target.min_accuracy,

@@ -1,0 +1,65 @@
+"""A bundle's profiles on the measured time axis (``timing.json``, :mod:`service.store.timing`).
+
+Times are per sample, in milliseconds, of the engine and machine that ``classmeans timing`` measured, at batch
+1 (the latency case) and at the batcher's size (32 by default); ``time_fraction`` is a profile's time over the
+full network's at the same batch size. A time-shared mix costs the convex mix of its two profiles' times.
+Bundles without the file have no time axis: these functions return None / empty.
+"""
+
+from __future__ import annotations
+
+from service.earlyexit import Operating
+from service.errors import ServiceError
+from service.store.bundle_model import Bundle
+
+LATENCY_BATCH = "1"
+
+
+class NoTimeAxis(ServiceError):
+    """A time target was asked of a bundle whose profiles were never timed on this machine."""
+
+    code, status = "no_time_axis", 409
+
+
+def full_ms(bundle: Bundle, batch: str = LATENCY_BATCH) -> float | None:
+    t = bundle.timing
+    return float(t["full_ms"][batch]) if t and batch in t.get("full_ms", {}) else None
+
+
+def profile_ms(bundle: Bundle, name: str, batch: str = LATENCY_BATCH) -> float | None:
+    t = bundle.timing
+    p = (t or {}).get("profiles", {}).get(name)
+    return float(p["ms"][batch]) if p and batch in p.get("ms", {}) else None
+
+
+def time_fractions(bundle: Bundle, batch: str = LATENCY_BATCH) -> dict[str, float]:
+    """``{profile: time / full network's time}`` at ``batch``, for every timed profile."""
+    full = full_ms(bundle, batch)
+    if not full:
+        return {}
+    out = {}
+    for name in bundle.profile_names():
+        ms = profile_ms(bundle, name, batch)
+        if ms is not None:
+            out[name] = ms / full
+    return out
+
+
+def operating_ms(bundle: Bundle, op: Operating, batch: str = LATENCY_BATCH) -> float | None:
+    """Expected ms per sample of an operating point (a mix: ``lam * a + (1 - lam) * b``)."""
+    a = profile_ms(bundle, op.a, batch)
+    if a is None:
+        return None
+    if op.b is None:
+        return a
+    b = profile_ms(bundle, op.b, batch)
+    return None if b is None else op.lam * a + (1 - op.lam) * b
+
+
+def require_time_axis(bundle: Bundle) -> float:
+    """The full network's ms at batch 1, or :class:`NoTimeAxis` saying how to measure it."""
+    full = full_ms(bundle)
+    if full is None:
+        raise NoTimeAxis(f"bundle {bundle.bundle_id} has no measured time axis on this machine: run "
+                         "`classmeans timing --model-dir MODEL_DIR --data CALIBRATION_DATA` (then activate it again)")
+    return full
