@@ -80,7 +80,7 @@ def test_select_by_time_walks_the_accuracy_time_hull():
     op = select_by_time(ps, times, 0.7)  # between c (0.4) and full (1.0): b is not a vertex of the time hull
     assert {op.a, op.b} == {"c", "full"} and op.lam == pytest.approx(0.5)
     assert op.flops_fraction == pytest.approx(0.5 * 0.5 + 0.5 * 1.0) and op.accuracy == pytest.approx(0.84)
-    with pytest.raises(TargetUnreachable, match="fastest 0.2"):
+    with pytest.raises(TargetUnreachable, match=r"fastest 0\.2"):
         select_by_time(ps, times, 0.1)
     with pytest.raises(TargetUnreachable, match="classmeans timing"):
         select_by_time(ps, {}, 0.5)
