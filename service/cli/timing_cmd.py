@@ -35,6 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--limit", type=int, help="use only the first N samples of --data")
+    p.add_argument("--search", action="store_true",
+                   help="also search thresholds on the accuracy-time plane (--cost time) and write them as a new "
+                        "bundle with the same class means (id ending -time), timed too")
+    p.add_argument("--samples", type=int, default=10_000, help="threshold vectors of --search")
+    p.add_argument("--activate", action="store_true", help="activate the --search bundle")
     p.set_defaults(func=run)
 
 
@@ -67,7 +72,31 @@ def run(args: argparse.Namespace) -> int:
                           {"source": Path(args.data).name, "samples": len(selection), "holdout": args.holdout,
                            "seed": args.seed})
     write_timing(model_dir, bundle.bundle_id, doc)
-    full = doc["full_ms"]
-    print(json.dumps({"bundle": bundle.bundle_id, "engine": engine_name, "full_ms": full,
-                      "profiles": {n: p["ms"] for n, p in doc["profiles"].items()}}, indent=2))
+    summary = {"bundle": bundle.bundle_id, "engine": engine_name, "full_ms": doc["full_ms"],
+               "profiles": {n: p["ms"] for n, p in doc["profiles"].items()}}
+    if args.search:
+        summary["time_bundle"] = _search_on_time(args, model_dir, spec, net, bundle, table, tables, engine_name,
+                                                 doc["selection"])
+    print(json.dumps(summary, indent=2))
     return 0
+
+
+def _search_on_time(args, model_dir, spec, net, bundle, table, tables, engine_name, selection) -> dict:
+    """Thresholds searched on the accuracy-time hull (batch-1 times), written as a new bundle and timed."""
+    from service.offline.timing import time_hull_bundle, timing_document
+    from service.store.active import activate_bundle
+    from service.store.bundles import new_bundle_id
+    from service.store.timing import write_timing
+
+    cfg = bundle.config or {}
+    tb = time_hull_bundle(bundle, table, tables[min(tables)], new_bundle_id("time"),
+                          search=str(cfg.get("search", "refine")), samples=args.samples,
+                          seed=int(cfg.get("seed", 0)), tolerance=float(cfg.get("tolerance", 0.005)))
+    tb.save(model_dir, spec)
+    write_timing(model_dir, tb.bundle_id, timing_document(tb, table, tables, engine_name, args.threads, selection))
+    if args.activate:
+        activate_bundle(model_dir, tb.bundle_id, spec=spec, num_exits=net.num_exits)
+    default = tb.profile(tb.default_profile)
+    return {"id": tb.bundle_id, "activated": bool(args.activate), "profiles": len(tb.profiles),
+            "default_profile": default.name, "default_accuracy": default.accuracy,
+            "default_flops_fraction": default.flops_fraction, "default_selection_ms": default.extra["selection_ms"]}

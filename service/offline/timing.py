@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from service.earlyexit import DecisionTable
+from service.earlyexit import DecisionTable, Profile
+from service.earlyexit.search import search_thresholds
 from service.earlyexit.time_axis import TimeTable
+from service.offline.calibration import profiles_from_search
 from service.store.bundle_model import Bundle
 
 
@@ -58,3 +60,36 @@ def timing_document(bundle: Bundle, table: DecisionTable, tables: dict[int, Time
             "tables": {str(b): tt.to_json() for b, tt in tables.items()},
             "full_ms": {str(b): round(tt.full_ms, 6) for b, tt in tables.items()},
             "selection": selection, "profiles": profile_times(bundle, table, tables)}
+
+
+def time_hull_bundle(bundle: Bundle, table: DecisionTable, latency: TimeTable, bundle_id: str, search: str = "refine",
+                     samples: int = 10_000, seed: int = 0, tolerance: float = 0.005) -> Bundle:
+    """The same heads with thresholds searched on the accuracy-*time* plane (``--cost time``).
+
+    The search (:func:`~service.earlyexit.search.search_thresholds`) charges every candidate the measured
+    milliseconds of ``latency`` (batch 1) instead of FLOPs, so an exit whose head and extra call cost more
+    time than the samples it lets out save is left disabled, and the hull is the accuracy-time hull. The
+    profiles keep FLOPs as their cost fields (re-costed with the bundle's FLOPs table, for comparison with the
+    paper); their selection-split milliseconds are in ``extra.selection_ms``; the default profile is the
+    fastest one within ``tolerance`` of the full network's accuracy.
+    """
+    costs_ms = latency.exit_costs()
+    missing = [j for j in range(bundle.num_exits - 1) if j not in bundle.heads]
+    if missing:  # exits without class means can never fire: keep every candidate off there
+        top = table.top_prob.clone()
+        top[:, missing] = 0.0
+        table = DecisionTable(top, table.pred, table.labels)
+    result = search_thresholds(table, costs_ms, search, samples, seed)
+    result.thresholds[:, missing] = 1.0
+    timed, default = profiles_from_search(result, costs_ms, tolerance)  # cost fields in ms here
+    t = torch.tensor([p.thresholds for p in timed], dtype=torch.float32)
+    flops, _ = table.evaluate(t, bundle.costs)
+    full = bundle.costs.full
+    profiles = [Profile(p.name, p.thresholds, float(f), float(f) / full, p.accuracy,
+                        extra={**p.extra, "selection_ms": round(p.flops, 6), "cost": "time"})
+                for p, f in zip(timed, flops.tolist(), strict=True)]
+    config = {**bundle.config, "cost": "time", "search": search, "samples": samples, "seed": seed,
+              "tolerance": tolerance, "time_search_of": bundle.bundle_id}
+    meta = {k: v for k, v in bundle.meta.items() if k in ("estimate", "calibration_processes")}
+    return Bundle(bundle_id, bundle.heads, bundle.costs, bundle.exit_names, bundle.exit_shapes, profiles, default,
+                  config=config, report={}, meta=meta)

@@ -53,3 +53,34 @@ def test_timing_command_attaches_profile_times(tiny, tmp_path, capsys):
     for p in doc["profiles"].values():
         assert sum(p["exit_share"]) == pytest.approx(1.0, abs=1e-5)
         assert set(p["ms"]) == {"1", "8"} and all(v > 0 for v in p["ms"].values())
+
+
+def test_time_search_writes_a_timed_bundle_with_the_same_means(tiny, tmp_path, capsys):
+    import shutil
+
+    from service.store.bundle_model import load_bundle
+    from service.store.bundles import read_active
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny.parent, store)
+    model_dir = store / tiny.name
+    data = synthetic_images(300)
+    path = tmp_path / "d.npz"
+    np.savez(path, images=data.images, labels=data.labels, classes=np.array(data.classes))
+    assert main(["timing", "--model-dir", str(model_dir), "--data", str(path), "--holdout", "100", "--engine",
+                 "torch", "--batch-sizes", "1", "--repeats", "3", "--search", "--samples", "200",
+                 "--activate"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tb_id = out["time_bundle"]["id"]
+    assert tb_id.endswith("time") and read_active(model_dir)["bundle"] == tb_id
+    spec, net = load_model(model_dir)
+    old = load_bundle(model_dir, out["bundle"], spec, net.num_exits)
+    new = load_bundle(model_dir, tb_id, spec, net.num_exits)
+    assert new.timing is not None and new.config["cost"] == "time" and new.config["time_search_of"] == old.bundle_id
+    for j, head in old.heads.items():  # the same class means, only the thresholds differ
+        assert new.heads[j].means.equal(head.means)
+    full = new.profile("full")
+    assert full.flops == pytest.approx(old.costs.full) and full.extra["selection_ms"] > 0
+    for p in new.profiles:
+        assert 0 < p.flops_fraction <= 1.0 + 1e-9 and p.extra["cost"] == "time"
+        assert new.timing["profiles"][p.name]["ms"]["1"] == pytest.approx(p.extra["selection_ms"], rel=1e-4)
