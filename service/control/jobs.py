@@ -265,23 +265,25 @@ class JobManager:
 
     def _finish(self, job: Job, result: dict[str, Any] | None = None,
                 error: dict[str, str] | None = None) -> None:
-        job.finished = time.time()
-        job.result, job.error = result, error
-        job.state = "failed" if error is not None else "succeeded"
+        """Record the outcome and free the slot in one step under the lock: whoever sees the job finished can
+        reserve the next one at once (the slot is never still held by a job that reads as done)."""
         outcome = "failed" if error is not None else "succeeded"
-        if error is None:
-            job.set_progress("done", 1, 1)
-        if self._metrics is not None:
-            self._metrics.jobs.labels(job.kind, outcome).inc()
-            self._metrics.job_duration.labels(job.kind).observe(job.finished - job.created)
-        if self.store is not None:
-            self._save(job, True)
         with self._lock:
+            job.finished = time.time()
+            job.result, job.error = result, error
+            if error is None:
+                job.progress = {"phase": "done", "done": 1, "total": 1}  # saved below, with the outcome
+            job.state = outcome
             if self._active is job:
                 self._active = None
                 if self._lock_fd is not None and self.store is not None:
                     self.store.unlock(self._lock_fd)
                     self._lock_fd = None
+        if self._metrics is not None:
+            self._metrics.jobs.labels(job.kind, outcome).inc()
+            self._metrics.job_duration.labels(job.kind).observe(job.finished - job.created)
+        if self.store is not None:
+            self._save(job, True)
         job.done.set()
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job | None:
