@@ -70,3 +70,26 @@ def make_tiny_ic_store(root: Path, name: str = "tiny") -> Path:
     model_dir = make_tiny_store(root, name)
     add_tiny_ics(model_dir)
     return model_dir
+
+
+def attach_made_up_timing(model_dir: Path, bundle_id: str | None = None) -> dict:
+    """Give a bundle (default: the active one) a timing.json from fixed, made-up stage/head/call times; the exit
+    shares are real (the bundle's heads on synthetic images). Returns the document."""
+    from service.backbones.preprocess import Normalizer
+    from service.earlyexit.time_axis import TimeTable
+    from service.offline.evaluation import decision_table_for
+    from service.offline.timing import timing_document
+    from service.store.active import resolve_bundle
+    from service.store.model_dir import load_model
+    from service.store.timing import write_timing
+
+    spec, net = load_model(model_dir)
+    bundle = resolve_bundle(model_dir, spec, net.num_exits, bundle_id)
+    m = net.num_exits
+    tables = {b: TimeTable(b, tuple(float(1 + j % 3) for j in range(m)), tuple(0.2 for _ in range(m - 1)), 0.1 * b)
+              for b in (1, 32)}
+    table = decision_table_for(net, bundle, synthetic_images(120, seed=3).remap_to(spec.classes),
+                               Normalizer(spec.mean, spec.std))
+    doc = timing_document(bundle, table, tables, "onnx", 1, {"source": "synthetic", "samples": 120})
+    write_timing(model_dir, bundle.bundle_id, doc)
+    return doc

@@ -5,33 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.backbones.preprocess import Normalizer
-from service.earlyexit.time_axis import TimeTable
-from service.offline.evaluation import decision_table_for
-from service.offline.timing import timing_document
-from service.store.active import resolve_bundle
-from service.store.model_dir import load_model
-from service.store.timing import write_timing
 from tests.api.conftest import AUTH, MODEL, assert_envelope, make_settings, serve
-from tests.factories import synthetic_images
-
-
-def _attach_timing(model_dir) -> dict:
-    """A timing.json from fixed, made-up stage/head/call times (the selection shares are real)."""
-    spec, net = load_model(model_dir)
-    bundle = resolve_bundle(model_dir, spec, net.num_exits, None)
-    m = net.num_exits
-    tables = {b: TimeTable(b, tuple(float(1 + j % 3) for j in range(m)), tuple(0.2 for _ in range(m - 1)), 0.1 * b)
-              for b in (1, 32)}
-    table = decision_table_for(net, bundle, synthetic_images(120, seed=3).remap_to(spec.classes),
-                               Normalizer(spec.mean, spec.std))
-    doc = timing_document(bundle, table, tables, "onnx", 1, {"source": "synthetic", "samples": 120})
-    write_timing(model_dir, bundle.bundle_id, doc)
-    return doc
+from tests.factories import attach_made_up_timing
 
 
 async def test_profiles_show_time_and_a_latency_target_switches(tiny_store):
-    doc = _attach_timing(tiny_store / MODEL)
+    doc = attach_made_up_timing(tiny_store / MODEL)
     async with serve(make_settings(tiny_store, engine="torch")) as s:
         rows = {p["name"]: p for p in (await s.client.get("/profiles")).json()["profiles"]}
         full = doc["full_ms"]["1"]
@@ -53,7 +32,7 @@ async def test_profiles_show_time_and_a_latency_target_switches(tiny_store):
 
 
 async def test_latency_targets_that_cannot_be_met_say_what_can(tiny_store):
-    doc = _attach_timing(tiny_store / MODEL)
+    doc = attach_made_up_timing(tiny_store / MODEL)
     async with serve(make_settings(tiny_store, engine="torch")) as s:
         before = (await s.client.get("/profiles")).json()["version"]
         fastest = min(p["ms"]["1"] for p in doc["profiles"].values())

@@ -22,6 +22,7 @@ import pytest
 
 from tests.api.conftest import Served, make_settings, serve
 from tests.api.test_e2e import Server, start, stop
+from tests.factories import attach_made_up_timing
 
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = REPO / "runs" / "ui"
@@ -143,6 +144,7 @@ def ui_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     store = work / "store"
     shutil.copytree(request.getfixturevalue("tiny_ic_store_root"), store)
     add_old_bundle(store / "tiny")
+    attach_made_up_timing(store / "tiny")  # the active bundle has a time axis (the curve's time toggle)
     srv = start(store, work / "serve.log")
     try:
         yield srv

@@ -211,3 +211,23 @@ def test_stats_endpoint_needs_no_token_but_admin_routes_do(ui_server: Server):
         assert c.get("/ui/api/stats").status_code == 200
         assert c.get("/admin/bundles").status_code == 401
         assert c.post("/profiles", json={"name": "full"}).status_code == 401
+
+
+def test_the_curve_switches_to_the_time_axis_and_back(browser_page: Page, ui_server: Server):
+    data = profiles(ui_server)
+    timed = [r for r in data["profiles"] if r.get("time_fraction") is not None]
+    assert timed and all(r["mode"] == "cm" for r in timed)  # the bundle's profiles; IC modes are not timed
+    p = browser_page
+    p.goto("/ui")
+    expect(p.page.locator("#curve circle.point")).to_have_count(len(data["profiles"]))
+    p.page.click("#axis-time")
+    expect(p.page.locator("#curve circle.point")).to_have_count(len(timed))
+    assert p.page.get_attribute("#curve", "data-axis") == "time"
+    assert p.page.get_attribute("#axis-time", "aria-pressed") == "true"
+    assert "measured time" in p.page.text_content("#curve")
+    assert p.page.get_attribute("#curve .active-marker", "data-name") == data["active"]["name"]
+    p.shot("ui_time.png")
+    p.page.click("#axis-flops")
+    expect(p.page.locator("#curve circle.point")).to_have_count(len(data["profiles"]))
+    assert p.page.get_attribute("#curve", "data-axis") == "flops"
+    assert p.console_errors == []

@@ -70,18 +70,37 @@ function chartFrame(root, box, xDomain, yDomain, labels, fmt) {
   return { sx, sy };
 }
 
+// The curve's x axis: "flops" (FLOPs fraction, the paper's measure) or "time" (measured ms per sample at batch 1
+// as a fraction of the full network's: profiles timed with `classmeans timing` only).
+let axis = "flops";
+export function setAxis(a) { axis = a === "time" ? "time" : "flops"; }
+export function curveAxis() { return axis; }
+const xOf = (p) => (axis === "time" ? p.time_fraction : p.flops_fraction);
+
+function fullMs(p) {
+  const full = p.profiles.find((r) => r.name === "full");
+  return full && typeof full.ms === "number" ? full.ms : null;
+}
+
+// The active point's x on the current axis (null when it has no measured time).
+function activeX(p) {
+  if (axis !== "time") return p.active.flops_fraction;
+  const full = fullMs(p);
+  return typeof p.active.ms === "number" && full ? p.active.ms / full : null;
+}
+
 function groupByMode(rows) {
   const modes = new Map();
   for (const p of rows) {
     if (!modes.has(p.mode)) modes.set(p.mode, []);
     modes.get(p.mode).push(p);
   }
-  for (const list of modes.values()) list.sort((a, b) => a.flops_fraction - b.flops_fraction);
+  for (const list of modes.values()) list.sort((a, b) => xOf(a) - xOf(b));
   return modes;
 }
 
 function domains(rows, extra) {
-  const xs = rows.map((p) => p.flops_fraction);
+  const xs = rows.map(xOf);
   const ys = rows.map((p) => p.accuracy).concat(extra);
   const xMax = Math.max(1, ...xs) * 1.03;
   let yMin = Math.min(...ys);
@@ -104,7 +123,7 @@ function drawSeries(root, modes, scale, active, onPick) {
   for (const [mode, list] of modes) {
     const color = modeColor(mode, index++);
     const g = svg("g", { class: "series", "data-mode": mode });
-    const pts = list.map((p) => `${scale.sx(p.flops_fraction).toFixed(1)},${scale.sy(p.accuracy).toFixed(1)}`);
+    const pts = list.map((p) => `${scale.sx(xOf(p)).toFixed(1)},${scale.sy(p.accuracy).toFixed(1)}`);
     g.append(svg("polyline", { points: pts.join(" "), stroke: color, class: "hull" }));
     for (const p of list) g.append(pointNode(p, scale, color, active, onPick));
     root.append(g);
@@ -114,13 +133,14 @@ function drawSeries(root, modes, scale, active, onPick) {
 function pointNode(p, scale, color, active, onPick) {
   const isActive = p.name === active.a || p.name === active.b;
   const c = svg("circle", {
-    cx: scale.sx(p.flops_fraction), cy: scale.sy(p.accuracy), r: isActive ? 7 : 5, fill: color,
+    cx: scale.sx(xOf(p)), cy: scale.sy(p.accuracy), r: isActive ? 7 : 5, fill: color,
     class: "point" + (isActive ? " active" : ""), tabindex: 0, role: "button",
     "data-name": p.name, "data-mode": p.mode,
     "aria-label": `serve ${p.name}`,
   });
   c.append(svg("title", {}, `${p.name} · ${modeLabel(p.mode)}\naccuracy ${pct(p.accuracy, 2)} · ` +
-    `FLOPs ${pct(p.flops_fraction)} of full` + (isActive ? `\nserving now (${pct(p.share, 0)} of traffic)` : "") +
+    `FLOPs ${pct(p.flops_fraction)} of full` +
+    (typeof p.ms === "number" ? ` · ${p.ms.toFixed(2)} ms/sample (${pct(p.time_fraction)} of full)` : "") + (isActive ? `\nserving now (${pct(p.share, 0)} of traffic)` : "") +
     "\nclick to serve this point"));
   c.addEventListener("click", () => onPick(p));
   c.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); onPick(p); } });
@@ -132,11 +152,13 @@ function drawActive(root, p, scale) {
   const byName = new Map(p.profiles.map((r) => [r.name, r]));
   const a = byName.get(op.a);
   const b = op.b ? byName.get(op.b) : null;
-  if (a && b) {
-    root.append(svg("line", { x1: scale.sx(a.flops_fraction), y1: scale.sy(a.accuracy),
-      x2: scale.sx(b.flops_fraction), y2: scale.sy(b.accuracy), class: "mix" }));
+  if (a && b && typeof xOf(a) === "number" && typeof xOf(b) === "number") {
+    root.append(svg("line", { x1: scale.sx(xOf(a)), y1: scale.sy(a.accuracy),
+      x2: scale.sx(xOf(b)), y2: scale.sy(b.accuracy), class: "mix" }));
   }
-  const x = scale.sx(op.flops_fraction);
+  const ax = activeX(p);
+  if (typeof ax !== "number") return;
+  const x = scale.sx(ax);
   const y = scale.sy(op.accuracy);
   const g = svg("g", { class: "active-marker", "data-name": op.name });
   g.append(svg("circle", { cx: x, cy: y, r: 12 }));
@@ -157,7 +179,7 @@ function drawAutopilot(root, p, scale, box) {
       "autopilot floor " + pct(floor)));
   }
   const at = ap.operating || ap.point || p.active;
-  if (typeof at.flops_fraction !== "number" || typeof at.accuracy !== "number") return;
+  if (axis === "time" || typeof at.flops_fraction !== "number" || typeof at.accuracy !== "number") return;
   const x = scale.sx(at.flops_fraction);
   const y = scale.sy(at.accuracy);
   const d = `M ${x} ${y - 10} L ${x + 10} ${y} L ${x} ${y + 10} L ${x - 10} ${y} Z`;
@@ -172,10 +194,20 @@ export function drawCurve(p, onPick) {
   const ap = autopilotState(p);
   const extra = [p.active.accuracy];
   if (ap && typeof (ap.min_accuracy ?? ap.floor) === "number") extra.push(ap.min_accuracy ?? ap.floor);
-  const [xd, yd] = domains(p.profiles, extra);
-  const scale = chartFrame(root, box, xd, yd, ["FLOPs per sample, fraction of the full network",
-    "estimated accuracy"], { x: (v, step) => v.toFixed(step < 0.1 ? 2 : 1), y: (v, step) => pct(v, step < 0.01 ? 1 : 0) });
-  const modes = groupByMode(p.profiles);
+  const rows = p.profiles.filter((r) => typeof xOf(r) === "number");
+  root.dataset.axis = axis;
+  if (!rows.length) {
+    root.append(svg("text", { x: 380, y: 200, class: "axis-label", "data-empty": "time" },
+      "no profile of this bundle is timed on this machine: run `classmeans timing`"));
+    drawLegend(new Map());
+    return;
+  }
+  const [xd, yd] = domains(rows, extra);
+  const xLabel = axis === "time" ? "measured time per sample at batch 1, fraction of the full network's"
+    : "FLOPs per sample, fraction of the full network";
+  const scale = chartFrame(root, box, xd, yd, [xLabel, "estimated accuracy"],
+    { x: (v, step) => v.toFixed(step < 0.1 ? 2 : 1), y: (v, step) => pct(v, step < 0.01 ? 1 : 0) });
+  const modes = groupByMode(rows);
   drawActive(root, p, scale);
   drawAutopilot(root, p, scale, box);
   drawSeries(root, modes, scale, p.active, onPick);

@@ -3,7 +3,7 @@
 // No library: plain DOM and SVG. Every server string goes in through textContent, never as HTML.
 // The token lives in the `token` variable only: never in a URL, cookie, storage or the console.
 import {
-  autopilotState, drawCurve, drawExits, el, pct,
+  autopilotState, drawCurve, drawExits, el, pct, setAxis,
 } from "./charts.js";
 
 const PROFILES_EVERY_MS = 5000;
@@ -294,6 +294,14 @@ function start() {
   $("token").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); unlock(); } });
   $("token-forget").addEventListener("click", () => { lock(); say("info", "Locked: the token is forgotten."); });
   $("rollback").addEventListener("click", (ev) => activateBundle(ev.currentTarget.dataset.bundle, "Roll back to"));
+  for (const [id, value] of [["axis-flops", "flops"], ["axis-time", "time"]]) {
+    $(id).addEventListener("click", () => {
+      setAxis(value);
+      $("axis-flops").setAttribute("aria-pressed", String(value === "flops"));
+      $("axis-time").setAttribute("aria-pressed", String(value === "time"));
+      if (profiles) drawCurve(profiles, switchTo);
+    });
+  }
   refreshProfiles();
   refreshStats();
   setInterval(refreshProfiles, PROFILES_EVERY_MS);
