@@ -42,6 +42,8 @@ def _load(settings: Settings, metrics: Metrics) -> Engine:
     torch.set_num_threads(threads)
     log.info("intra-op threads: %d (process %d)", threads, os.getpid())
     engine = Engine.load(settings.model_dir, metrics, RunnerOptions(settings.engine, threads))
+    if settings.measure_time:
+        engine.measure_time()
     if settings.warmup:
         engine.warm_up(batch_sizes=(1, min(8, settings.max_batch_size)))
     return engine

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
                         description="what runs the cascade: auto (the compiled ONNX Runtime engine on CPU, torch if "
                                     "the network cannot be compiled), onnx (compiled or fail at start), torch "
                                     "(the eager reference engine)")
+    measure_time: bool = Field(False, description="re-measure the active bundle's time axis at start with the "
+                               "serving engine on this machine (its profiles' ms re-costed from the stored exit "
+                               "shares; needs a timing.json from `classmeans timing`)")
     torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads of each serving process (0: its "
                                "share of the usable cores, see service/serving/cpu_budget.py)")
 

@@ -27,13 +27,15 @@ from service.backbones.preprocess import Normalizer
 from service.earlyexit.modes import get_mode
 from service.errors import ActiveStateError, ProfileNotFound, ServiceError
 from service.serving.autopilot import parse_persisted
-from service.serving.compiled import EngineBuildError
+from service.serving.compiled import CompiledCascadeRunner, EngineBuildError
 from service.serving.ic_serving import ICStore, load_ic_store
 from service.serving.metrics import Metrics
 from service.serving.outcomes import outcomes
 from service.serving.runners import RunnerOptions
 from service.serving.snapshot import Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
 from service.serving.state_writer import StateWriter, now_iso, operating_names
+from service.serving.time_measure import CompiledSegments, EagerSegments, measure_time_tables
+from service.serving.time_profiles import retimed
 from service.store.active import active_version, read_active_or_none
 from service.store.atomic import sweep_tmp
 from service.store.bundle_model import load_bundle
@@ -179,6 +181,29 @@ class Engine:
         bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
         return Catalog.build(self.net, bundle, self.ic_store.serving_for(self.net, bundle), self.runner_options,
                              warm=list(warm) or [bundle.default_profile])
+
+    def measure_time(self, batch_sizes: tuple[int, ...] = (1, 32), repeats: int = 20) -> dict | None:
+        """Re-measure the active bundle's time axis on this machine with the engine that serves it, and serve the
+        re-costed profile times (in memory; ``timing.json`` is left as measured). Returns the new document, or
+        None when the bundle has no stored exit shares (run ``classmeans timing`` once)."""
+        snap = self._snapshot
+        if snap.bundle.timing is None:
+            log.warning("bundle %s has no timing.json: nothing to re-measure (run `classmeans timing`)",
+                        snap.bundle_id)
+            return None
+        runner = snap.runner
+        segments = CompiledSegments(runner) if isinstance(runner, CompiledCascadeRunner) else EagerSegments(
+            self.net, snap.bundle.heads)
+        h, w = self.spec.input_size
+        tables = measure_time_tables(self.net, snap.bundle.heads, segments, (3, h, w), batch_sizes, repeats)
+        info = snap.catalog.engine_info
+        doc = retimed(snap.bundle, tables, str(info.get("engine", "torch")), int(info.get("threads") or 1))
+        if doc is not None:
+            was = snap.bundle.timing.get("full_ms", {})
+            snap.bundle.timing = doc
+            log.info("time axis re-measured here: full network %s ms/sample by batch size (timing.json: %s)",
+                     doc["full_ms"], was)
+        return doc
 
     # -- inference (worker thread) -----------------------------------------------------------------------
 

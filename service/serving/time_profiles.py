@@ -8,7 +8,11 @@ Bundles without the file have no time axis: these functions return None / empty.
 
 from __future__ import annotations
 
+import os
+import time
+
 from service.earlyexit import Operating
+from service.earlyexit.time_axis import TimeTable, expected_ms
 from service.errors import ServiceError
 from service.store.bundle_model import Bundle
 
@@ -63,3 +67,26 @@ def require_time_axis(bundle: Bundle) -> float:
         raise NoTimeAxis(f"bundle {bundle.bundle_id} has no measured time axis on this machine: run "
                          "`classmeans timing --model-dir MODEL_DIR --data CALIBRATION_DATA` (then activate it again)")
     return full
+
+
+def retimed(bundle: Bundle, tables: dict[int, TimeTable], engine: str, threads: int) -> dict | None:
+    """The bundle's ``timing.json`` re-costed with ``tables`` measured here (``serve`` with
+    ``CLASSMEANS_MEASURE_TIME=true``): each profile's stored exit shares (machine-independent: the selection
+    split's exits under its thresholds, Eq. 6-7) times this machine's per-exit times
+    (:func:`~service.earlyexit.time_axis.expected_ms`). None when the bundle has no shares to re-cost."""
+    old = bundle.timing
+    if not old or not all("exit_share" in p for p in old.get("profiles", {}).values()):
+        return None
+    doc = {**old, "engine": engine, "threads": threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "loadavg": [round(x, 2) for x in os.getloadavg()], "remeasured_at_start": True,
+           "tables": {str(b): t.to_json() for b, t in tables.items()},
+           "full_ms": {str(b): round(t.full_ms, 6) for b, t in tables.items()}, "profiles": {}}
+    for name, p in old["profiles"].items():
+        try:
+            thresholds = bundle.profile(name).thresholds
+        except KeyError:
+            continue
+        ms = {str(b): round(expected_ms(p["exit_share"], thresholds, t), 6) for b, t in tables.items()}
+        doc["profiles"][name] = {"ms": ms, "time_fraction": {b: round(v / doc["full_ms"][b], 6) for b, v in ms.items()},
+                                 "exit_share": p["exit_share"]}
+    return doc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,17 @@ async def test_an_untimed_bundle_refuses_time_targets(served):
     r = await served.client.post("/profiles", json={"max_latency_ms": 5.0}, headers=AUTH)
     body = assert_envelope(r, 409, "no_time_axis")
     assert "classmeans timing" in body["error"]["message"]
+
+
+async def test_serve_can_re_measure_the_time_axis_at_start(tiny_store):
+    doc = attach_made_up_timing(tiny_store / MODEL)  # made-up times: 1-3 ms per stage, far from this machine's
+    async with serve(make_settings(tiny_store, engine="onnx", measure_time=True)) as s:
+        timing = s.state.engine.snapshot.bundle.timing
+        assert timing["remeasured_at_start"] is True and timing["engine"] == "onnx"
+        assert timing["full_ms"]["1"] != doc["full_ms"]["1"]
+        rows = {p["name"]: p for p in (await s.client.get("/profiles")).json()["profiles"]}
+        assert rows["full"]["ms"] == pytest.approx(timing["full_ms"]["1"], rel=1e-5)
+        for name, p in doc["profiles"].items():
+            assert timing["profiles"][name]["exit_share"] == p["exit_share"]  # shares are kept, times re-costed
+    on_disk = json.loads(next((tiny_store / MODEL / "bundles").glob("*/timing.json")).read_text())
+    assert on_disk["full_ms"] == doc["full_ms"]  # the file stays as `classmeans timing` measured it
