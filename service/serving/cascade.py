@@ -66,6 +66,25 @@ class _Step:
     probs: torch.Tensor  # (n, K)
 
 
+def distinct_policies(policies: ExitPolicy | Sequence[ExitPolicy], b: int
+                      ) -> tuple[list[ExitPolicy], list[int] | None]:
+    """The distinct policies of a batch of ``b`` rows, and each row's index into them (None: one policy for
+    every row). Raises ``ValueError`` when a per-row list does not have ``b`` entries."""
+    if isinstance(policies, ExitPolicy):
+        return [policies], None
+    if len(policies) != b:
+        raise ValueError(f"{len(policies)} policies for {b} rows")
+    distinct: list[ExitPolicy] = []
+    slot: dict[int, int] = {}
+    rows = []
+    for p in policies:
+        if id(p) not in slot:
+            slot[id(p)] = len(distinct)
+            distinct.append(p)
+        rows.append(slot[id(p)])
+    return distinct, rows if len(distinct) > 1 else None
+
+
 class CascadeRunner:
     """The network, its class-means heads (``exit -> ExitHead``) and ICs; runs any :class:`ExitPolicy`."""
 
@@ -111,18 +130,8 @@ class CascadeRunner:
     def run(self, x: torch.Tensor, policies: ExitPolicy | Sequence[ExitPolicy]) -> ExitResult:
         """``x (B, 3, H, W)`` normalised images; one policy for every row, or one per row."""
         b = x.shape[0]
-        if isinstance(policies, ExitPolicy):
-            distinct, index = [policies], None
-        else:
-            if len(policies) != b:
-                raise ValueError(f"{len(policies)} policies for {b} rows")
-            distinct, slot, rows = [], {}, []
-            for p in policies:
-                if id(p) not in slot:
-                    slot[id(p)] = len(distinct)
-                    distinct.append(p)
-                rows.append(slot[id(p)])
-            index = torch.tensor(rows, dtype=torch.int64) if len(distinct) > 1 else None
+        distinct, rows = distinct_policies(policies, b)
+        index = torch.tensor(rows, dtype=torch.int64) if rows is not None else None
         for p in distinct:
             self.check(p)
         if index is None:

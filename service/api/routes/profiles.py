@@ -59,16 +59,6 @@ def _times(bundle: Bundle, name: str) -> dict:
     return {"ms": ms, "ms_batch": by_batch, "time_fraction": ms / full if full else None}
 
 
-def _times(bundle: Bundle, name: str) -> dict:
-    """A profile's measured time per sample (batch 1 and by batch size) and its fraction of the full network's."""
-    ms = profile_ms(bundle, name)
-    if ms is None:
-        return {}
-    by_batch = {b: v for b in (bundle.timing or {}).get("full_ms", {}) if (v := profile_ms(bundle, name, b))}
-    full = full_ms(bundle)
-    return {"ms": ms, "ms_batch": by_batch, "time_fraction": ms / full if full else None}
-
-
 def active_state(snap: Snapshot) -> schemas.ActiveState:
     return schemas.ActiveState(bundle=snap.bundle_id, profile=snap.profile_name, version=snap.version)
 

@@ -34,7 +34,7 @@ from service.earlyexit import ExitHead
 from service.earlyexit.ic_rules import RULE_NAMES, entropy
 from service.earlyexit.modes import CM_HEAD, IC_HEAD
 from service.earlyexit.policy import FINAL_RULE, ExitPolicy, rule_index
-from service.serving.cascade import CascadeRunner, ExitResult
+from service.serving.cascade import CascadeRunner, ExitResult, distinct_policies
 from service.serving.compiled.errors import EngineBuildError, EngineFailed
 from service.serving.compiled.export import OPSET, SegmentModule, SessionConfig, build_segment
 from service.serving.compiled.fused_heads import FinalSoftmax, FusedClassMeans, FusedIC
@@ -197,18 +197,8 @@ class CompiledCascadeRunner:
     def run(self, x: torch.Tensor, policies: ExitPolicy | Sequence[ExitPolicy]) -> ExitResult:
         """``x (B, 3, H, W)`` normalised images; one policy for every row, or one per row (as the reference)."""
         b = x.shape[0]
-        if isinstance(policies, ExitPolicy):
-            distinct, index = [policies], None
-        else:
-            if len(policies) != b:
-                raise ValueError(f"{len(policies)} policies for {b} rows")
-            distinct, slot, rows = [], {}, []
-            for p in policies:
-                if id(p) not in slot:
-                    slot[id(p)] = len(distinct)
-                    distinct.append(p)
-                rows.append(slot[id(p)])
-            index = np.asarray(rows, dtype=np.int64) if len(distinct) > 1 else None
+        distinct, rows = distinct_policies(policies, b)
+        index = np.asarray(rows, dtype=np.int64) if rows is not None else None
         plans = [self.plan(p) for p in distinct]
         if self.missing == "reference":
             lacking = [k for plan in plans for k in plan.segment_keys() if k not in self.sessions]
