@@ -45,7 +45,8 @@ ENV CLASSMEANS_STORE=/var/lib/classmeans/model_store \
     CLASSMEANS_HOST=0.0.0.0 \
     CLASSMEANS_PORT=8000 \
     HOME=/var/lib/classmeans \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    ORT_DISABLE_TELEMETRY=1
 
 USER 10001:10001
 EXPOSE 8000

@@ -3,6 +3,8 @@ uniform and mixed-policy batches; the torch fallback; build and run-time failure
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -300,3 +302,18 @@ def test_default_model_served_equals_reference_on_cifar10():
     for policy in (p for p in policies if p.name in (active, "full")):
         differing_rows(runner.run(x, policy), ref.run(x, policy), table.decide(policy)[2])
     assert runner.failures == 0
+
+
+def test_the_engine_writes_nothing_outside_its_store(tmp_path):
+    """ONNX Runtime's telemetry writes a device id under ~/.cache when imported; the package turns it off first."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env["HOME"] = str(home)
+    code = ("import service.serving.compiled as c, onnxruntime, os; "
+            "assert os.environ['ORT_DISABLE_TELEMETRY'] == '1'")
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=300)
+    assert list(home.rglob("*")) == []
