@@ -41,7 +41,8 @@ def _load(settings: Settings, metrics: Metrics) -> Engine:
     threads = intra_op_threads(settings.torch_threads, settings.workers)
     torch.set_num_threads(threads)
     log.info("intra-op threads: %d (process %d)", threads, os.getpid())
-    engine = Engine.load(settings.model_dir, metrics, RunnerOptions(settings.engine, threads))
+    options = RunnerOptions(settings.engine, threads, prebuild=settings.engine_prebuild)
+    engine = Engine.load(settings.model_dir, metrics, options)
     if settings.measure_time:
         engine.measure_time()
     if settings.warmup:

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
                         description="what runs the cascade: auto (the compiled ONNX Runtime engine on CPU, torch if "
                                     "the network cannot be compiled), onnx (compiled or fail at start), torch "
                                     "(the eager reference engine)")
+    engine_prebuild: str = Field("served", pattern=r"^(served|all)$",
+                                 description="compiled engine: build the serving point's sessions at start and "
+                                             "activation and the rest when first needed (served), or every "
+                                             "class-means profile's in the background right away (all)")
     measure_time: bool = Field(False, description="re-measure the active bundle's time axis at start with the "
                                "serving engine on this machine (its profiles' ms re-costed from the stored exit "
                                "shares; needs a timing.json from `classmeans timing`)")

@@ -11,8 +11,12 @@
 
 The sessions of the profiles named in ``warm`` (the operating point about to serve) are built before the
 catalog is returned, on the thread that builds it (start-up, or the admin thread of an activation: never a
-request's); every other class-means profile's sessions are built on a background thread, and until they
-are, a batch that needs one is answered by the reference engine (same answers, no stall).
+request's). Any other profile's sessions are built on a background thread when a batch first needs them
+(``prebuild="served"``, the default), or all the bundle's class-means profiles' right away (``"all"``); until
+they are, such a batch is answered by the reference engine (same answers, no stall). Building everything at
+once costs every process tens of seconds of CPU, and the exporter (torch tracing) holds the GIL in long
+stretches: measured under 32 clients, five activations in 20 s with ``"all"`` cut throughput by half and
+multiplied p99 by 4.8 (docs/activation_load.json), so only what traffic asks for is built.
 """
 
 from __future__ import annotations
@@ -29,21 +33,25 @@ from service.serving.cascade import CascadeRunner
 from service.serving.compiled import CompiledCascadeRunner, build_runner
 
 ENGINES = ("auto", "onnx", "torch")
+PREBUILD = ("served", "all")
 
 
 @dataclass(frozen=True)
 class RunnerOptions:
     """``engine`` (:data:`ENGINES`), ORT intra-op ``threads`` per call, ``on_failure`` of a compiled call at
     run time (``reference``: re-run the batch on the torch engine; ``raise``: the batch fails with
-    ``engine_failed``, 503)."""
+    ``engine_failed``, 503), ``prebuild`` (:data:`PREBUILD`, module docstring)."""
 
     engine: str = "torch"
     threads: int = 1
     on_failure: str = "reference"
+    prebuild: str = "served"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; use one of {ENGINES}")
+        if self.prebuild not in PREBUILD:
+            raise ValueError(f"prebuild must be one of {PREBUILD}")
 
 
 def make_runner(options: RunnerOptions, net: StagedNetwork, heads: dict[int, ExitHead], ics: ICSet | None,
@@ -54,7 +62,7 @@ def make_runner(options: RunnerOptions, net: StagedNetwork, heads: dict[int, Exi
         return build_runner("torch", net, heads, ics)
     runner, info = build_runner(options.engine, net, heads, ics, threads=options.threads, policies=list(warm),
                                 missing="reference", on_failure=options.on_failure)
-    if isinstance(runner, CompiledCascadeRunner):
+    if isinstance(runner, CompiledCascadeRunner) and options.prebuild == "all":
         keys = [k for p in background for k in runner.plan(p).segment_keys()]
         runner.builder.request(keys)
     return runner, info
