@@ -135,3 +135,12 @@ def select_by_time(profiles: Sequence[Profile], time_fraction: dict[str, float],
     fa = by_name[op.a].flops_fraction
     fb = by_name[op.b].flops_fraction if op.b is not None else fa
     return Operating(op.a, op.b, op.lam, op.lam * fa + (1 - op.lam) * fb, op.accuracy)
+
+
+def profile_time_entry(share: torch.Tensor | Sequence[float], thresholds: torch.Tensor | Sequence[float],
+                       tables: dict[int, TimeTable]) -> dict:
+    """One class-means profile on the time axis, as ``timing.json`` stores it: ``{"ms": {batch: ms},
+    "time_fraction": {batch: ms / full network's ms}, "exit_share": [M shares]}`` (:func:`expected_ms`)."""
+    ms = {str(b): round(expected_ms(share, thresholds, t), 6) for b, t in tables.items()}
+    return {"ms": ms, "time_fraction": {str(b): round(ms[str(b)] / t.full_ms, 6) for b, t in tables.items()},
+            "exit_share": [round(float(x), 6) for x in torch.as_tensor(share).tolist()]}

@@ -254,7 +254,7 @@ def _search_variants(cfg: CalibrationConfig, stage_profile: StageProfile, heads_
         top[:, m - 1], pred[:, m - 1] = final
         table = DecisionTable(top, pred, labels)
         costs = exit_costs(stage_profile, heads)
-        result = search_thresholds(_restrict(table, heads, m), costs, cfg.search, cfg.samples, cfg.seed)
+        result = search_thresholds(restrict_to_heads(table, heads, m), costs, cfg.search, cfg.samples, cfg.seed)
         missing = [j for j in range(m - 1) if j not in heads]
         result.thresholds[:, missing] = 1.0  # they never fire and cost nothing: say so in the profile
         profiles, default = profiles_from_search(result, costs, cfg.tolerance)
@@ -262,7 +262,7 @@ def _search_variants(cfg: CalibrationConfig, stage_profile: StageProfile, heads_
     return variants
 
 
-def _restrict(table: DecisionTable, heads: dict[int, ExitHead], m: int) -> DecisionTable:
+def restrict_to_heads(table: DecisionTable, heads: dict[int, ExitHead], m: int) -> DecisionTable:
     """Exits without means can never fire: give them top probability 0 (any threshold keeps them shut)."""
     missing = [j for j in range(m - 1) if j not in heads]
     if not missing:

@@ -19,8 +19,8 @@ import torch
 
 from service.earlyexit import DecisionTable, Profile
 from service.earlyexit.search import search_thresholds
-from service.earlyexit.time_axis import TimeTable
-from service.offline.calibration import profiles_from_search
+from service.earlyexit.time_axis import TimeTable, profile_time_entry
+from service.offline.calibration import profiles_from_search, restrict_to_heads
 from service.store.bundle_model import Bundle
 
 
@@ -37,17 +37,8 @@ def cpu_model() -> str:
 
 def profile_times(bundle: Bundle, table: DecisionTable, tables: dict[int, TimeTable]) -> dict[str, dict[str, Any]]:
     """Per profile: ``ms`` and ``time_fraction`` per batch size, and its ``exit_share (M,)`` on the table."""
-    profiles = list(bundle.profiles)
-    t = torch.tensor([p.thresholds for p in profiles], dtype=torch.float32).view(len(profiles), -1)
-    out: dict[str, dict[str, Any]] = {p.name: {"ms": {}, "time_fraction": {}} for p in profiles}
-    for b, tt in tables.items():
-        ms, _ = table.evaluate(t, tt.exit_costs())
-        for p, v in zip(profiles, ms.tolist(), strict=True):
-            out[p.name]["ms"][str(b)] = round(float(v), 6)
-            out[p.name]["time_fraction"][str(b)] = round(float(v) / tt.full_ms, 6)
-    for p in profiles:
-        out[p.name]["exit_share"] = [round(x, 6) for x in table.exit_histogram(torch.tensor(p.thresholds)).tolist()]
-    return out
+    return {p.name: profile_time_entry(table.exit_histogram(torch.tensor(p.thresholds)), p.thresholds, tables)
+            for p in bundle.profiles}
 
 
 def timing_document(bundle: Bundle, table: DecisionTable, tables: dict[int, TimeTable], engine: str, threads: int,
@@ -75,10 +66,7 @@ def time_hull_bundle(bundle: Bundle, table: DecisionTable, latency: TimeTable, b
     """
     costs_ms = latency.exit_costs()
     missing = [j for j in range(bundle.num_exits - 1) if j not in bundle.heads]
-    if missing:  # exits without class means can never fire: keep every candidate off there
-        top = table.top_prob.clone()
-        top[:, missing] = 0.0
-        table = DecisionTable(top, table.pred, table.labels)
+    table = restrict_to_heads(table, bundle.heads, bundle.num_exits)  # exits without means never fire
     result = search_thresholds(table, costs_ms, search, samples, seed)
     result.thresholds[:, missing] = 1.0
     timed, default = profiles_from_search(result, costs_ms, tolerance)  # cost fields in ms here

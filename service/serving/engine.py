@@ -27,14 +27,14 @@ from service.backbones.preprocess import Normalizer
 from service.earlyexit.modes import get_mode
 from service.errors import ActiveStateError, ProfileNotFound, ServiceError
 from service.serving.autopilot import parse_persisted
-from service.serving.compiled import CompiledCascadeRunner, EngineBuildError
+from service.serving.compiled import EngineBuildError
 from service.serving.ic_serving import ICStore, load_ic_store
 from service.serving.metrics import Metrics
 from service.serving.outcomes import outcomes
 from service.serving.runners import RunnerOptions
 from service.serving.snapshot import Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
 from service.serving.state_writer import StateWriter, now_iso, operating_names
-from service.serving.time_measure import CompiledSegments, EagerSegments, measure_time_tables
+from service.serving.time_measure import measure_time_tables, segments_for
 from service.serving.time_profiles import retimed
 from service.store.active import active_version, read_active_or_none
 from service.store.atomic import sweep_tmp
@@ -191,9 +191,7 @@ class Engine:
             log.warning("bundle %s has no timing.json: nothing to re-measure (run `classmeans timing`)",
                         snap.bundle_id)
             return None
-        runner = snap.runner
-        segments = CompiledSegments(runner) if isinstance(runner, CompiledCascadeRunner) else EagerSegments(
-            self.net, snap.bundle.heads)
+        segments, _ = segments_for(snap.runner, self.net, snap.bundle.heads)
         h, w = self.spec.input_size
         tables = measure_time_tables(self.net, snap.bundle.heads, segments, (3, h, w), batch_sizes, repeats)
         info = snap.catalog.engine_info

@@ -16,8 +16,6 @@ runner, or :class:`EagerSegments` (the torch reference engine, for GPUs and for 
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -29,6 +27,7 @@ from service.earlyexit.modes import CM_HEAD
 from service.earlyexit.time_axis import TimeTable, decompose
 from service.serving.compiled.runner import CompiledCascadeRunner
 from service.serving.compiled.segments import DEFAULT_NETWORK, FINAL, SegmentKey
+from service.serving.compiled.timing import time_call
 
 
 class SegmentEngine(Protocol):
@@ -62,15 +61,10 @@ class EagerSegments:
         return run
 
 
-def _median_seconds(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(engine: SegmentEngine, key: SegmentKey, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one call of segment ``key`` on ``x`` (the callable is made before the clock starts)."""
+    fn = engine.segment_callable(key)
+    return time_call(lambda: fn(x), repeats)
 
 
 @torch.inference_mode()
@@ -98,14 +92,14 @@ def measure_time_tables(net: StagedNetwork, heads: dict[int, ExitHead], engine: 
         single, with_head = [], []
         for j in range(m):
             key = SegmentKey(network, j, j, (FINAL,) if j == m - 1 else ())
-            single.append(_median_seconds(engine.segment_callable(key), xs[j], reps))
+            single.append(_seconds(engine, key, xs[j], reps))
         for j in range(m - 1):
             if j in heads:
                 key = SegmentKey(network, j, j, (CM_HEAD,))
-                with_head.append(_median_seconds(engine.segment_callable(key), xs[j], reps))
+                with_head.append(_seconds(engine, key, xs[j], reps))
             else:
                 with_head.append(single[j])
-        whole = _median_seconds(engine.segment_callable(SegmentKey(network, 0, m - 1, (FINAL,))), xs[0], reps)
+        whole = _seconds(engine, SegmentKey(network, 0, m - 1, (FINAL,)), xs[0], reps)
         ms = 1000.0 / b
         tables[b] = decompose([s * ms for s in single], [h * ms for h in with_head], whole * ms, b)
     return tables
@@ -126,6 +120,13 @@ class CompiledSegments:
         return run
 
 
+def segments_for(runner: object, net: StagedNetwork, heads: dict[int, ExitHead]) -> tuple[SegmentEngine, str]:
+    """The segments of the engine ``runner`` is (compiled: its own session cache; else the eager reference)."""
+    if isinstance(runner, CompiledCascadeRunner):
+        return CompiledSegments(runner), "onnx"
+    return EagerSegments(net, heads), "torch"
+
+
 def segment_engine(name: str, net: StagedNetwork, heads: dict[int, ExitHead], threads: int
                    ) -> tuple[SegmentEngine, str]:
     """The engine to time: ``torch`` (eager reference), ``onnx`` (compiled; raises
@@ -134,6 +135,4 @@ def segment_engine(name: str, net: StagedNetwork, heads: dict[int, ExitHead], th
     from service.serving.compiled.factory import build_runner
 
     runner, _info = build_runner(name, net, heads, None, threads=threads)
-    if isinstance(runner, CompiledCascadeRunner):
-        return CompiledSegments(runner), "onnx"
-    return EagerSegments(net, heads), "torch"
+    return segments_for(runner, net, heads)

@@ -12,7 +12,7 @@ import os
 import time
 
 from service.earlyexit import Operating
-from service.earlyexit.time_axis import TimeTable, expected_ms
+from service.earlyexit.time_axis import TimeTable, profile_time_entry
 from service.errors import ServiceError
 from service.store.bundle_model import Bundle
 
@@ -86,7 +86,5 @@ def retimed(bundle: Bundle, tables: dict[int, TimeTable], engine: str, threads: 
             thresholds = bundle.profile(name).thresholds
         except KeyError:
             continue
-        ms = {str(b): round(expected_ms(p["exit_share"], thresholds, t), 6) for b, t in tables.items()}
-        doc["profiles"][name] = {"ms": ms, "time_fraction": {b: round(v / doc["full_ms"][b], 6) for b, v in ms.items()},
-                                 "exit_share": p["exit_share"]}
+        doc["profiles"][name] = profile_time_entry(p["exit_share"], thresholds, tables)
     return doc
