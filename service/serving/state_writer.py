@@ -98,12 +98,13 @@ class StateWriter:
             snap = self.engine.snapshot
             full = require_time_axis(snap.bundle)
             target = max_time_fraction if max_time_fraction is not None else float(max_latency_ms) / full
+            fractions = time_fractions(snap.bundle)
             try:
-                op = select_by_time(snap.bundle.profiles, time_fractions(snap.bundle), target)
+                op = select_by_time(snap.bundle.profiles, fractions, target)
             except TargetUnreachable as exc:
                 if max_latency_ms is None:
                     raise
-                fastest = min(time_fractions(snap.bundle).values()) * full
+                fastest = min(fractions.values()) * full
                 raise TargetUnreachable(f"no point serves within {max_latency_ms:g} ms per sample at batch 1 on "
                                         f"this machine (fastest {fastest:.3g} ms, full network {full:.3g} ms)"
                                         ) from exc

@@ -28,11 +28,12 @@ router = APIRouter(tags=["data plane"])
 
 SWITCH_ERRORS = {401: {"model": schemas.ErrorBody, "description": "unauthorized"},
                  404: {"model": schemas.ErrorBody, "description": "profile_not_found"},
-                 409: {"model": schemas.ErrorBody, "description": "mode_unavailable (no usable ICs for that mode)"},
+                 409: {"model": schemas.ErrorBody,
+                       "description": "mode_unavailable (no usable ICs for that mode); no_time_axis (a time target "
+                                      "on a bundle never timed on this machine)"},
                  422: {"model": schemas.ErrorBody,
                        "description": "invalid_target, target_unreachable, floor_unreachable, unknown_mode, "
                                       "mode_mismatch"}}
-SWITCH_ERRORS[409]["description"] += "; no_time_axis (a time target on a bundle never timed on this machine)"
 
 
 def _share(snap: Snapshot, name: str) -> float:
@@ -54,7 +55,8 @@ def _times(bundle: Bundle, name: str) -> dict:
     ms = profile_ms(bundle, name)
     if ms is None:
         return {}
-    by_batch = {b: v for b in (bundle.timing or {}).get("full_ms", {}) if (v := profile_ms(bundle, name, b))}
+    by_batch = {b: v for b in (bundle.timing or {}).get("full_ms", {})
+                if (v := profile_ms(bundle, name, b)) is not None}
     full = full_ms(bundle)
     return {"ms": ms, "ms_batch": by_batch, "time_fraction": ms / full if full else None}
 
