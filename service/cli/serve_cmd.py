@@ -23,7 +23,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.serving.cpu_budget import ThreadPlan
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: v for k, v in (("store", args.store), ("model", args.model),
                                                    ("host", args.host), ("port", args.port),
                                                    ("workers", args.workers),
-                                                   ("torch_threads", getattr(args, "threads", None)))
+                                                   ("torch_threads", args.threads))
                                   if v is not None}
     settings = Settings(**overrides)
     level = settings.log_level.upper()
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     return _serve_workers(settings, plan.workers, overrides)
 
 
-def choose_plan(settings: Any) -> Any:
+def choose_plan(settings: Any) -> ThreadPlan:
     """Workers x threads for the cores this process may use; logged with the reason (a warning when the
     configured numbers oversubscribe the cores)."""
     from service.serving.cpu_budget import plan_threads, read_cpu_budget
