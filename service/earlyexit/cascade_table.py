@@ -25,20 +25,29 @@ class CascadeCosts:
     ``backbone_cum (M,)``: backbone FLOPs up to each exit (the last: the full network).
     ``base_cost (E,)``: the predicting head at exit ``j``, paid when any criterion is enabled there.
     ``criterion_cost (C, E)``: extra cost of criterion ``c`` at ``j``, paid when that criterion is enabled.
+    ``skips``: ``(first, last, cost)`` exit ranges that are skipped, with their ``cost`` (included in
+    ``backbone_cum`` from exit ``last`` on), when no criterion is enabled at any exit ``first..last``: the
+    members of a cascade of networks before the last (:mod:`service.earlyexit.model_cascade`). A member none
+    of whose exits can fire answers nobody, so it is not run: every later exit costs ``cost`` less.
     """
 
     backbone_cum: tuple[float, ...]
     base_cost: tuple[float, ...]
     criterion_cost: tuple[tuple[float, ...], ...]
+    skips: tuple[tuple[int, int, float], ...] = ()
 
     def __post_init__(self) -> None:
         e = len(self.backbone_cum) - 1
         if len(self.base_cost) != e or any(len(r) != e for r in self.criterion_cost):
             raise ValueError("base_cost and every criterion_cost row need M - 1 entries")
+        for first, last, _ in self.skips:
+            if not 0 <= first <= last < e:
+                raise ValueError(f"skip range {first}..{last} is not within the {e} early exits")
 
     @property
     def full(self) -> float:
-        return float(self.backbone_cum[-1])
+        """The cost of a sample when nothing is enabled: the last exit, skippable ranges skipped."""
+        return float(self.backbone_cum[-1]) - sum(c for _, _, c in self.skips)
 
     def per_exit(self, score_thresholds: torch.Tensor, disable: tuple[float, ...]) -> torch.Tensor:
         """``(S, C, E)`` score-space thresholds -> ``(S, M)`` FLOPs of a sample leaving at each exit."""
@@ -50,7 +59,11 @@ class CascadeCosts:
         per = any_enabled * torch.tensor(self.base_cost, dtype=torch.float64) + (enabled * crit).sum(1)
         consulted = torch.cumsum(per, dim=1)
         consulted = torch.cat([consulted, consulted[:, -1:]], dim=1)
-        return torch.tensor(self.backbone_cum, dtype=torch.float64).unsqueeze(0) + consulted
+        out = torch.tensor(self.backbone_cum, dtype=torch.float64).unsqueeze(0) + consulted
+        for first, last, cost in self.skips:
+            skipped = ~any_enabled[:, first:last + 1].to(torch.bool).any(1)  # (S,)
+            out[:, last + 1:] -= cost * skipped.to(torch.float64).unsqueeze(1)
+        return out
 
 
 @dataclass

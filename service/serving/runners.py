@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.backbones import StagedNetwork
+from service.backbones.cascade_network import CascadeNetwork
 from service.backbones.internal_classifiers import ICSet
 from service.earlyexit import ExitHead
 from service.earlyexit.policy import ExitPolicy
 from service.serving.cascade import CascadeRunner
 from service.serving.compiled import CompiledCascadeRunner, build_runner
+from service.serving.model_cascade_runner import ModelCascadeRunner
 
 ENGINES = ("auto", "onnx", "torch")
 PREBUILD = ("served", "all")
@@ -54,10 +56,13 @@ class RunnerOptions:
             raise ValueError(f"prebuild must be one of {PREBUILD}")
 
 
-def make_runner(options: RunnerOptions, net: StagedNetwork, heads: dict[int, ExitHead], ics: ICSet | None,
-                warm: Sequence[ExitPolicy], background: Sequence[ExitPolicy]
-                ) -> tuple[CascadeRunner | CompiledCascadeRunner, dict[str, Any]]:
-    """The runner and what was chosen (``{"engine", "requested", "threads", "reason", ...}``)."""
+def make_runner(options: RunnerOptions, net: StagedNetwork | CascadeNetwork, heads: dict[int, ExitHead],
+                ics: ICSet | None, warm: Sequence[ExitPolicy], background: Sequence[ExitPolicy]
+                ) -> tuple[CascadeRunner | CompiledCascadeRunner | ModelCascadeRunner, dict[str, Any]]:
+    """The runner and what was chosen (``{"engine", "requested", "threads", "reason", ...}``); a cascade of
+    networks gets one runner per member (each chosen as for one network) behind a :class:`ModelCascadeRunner`."""
+    if isinstance(net, CascadeNetwork):
+        return _cascade_runner(options, net, heads, warm, background)
     if options.engine == "torch":
         return build_runner("torch", net, heads, ics)
     runner, info = build_runner(options.engine, net, heads, ics, threads=options.threads, policies=list(warm),
@@ -66,3 +71,22 @@ def make_runner(options: RunnerOptions, net: StagedNetwork, heads: dict[int, Exi
         keys = [k for p in background for k in runner.plan(p).segment_keys()]
         runner.builder.request(keys)
     return runner, info
+
+
+def _cascade_runner(options: RunnerOptions, net: CascadeNetwork, heads: dict[int, ExitHead],
+                    warm: Sequence[ExitPolicy], background: Sequence[ExitPolicy]
+                    ) -> tuple[ModelCascadeRunner, dict[str, Any]]:
+    """Member ``i`` gets the heads of its early exits (re-indexed to its own exits) and the member policies of
+    ``warm`` and ``background`` that run it. The reported engine is the members' when they agree."""
+    runner = ModelCascadeRunner(net)
+    members, infos = [], {}
+    for i, (off, m) in enumerate(zip(net.offsets, net.members, strict=True)):
+        own = {j - off: h for j, h in heads.items() if off <= j < off + m.num_exits - 1}
+        r, info = make_runner(options, m.net, own, None, runner.member_policies(warm, i),
+                              runner.member_policies(background, i))
+        members.append(r)
+        infos[m.name] = info
+    runner.runners = members
+    engines = {str(i.get("engine")) for i in infos.values()}
+    return runner, {"engine": engines.pop() if len(engines) == 1 else "mixed", "requested": options.engine,
+                    "threads": options.threads, "reason": None, "members": infos}

@@ -72,6 +72,8 @@ class Bundle:
                 "classes": list(spec.classes), "flops_full": self.costs.full,
                 "flops_unit": "FLOPs, 2 per multiply-add (torch.utils.flop_counter)",
                 "exits": exits, "config": self.config, **self.meta}
+        if self.costs.skips:
+            meta["skips"] = [[int(a), int(b), float(c)] for a, b, c in self.costs.skips]
         profiles = {"default": self.default_profile, "profiles": [p.to_json() for p in self.profiles]}
         return meta, tensors, profiles
 
@@ -116,15 +118,17 @@ def bundle_from_files(files: BundleFiles, spec: ModelSpec, num_exits: int | None
             if f"exit{j}.means" not in tensors:
                 continue
             heads[j] = _head(bid, j, e, tensors, shapes[j], k)
-        costs = ExitCosts(tuple(backbone_cum), tuple(head_cost))
+        skips = tuple((int(a), int(b), float(c)) for a, b, c in meta.get("skips", []))
+        costs = ExitCosts(tuple(backbone_cum), tuple(head_cost), skips)
         profiles = [Profile.from_json(p) for p in files.profiles["profiles"]]
         if not profiles:
             raise BundleError(f"bundle {bid} has no profiles")
+        handovers = {last for _, last, _ in skips}  # a cascade member's classifier: its softmax decides
         for p in profiles:
             if len(p.thresholds) != m - 1:
                 raise BundleError(f"bundle {bid}: profile {p.name} has {len(p.thresholds)} thresholds")
             for j, t in enumerate(p.thresholds):
-                if t < 1.0 and j not in heads:
+                if t < 1.0 and j not in heads and j not in handovers:
                     raise BundleError(f"bundle {bid}: profile {p.name} enables exit {j}, which has no means")
         default = str(files.profiles.get("default", profiles[-1].name))
         if default not in {p.name for p in profiles}:

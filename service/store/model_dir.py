@@ -143,9 +143,17 @@ def save_model(model_dir: Path, spec: ModelSpec, net: StagedNetwork) -> ModelSpe
 
 
 def load_model(model_dir: Path, verify_checksum: bool = True) -> tuple[ModelSpec, StagedNetwork]:
-    """Build the network from ``model.json`` and load its safetensors weights strictly, in eval mode."""
+    """Build the network from ``model.json`` and load its safetensors weights strictly, in eval mode.
+
+    A cascade's ``model.json`` (service/store/cascade_dir.py) gives a
+    :class:`~service.backbones.cascade_network.CascadeNetwork` of its members instead (typed as a network:
+    callers that need stages check ``is_cascade(spec)`` first)."""
     model_dir = Path(model_dir)
     spec = read_spec(model_dir)
+    if str(spec.architecture.get("family", "")) == "cascade":
+        from service.store.cascade_dir import load_cascade
+
+        return spec, load_cascade(model_dir, spec, verify_checksum)  # type: ignore[return-value]
     wpath = model_dir / WEIGHTS_FILE
     if not wpath.is_file():
         raise ModelDirError(f"{wpath} not found")

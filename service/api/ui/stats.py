@@ -106,7 +106,7 @@ def collect_stats(metrics: Metrics, engine: Engine) -> UiStats:
     snap = engine.snapshot
     bundle = snap.bundle
     costs = bundle.costs
-    full = float(costs.backbone_cum[-1]) or 1.0
+    full = float(costs.full) or 1.0
     per_exit, rules = _by_exit_and_rule(metrics, bundle.num_exits)
     exits = [ExitCount(index=j, name=name, flops_fraction=float(costs.backbone_cum[j]) / full, samples=per_exit[j])
              for j, name in enumerate(bundle.exit_names)]

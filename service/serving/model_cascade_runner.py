@@ -1,0 +1,135 @@
+"""The runner of a cascade of networks: each member's own runner, one after another, in one batch.
+
+A batch enters member 0 (its own :class:`~service.serving.cascade.CascadeRunner` or compiled runner, with the
+part of each row's policy that falls on its exits: :func:`~service.earlyexit.model_cascade.member_policy`).
+Rows that leave at one of its early exits are answered; rows that reach its classifier leave there when the
+softmax top probability is ``> T`` (the boundary threshold of their policy), otherwise they go on, with the
+same decoded pixels (re-normalised for the next member only when its normalisation differs), into the next
+member, which runs them from the input; the FLOPs each member spent on a row are added. A member none of
+whose exits a row's policy enables is not run for that row (it could answer nothing). The last member's
+classifier always accepts. Rows keep their own policies throughout, so time sharing and per-request profiles
+mix in one batch as for one network.
+
+Exits are reported on the cascade's sequence (member offset + the member's exit), so the offline decision
+table (:func:`~service.earlyexit.model_cascade.join_tables`) gives the same exits, predictions and FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from service.backbones.cascade_network import CascadeNetwork
+from service.earlyexit.model_cascade import member_enabled, member_policy
+from service.earlyexit.modes import CM_SLOT
+from service.earlyexit.policy import ExitPolicy
+from service.serving.cascade import ExitResult, distinct_policies
+
+
+class MemberRunner(Protocol):
+    def run(self, x: torch.Tensor, policies: ExitPolicy | Sequence[ExitPolicy]) -> ExitResult: ...
+
+
+class _Split:
+    """One cascade policy cut into its members: their policies, boundary thresholds and which ones run."""
+
+    def __init__(self, policy: ExitPolicy, net: CascadeNetwork) -> None:
+        self.policy = policy
+        last = net.num_members - 1
+        self.members = [member_policy(policy, off, m.num_exits)
+                        for off, m in zip(net.offsets, net.members, strict=True)]
+        self.boundary = [float(policy.thresholds[CM_SLOT, off + m.num_exits - 1]) if i < last else 1.0
+                         for i, (off, m) in enumerate(zip(net.offsets, net.members, strict=True))]
+        self.runs = [member_enabled(policy, off, m.num_exits, i == last)
+                     for i, (off, m) in enumerate(zip(net.offsets, net.members, strict=True))]
+
+
+class ModelCascadeRunner:
+    """``run(x, policies) -> ExitResult`` over a :class:`CascadeNetwork`; ``x (B, 3, H, W)`` normalised as member
+    0 normalises. ``runners``: one per member, built on the member's own heads and exits."""
+
+    def __init__(self, net: CascadeNetwork, runners: Sequence[MemberRunner] = ()) -> None:
+        self.net = net
+        self.runners = list(runners)  # set later when the member runners need this runner's member policies
+        self.num_exits = net.num_exits
+        self._splits: dict[int, _Split] = {}
+
+    def split(self, policy: ExitPolicy) -> _Split:
+        """The member policies of ``policy`` (cached per policy object, so each member sees stable policies)."""
+        got = self._splits.get(id(policy))
+        if got is not None and got.policy is policy:
+            return got
+        if policy.num_exits != self.num_exits:
+            raise ValueError(f"policy {policy.name!r} has {policy.num_exits} exits, the cascade {self.num_exits}")
+        s = _Split(policy, self.net)
+        if len(self._splits) >= 512:
+            self._splits.clear()
+        self._splits[id(policy)] = s
+        return s
+
+    def member_policies(self, policies: Sequence[ExitPolicy], member: int) -> list[ExitPolicy]:
+        """The policies member ``member`` runs for ``policies`` (those that run it at all)."""
+        out = []
+        for p in policies:
+            s = self.split(p)
+            if s.runs[member]:
+                out.append(s.members[member])
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Each member runner's engine state (when it reports one)."""
+        return {"members": {m.name: (r.info() if hasattr(r, "info") else {"engine": "torch"})  # type: ignore[attr-defined]
+                            for m, r in zip(self.net.members, self.runners, strict=True)}}
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, policies: ExitPolicy | Sequence[ExitPolicy]) -> ExitResult:
+        if len(self.runners) != self.net.num_members:
+            raise ValueError(f"{len(self.runners)} runners for {self.net.num_members} members")
+        b = x.shape[0]
+        distinct, rows = distinct_policies(policies, b)
+        splits = [self.split(p) for p in distinct]
+        index = torch.tensor(rows, dtype=torch.int64) if rows is not None else torch.zeros(b, dtype=torch.int64)
+        runs = torch.tensor([s.runs for s in splits], dtype=torch.bool)  # (P, members)
+        boundary = torch.tensor([s.boundary for s in splits], dtype=torch.float32)  # (P, members)
+        exit_index = torch.zeros(b, dtype=torch.int64)
+        pred = torch.zeros(b, dtype=torch.int64)
+        conf = torch.zeros(b, dtype=torch.float32)
+        flops = torch.zeros(b, dtype=torch.float64)
+        rule = torch.zeros(b, dtype=torch.int64)
+        probs: torch.Tensor | None = None
+        spent = torch.zeros(b, dtype=torch.float64)
+        alive = torch.arange(b)
+        last = self.net.num_members - 1
+        for i, (member, runner) in enumerate(zip(self.net.members, self.runners, strict=True)):
+            if alive.numel() == 0:
+                break
+            pol = index[alive]
+            here = runs[pol, i]
+            rows_i = alive[here]
+            if rows_i.numel() == 0:
+                continue
+            xi = self.net.renormalise(x[rows_i], 0, i)
+            pol_i = pol[here]
+            if len(splits) == 1:
+                res = runner.run(xi, splits[0].members[i])
+            else:
+                res = runner.run(xi, [splits[p].members[i] for p in pol_i.tolist()])
+            if i < last:
+                at_head = res.exit_index == member.num_exits - 1
+                go_on = at_head & ~(res.confidence > boundary[pol_i, i])
+            else:
+                go_on = torch.zeros(rows_i.numel(), dtype=torch.bool)
+            done = ~go_on
+            out = rows_i[done]
+            exit_index[out] = self.net.offsets[i] + res.exit_index[done]
+            pred[out], conf[out], rule[out] = res.pred[done], res.confidence[done], res.rule[done]
+            flops[out] = spent[out] + res.flops[done]
+            if probs is None:
+                probs = torch.zeros(b, res.probs.shape[1], dtype=torch.float32)
+            probs[out] = res.probs[done]
+            spent[rows_i[go_on]] += res.flops[go_on]
+            alive = torch.cat([alive[~here], rows_i[go_on]])
+        assert probs is not None and alive.numel() == 0, "the last member answers every row it is given"
+        return ExitResult(exit_index, pred, conf, probs, flops, rule)
