@@ -116,7 +116,7 @@ def classify_payload(engine: Engine, done: Classified, filenames: list[str | Non
               "top_k": [{"index": i_, "label": l_, "probability": float(pr)} for i_, l_, pr in p.top_k],
               "exit_index": p.exit_index, "exit_name": p.exit_name, "num_exits": m, "flops": float(p.flops),
               "flops_full": full, "flops_fraction": p.flops / full, "profile": p.profile, "mode": p.mode,
-              "rule": p.rule}
+              "rule": p.rule, "member": p.member}
              for i, p in enumerate(outcome.predictions)]
     mixed = req.profile is None and not req.exits_off and snap.operating.b is not None
     return {"model": engine.spec.name, "bundle": snap.bundle_id, "profile": req.served_as,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -203,6 +203,8 @@ class Prediction(BaseModel):
     mode: str = Field("cm", description="the decision mode of that profile")
     rule: str = Field(description="what let the sample out: cm (class means), ic (internal classifier), "
                                   "ic+cm (both, combined mode), final (the network's own classifier)")
+    member: str | None = Field(None, description="a cascade of models: the member that answered (its exits "
+                                                 "are named '<member>/<exit>'); null for one network")
 
 
 class ClassifyResponse(BaseModel):
@@ -330,3 +332,19 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+class CascadeCreate(BaseModel):
+    """A cascade of the store's models, cheapest first (``POST /admin/cascades``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+    members: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")]] = Field(
+        min_length=2, max_length=8)
+    replace: bool = False
+
+
+class CascadeInfo(BaseModel):
+    model: str
+    members: list[str]
+    classes: list[str]

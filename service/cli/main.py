@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.cli import calibrate_cmd, ics_cmd, import_cmd, serve_cmd, timing_cmd, train_cmd
+from service.cli import calibrate_cmd, cascade_cmd, ics_cmd, import_cmd, serve_cmd, timing_cmd, train_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="classmeans", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_cmd, import_cmd, calibrate_cmd, serve_cmd, ics_cmd, timing_cmd):
+    for module in (train_cmd, import_cmd, calibrate_cmd, cascade_cmd, serve_cmd, ics_cmd, timing_cmd):
         module.add_parser(sub)
     return parser
 

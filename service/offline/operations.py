@@ -21,7 +21,8 @@ from service.offline.evaluation import decision_table_for, evaluate_report, plot
 from service.offline.features import plain_forward_seconds
 from service.store.active import activate_bundle, resolve_bundle
 from service.store.bundles import new_bundle_id
-from service.store.model_dir import ModelSpec, load_model
+from service.store.cascade_dir import is_cascade
+from service.store.model_dir import ModelSpec, load_model, read_spec
 
 
 def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfig, holdout: int | float = 5000,
@@ -43,8 +44,16 @@ def calibrate_model(model_dir: Path, data: LabelledImages, cfg: CalibrationConfi
     ``dp``: data-parallel (torchrun): every process calls this with the same data and computes its share; the
     statistics are all-reduced and only the first process writes (and activates) the bundles; the others
     return no ids.
-    Returns the new bundle ids and a summary report.
+    Returns the new bundle ids and a summary report. A cascade of models (service/store/cascade_dir.py) is
+    calibrated by :func:`~service.offline.cascade_calibration.calibrate_cascade` (one process, first head variant).
     """
+    if is_cascade(read_spec(model_dir)) if loaded is None else is_cascade(loaded[0]):
+        from service.offline.cascade_calibration import calibrate_cascade
+
+        if dp is not None:
+            raise ValueError("a cascade calibrates in one process (no torchrun)")
+        return calibrate_cascade(model_dir, data, cfg, holdout, activate, status, tag, loaded,  # type: ignore[arg-type]
+                                 source, on_overlap, select_on, select_source)
     spec, net = loaded or load_model(model_dir)
     data = data.remap_to(spec.classes)
     if select_on is not None:
@@ -156,7 +165,12 @@ def evaluate_model(model_dir: Path, data: LabelledImages, bundle_id: str | None 
     spec, net = loaded or load_model(model_dir)
     bundle = resolve_bundle(model_dir, spec, net.num_exits, bundle_id)
     data = data.remap_to(spec.classes)
-    table = decision_table_for(net, bundle, data, Normalizer(spec.mean, spec.std), progress=progress)
+    if is_cascade(spec):
+        from service.offline.cascade_calibration import cascade_table
+
+        table = cascade_table(net, bundle, data, progress=progress)  # type: ignore[arg-type]
+    else:
+        table = decision_table_for(net, bundle, data, Normalizer(spec.mean, spec.std), progress=progress)
     report = evaluate_report(bundle, table)
     png = plot_curves({f"{bundle.bundle_id} (measured)": [(c["flops_fraction"], c["accuracy"])
                                                           for c in report["curve"]]},

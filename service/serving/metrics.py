@@ -60,6 +60,9 @@ class Metrics:
         self.samples = Counter("classmeans_samples", "Classified samples by the profile that served them, the "
                                "exit index they left at and the rule that let them out (cm, ic, ic+cm, final).",
                                ["model", "profile", "exit", "rule"], registry=r)
+        self.member_samples = Counter("classmeans_member_samples", "Samples answered by each member of a cascade "
+                                      "of models (exits of the sequence are in classmeans_samples).",
+                                      ["model", "member"], registry=r)
         self._last_exit = -1
         self.flops_per_sample = Histogram("classmeans_flops_per_sample",
                                           "FLOPs spent on one sample (2 per multiply-add).",
@@ -144,7 +147,8 @@ class Metrics:
         self.active_version.labels(self.model).set(version)
 
     def observe_samples(self, profiles: Sequence[str], exits: Sequence[int], flops: Sequence[float],
-                        flops_full: float, rules: Sequence[str] | None = None) -> None:
+                        flops_full: float, rules: Sequence[str] | None = None,
+                        members: Sequence[str] | None = None) -> None:
         """Record one classified sample per entry (called from the inference worker thread). ``rules``:
         the rule per sample; without it (class-means profiles) ``cm``, or ``final`` at the last exit."""
         m = self.model
@@ -164,6 +168,8 @@ class Metrics:
                 saved += diff
             else:
                 overhead -= diff
+        for member in members or ():
+            self.member_samples.labels(m, member).inc()
         self.flops_spent.labels(m).inc(spent)
         self.flops_full.labels(m).inc(flops_full * len(flops))
         self.flops_saved.labels(m).inc(saved)

@@ -22,6 +22,7 @@ def outcomes(requests: Sequence[InferenceRequest], res: ExitResult, served: Sequ
     preds, confs = res.pred.tolist(), res.confidence.tolist()
     top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
     names, policies = snap.bundle.exit_names, snap.policies
+    members = member_of_exits(snap.bundle.exit_names) if snap.bundle.meta.get("members") else None
     out, lo = [], 0
     for r in requests:
         k = min(r.top_k, k_all)
@@ -30,7 +31,13 @@ def outcomes(requests: Sequence[InferenceRequest], res: ExitResult, served: Sequ
             samples.append(SamplePrediction(
                 preds[j], classes[preds[j]], confs[j],
                 [(top_i_l[j][q], classes[top_i_l[j][q]], top_p_l[j][q]) for q in range(k)],
-                exits[j], names[exits[j]], flops[j], served[j], rules[j], policies[served[j]].mode))
+                exits[j], names[exits[j]], flops[j], served[j], rules[j], policies[served[j]].mode,
+                members[exits[j]] if members is not None else None))
         out.append(InferenceOutcome(samples, seconds))
         lo += r.size
     return out
+
+
+def member_of_exits(exit_names: Sequence[str]) -> list[str]:
+    """A cascade's exit names (``"<member>/<exit>"``) -> the member of each exit."""
+    return [n.split("/", 1)[0] for n in exit_names]

@@ -24,6 +24,7 @@ from service.earlyexit.policy import ExitPolicy, class_means_policy
 from service.errors import ActiveStateError, ProfileNotFound
 from service.serving.cascade import CascadeRunner
 from service.serving.compiled import CompiledCascadeRunner
+from service.serving.model_cascade_runner import ModelCascadeRunner
 from service.serving.runners import RunnerOptions, make_runner
 from service.store.bundle_model import Bundle
 
@@ -40,7 +41,7 @@ class Catalog:
     profiles first (``full`` among them), then the IC profiles; the runner that serves them all."""
 
     bundle: Bundle
-    runner: CascadeRunner | CompiledCascadeRunner
+    runner: CascadeRunner | CompiledCascadeRunner | ModelCascadeRunner
     policies: dict[str, ExitPolicy] = field(repr=False)
     profiles: dict[str, Profile] = field(repr=False)
     ic: ICServing | None = None  # the IC set's profiles and why some modes are unavailable, when loaded
@@ -72,7 +73,7 @@ class Catalog:
         """Which engine runs this catalog and why (fallback reason), with the compiled engine's live counters
         (sessions built, building, batches re-run on the reference engine)."""
         out = dict(self.engine_info)
-        if isinstance(self.runner, CompiledCascadeRunner):
+        if isinstance(self.runner, CompiledCascadeRunner | ModelCascadeRunner):
             out.update(self.runner.info())
         return out
 
@@ -125,7 +126,7 @@ class Snapshot:
     # From the catalog, for the many readers: the bundle, its id, the runner, the policies, the IC set.
     bundle: Bundle = field(init=False, repr=False)
     bundle_id: str = field(init=False)
-    runner: CascadeRunner | CompiledCascadeRunner = field(init=False, repr=False)
+    runner: CascadeRunner | CompiledCascadeRunner | ModelCascadeRunner = field(init=False, repr=False)
     policies: dict[str, ExitPolicy] = field(init=False, repr=False)
     ic: ICServing | None = field(init=False, repr=False)
 
@@ -213,6 +214,7 @@ class SamplePrediction:
     profile: str
     rule: str = "final"  # which rule let it out (RULE_NAMES: cm, ic, ic+cm, final)
     mode: str = "cm"  # the decision mode of its profile
+    member: str | None = None  # the cascade member that answered (None: one network)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from service.backbones.cascade_network import CascadeMember, CascadeNetwork
 from service.errors import ServiceError
@@ -32,6 +32,7 @@ class CascadeError(ServiceError, ValueError):
 
     code = "invalid_cascade"
     status = 422
+    STATUS_BY_CODE: ClassVar[dict[str, int]] = {"model_exists": 409, "model_not_found": 404}
 
 
 def is_cascade(spec: ModelSpec) -> bool:

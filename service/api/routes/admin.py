@@ -106,6 +106,22 @@ async def _archive(request: Request, max_bytes: int, filename: str | None) -> As
                        "or application/x-tar, or as the 'file' part of multipart/form-data")
 
 
+@router.post("/cascades", status_code=201, response_model=schemas.CascadeInfo,
+             responses={404: {"model": schemas.ErrorBody, "description": "model_not_found (a member)"},
+                        409: {"model": schemas.ErrorBody, "description": "model_exists"},
+                        422: {"model": schemas.ErrorBody, "description": "cascade_class_mismatch, "
+                              "cascade_input_mismatch, invalid_cascade, validation_error"}})
+async def create_cascade(engine: EngineDep, body: schemas.CascadeCreate) -> JSONResponse:
+    """Write a cascade of the store's models (``model_store/<name>/model.json``); calibrate it with
+    ``classmeans calibrate`` or, once served (``--model <name>``), ``POST /admin/class-means``."""
+    from service.store.cascade_dir import create_cascade as create
+
+    store = engine.model_dir.parent
+    spec = await anyio.to_thread.run_sync(lambda: create(store, body.name, body.members, replace=body.replace))
+    info = schemas.CascadeInfo(model=spec.name, members=list(body.members), classes=list(spec.classes))
+    return JSONResponse(info.model_dump(), status_code=201, headers={"Location": f"/v2/models/{spec.name}"})
+
+
 @router.get("/jobs", response_model=schemas.JobList)
 async def list_jobs(state: StateDep) -> schemas.JobList:
     """Recent jobs, oldest first."""

@@ -283,6 +283,8 @@ def _response(body: schemas.InferRequest, req: InferenceRequest, outcome: Infere
                            "flops": float(p.flops), "flops_fraction": float(p.flops) / full,
                            "confidence": float(p.confidence),
                            "mode": p.mode, "rule": rules[0]})
+        if p.member is not None:
+            parameters["member"] = p.member
         if p.profile != req.served_as:
             parameters["operating_point"] = req.served_as
     else:
