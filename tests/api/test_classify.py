@@ -17,7 +17,7 @@ from tests.api.conftest import (
 )
 
 PREDICTION_KEYS = {"filename", "label", "class_index", "confidence", "top_k", "exit_index", "exit_name",
-                   "num_exits", "flops", "flops_full", "flops_fraction", "profile", "mode", "rule"}
+                   "num_exits", "flops", "flops_full", "flops_fraction", "profile", "mode", "rule", "member"}
 
 
 def files(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
