@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,6 +85,11 @@ class CascadeNetwork:
             if exit_index >= self.offsets[i]:
                 return i
         raise IndexError(exit_index)
+
+    def member_heads(self, heads: dict[int, Any], i: int) -> dict[int, Any]:
+        """The heads (by sequence exit) that fall on member ``i``'s early exits, by the member's own exit index."""
+        off, m = self.offsets[i], self.members[i].num_exits
+        return {j - off: h for j, h in heads.items() if off <= j < off + m - 1}
 
     def same_normalisation(self, i: int, j: int) -> bool:
         a, b = self.members[i], self.members[j]

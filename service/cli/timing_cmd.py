@@ -46,11 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from service.backbones.cascade_network import CascadeNetwork
     from service.backbones.preprocess import Normalizer
     from service.ingest.sources import load_dataset
+    from service.offline.cascade_calibration import cascade_table
     from service.offline.evaluation import decision_table_for
     from service.offline.timing import timing_document
-    from service.serving.time_measure import measure_time_tables, segment_engine
+    from service.serving.time_measure import cascade_time_tables, measure_time_tables, segment_engine
     from service.store.active import resolve_bundle
     from service.store.model_dir import load_model
     from service.store.timing import write_timing
@@ -59,15 +61,27 @@ def run(args: argparse.Namespace) -> int:
     spec, net = load_model(model_dir)
     bundle = resolve_bundle(model_dir, spec, net.num_exits, args.bundle)
     torch.set_num_threads(max(1, args.threads))
-    engine, engine_name = segment_engine(args.engine, net, bundle.heads, args.threads)
     h, w = spec.input_size
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    cascade = isinstance(net, CascadeNetwork)
+    if cascade:
+        found = [segment_engine(args.engine, m.net, net.member_heads(bundle.heads, i), args.threads)
+                 for i, m in enumerate(net.members)]
+        engine_name = "/".join(sorted({n for _, n in found}))
+    else:
+        engine, engine_name = segment_engine(args.engine, net, bundle.heads, args.threads)
     print(f"timing {bundle.bundle_id} on the {engine_name} engine, {args.threads} thread(s), batch {sizes}",
           file=sys.stderr)
-    tables = measure_time_tables(net, bundle.heads, engine, (3, h, w), sizes, repeats=args.repeats)
+    if cascade:
+        tables = cascade_time_tables(net, bundle.heads, [e for e, _ in found], (3, h, w), sizes, args.repeats)
+    else:
+        tables = measure_time_tables(net, bundle.heads, engine, (3, h, w), sizes, repeats=args.repeats)
     data = load_dataset(args.data, image_size=spec.preprocessing, limit=args.limit).remap_to(spec.classes)
     selection = data.split_holdout(args.holdout, seed=args.seed)[1] if args.holdout else data
-    table = decision_table_for(net, bundle, selection, Normalizer(spec.mean, spec.std))
+    if cascade:
+        table = cascade_table(net, bundle, selection)
+    else:
+        table = decision_table_for(net, bundle, selection, Normalizer(spec.mean, spec.std))
     doc = timing_document(bundle, table, tables, engine_name, args.threads,
                           {"source": Path(args.data).name, "samples": len(selection), "holdout": args.holdout,
                            "seed": args.seed})

@@ -76,6 +76,41 @@ class TimeTable:
                    tuple(float(x) for x in obj["head_ms"]), float(obj["call_ms"]))
 
 
+@dataclass(frozen=True)
+class CascadeTimeTable:
+    """A cascade of networks' time axis at one batch size: each member's :class:`TimeTable`, joined exactly as
+    their FLOPs are (:func:`~service.earlyexit.model_cascade.join_costs`: members in sequence, the hand-over at
+    a member's classifier free, a member with no enabled exit not run)."""
+
+    members: tuple[TimeTable, ...]
+
+    def __post_init__(self) -> None:
+        if len({t.batch_size for t in self.members}) != 1:
+            raise ValueError("the members' tables must be for one batch size")
+
+    @property
+    def batch_size(self) -> int:
+        return self.members[0].batch_size
+
+    @property
+    def num_exits(self) -> int:
+        return sum(t.num_exits for t in self.members)
+
+    def exit_costs(self) -> ExitCosts:
+        from service.earlyexit.model_cascade import join_costs
+
+        return join_costs([t.exit_costs() for t in self.members])
+
+    @property
+    def full_ms(self) -> float:
+        """The last member alone (every exit off)."""
+        return float(self.exit_costs().full)
+
+    def to_json(self) -> dict:
+        return {"batch_size": self.batch_size, "members": [t.to_json() for t in self.members],
+                "full_ms": round(self.full_ms, 6)}
+
+
 def decompose(single_stage_ms: Sequence[float], with_head_ms: Sequence[float], whole_ms: float,
               batch_size: int) -> TimeTable:
     """A :class:`TimeTable` from three measurements (per-sample milliseconds at ``batch_size``):
@@ -100,7 +135,7 @@ def decompose(single_stage_ms: Sequence[float], with_head_ms: Sequence[float], w
 
 
 def expected_ms(share: torch.Tensor | Sequence[float], thresholds: torch.Tensor | Sequence[float],
-                table: TimeTable) -> float:
+                table: TimeTable | CascadeTimeTable) -> float:
     """Expected milliseconds per sample of a class-means profile: ``share (M,)`` of samples leaving at each
     exit (sums to 1), ``thresholds (M-1,)`` (``>= 1``: disabled, costs nothing)."""
     t = torch.as_tensor(thresholds, dtype=torch.float32).view(1, -1)
@@ -138,7 +173,7 @@ def select_by_time(profiles: Sequence[Profile], time_fraction: dict[str, float],
 
 
 def profile_time_entry(share: torch.Tensor | Sequence[float], thresholds: torch.Tensor | Sequence[float],
-                       tables: dict[int, TimeTable]) -> dict:
+                       tables: dict[int, TimeTable] | dict[int, CascadeTimeTable]) -> dict:
     """One class-means profile on the time axis, as ``timing.json`` stores it: ``{"ms": {batch: ms},
     "time_fraction": {batch: ms / full network's ms}, "exit_share": [M shares]}`` (:func:`expected_ms`)."""
     ms = {str(b): round(expected_ms(share, thresholds, t), 6) for b, t in tables.items()}

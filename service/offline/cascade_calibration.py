@@ -60,9 +60,8 @@ def cascade_table(net: CascadeNetwork, bundle: Bundle, data: LabelledImages, bat
                   progress=None) -> DecisionTable:
     """The cascade bundle's decision table on ``data`` (every member run on every sample)."""
     tables = []
-    for off, m in zip(net.offsets, net.members, strict=True):
-        own = {j - off: h for j, h in bundle.heads.items() if off <= j < off + m.num_exits - 1}
-        tables.append(member_table(m.net, own, data, m.normalizer, batch_size, progress))
+    for i, m in enumerate(net.members):
+        tables.append(member_table(m.net, net.member_heads(bundle.heads, i), data, m.normalizer, batch_size, progress))
     return join_tables(tables)
 
 

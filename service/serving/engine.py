@@ -34,7 +34,7 @@ from service.serving.outcomes import member_of_exits, outcomes
 from service.serving.runners import RunnerOptions
 from service.serving.snapshot import Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
 from service.serving.state_writer import StateWriter, now_iso, operating_names
-from service.serving.time_measure import measure_time_tables, segments_for
+from service.serving.time_measure import serving_time_tables
 from service.serving.time_profiles import retimed
 from service.store.active import active_version, read_active_or_none
 from service.store.atomic import sweep_tmp
@@ -191,9 +191,8 @@ class Engine:
             log.warning("bundle %s has no timing.json: nothing to re-measure (run `classmeans timing`)",
                         snap.bundle_id)
             return None
-        segments, _ = segments_for(snap.runner, self.net, snap.bundle.heads)
         h, w = self.spec.input_size
-        tables = measure_time_tables(self.net, snap.bundle.heads, segments, (3, h, w), batch_sizes, repeats)
+        tables, _ = serving_time_tables(snap.runner, self.net, snap.bundle.heads, (3, h, w), batch_sizes, repeats)
         info = snap.catalog.engine_info
         doc = retimed(snap.bundle, tables, str(info.get("engine", "torch")), int(info.get("threads") or 1))
         if doc is not None:

@@ -80,9 +80,8 @@ def _cascade_runner(options: RunnerOptions, net: CascadeNetwork, heads: dict[int
     ``warm`` and ``background`` that run it. The reported engine is the members' when they agree."""
     runner = ModelCascadeRunner(net)
     members, infos = [], {}
-    for i, (off, m) in enumerate(zip(net.offsets, net.members, strict=True)):
-        own = {j - off: h for j, h in heads.items() if off <= j < off + m.num_exits - 1}
-        r, info = make_runner(options, m.net, own, None, runner.member_policies(warm, i),
+    for i, m in enumerate(net.members):
+        r, info = make_runner(options, m.net, net.member_heads(heads, i), None, runner.member_policies(warm, i),
                               runner.member_policies(background, i))
         members.append(r)
         infos[m.name] = info

@@ -22,9 +22,10 @@ from typing import Protocol
 import torch
 
 from service.backbones import StagedNetwork
+from service.backbones.cascade_network import CascadeNetwork
 from service.earlyexit import ExitHead
 from service.earlyexit.modes import CM_HEAD
-from service.earlyexit.time_axis import TimeTable, decompose
+from service.earlyexit.time_axis import CascadeTimeTable, TimeTable, decompose
 from service.serving.compiled.runner import CompiledCascadeRunner
 from service.serving.compiled.segments import DEFAULT_NETWORK, FINAL, SegmentKey
 from service.serving.compiled.timing import time_call
@@ -136,3 +137,28 @@ def segment_engine(name: str, net: StagedNetwork, heads: dict[int, ExitHead], th
 
     runner, _info = build_runner(name, net, heads, None, threads=threads)
     return segments_for(runner, net, heads)
+
+
+def cascade_time_tables(net: CascadeNetwork, heads: dict[int, ExitHead], engines: Sequence[SegmentEngine],
+                        in_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 32), repeats: int = 30
+                        ) -> dict[int, CascadeTimeTable]:
+    """A cascade's time axis: every member measured as one network (its own segments, ``engines[i]``), joined
+    per batch size (:class:`~service.earlyexit.time_axis.CascadeTimeTable`)."""
+    per_member = [measure_time_tables(m.net, net.member_heads(heads, i), engines[i], in_shape, batch_sizes, repeats,
+                                      network=m.name) for i, m in enumerate(net.members)]
+    return {b: CascadeTimeTable(tuple(t[b] for t in per_member)) for b in batch_sizes}
+
+
+def serving_time_tables(runner: object, net: StagedNetwork | CascadeNetwork, heads: dict[int, ExitHead],
+                        in_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 32), repeats: int = 30
+                        ) -> tuple[dict[int, TimeTable] | dict[int, CascadeTimeTable], str]:
+    """The time tables of the engine ``runner`` serves with (one network or a cascade), and the engine's name."""
+    if isinstance(net, CascadeNetwork):
+        runners = getattr(runner, "runners", None) or [None] * net.num_members
+        found = [segments_for(r, m.net, net.member_heads(heads, i)) for i, (m, r) in
+                 enumerate(zip(net.members, runners, strict=True))]
+        names = {n for _, n in found}
+        tables = cascade_time_tables(net, heads, [e for e, _ in found], in_shape, batch_sizes, repeats)
+        return tables, names.pop() if len(names) == 1 else "mixed"
+    engine, name = segments_for(runner, net, heads)
+    return measure_time_tables(net, heads, engine, in_shape, batch_sizes, repeats), name

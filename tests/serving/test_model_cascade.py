@@ -257,3 +257,24 @@ async def test_admin_creates_cascades_with_clear_errors(cascade_store):
         r = await s.client.post("/admin/cascades", json={"name": "c3", "members": [BIG]}, headers=AUTH)
         assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
         assert not (cascade_store / "c3").exists()
+
+
+def test_time_axis_of_a_cascade_joins_the_members_like_flops(cascade_store_root):
+    from service.offline.timing import timing_document
+    from service.serving.time_measure import serving_time_tables
+
+    spec, net = load_model(cascade_store_root / CASCADE)
+    bundle = resolve_bundle(cascade_store_root / CASCADE, spec, net.num_exits, None)
+    runner, _ = make_runner(RunnerOptions(engine="torch"), net, bundle.heads, None, [], [])
+    tables, engine = serving_time_tables(runner, net, bundle.heads, (3, 32, 32), (1, 4), repeats=5)
+    assert engine == "torch" and set(tables) == {1, 4}
+    t1 = tables[1]
+    assert t1.num_exits == net.num_exits
+    assert t1.full_ms == pytest.approx(t1.members[1].full_ms)  # every exit off: the last member alone
+    costs = t1.exit_costs()
+    assert costs.backbone_cum[11] == pytest.approx(t1.members[0].full_ms + t1.members[1].exit_costs().backbone_cum[0])
+    doc = timing_document(bundle, cascade_table(net, bundle, synthetic_images(60, seed=8)), tables, engine, 1,
+                          {"source": "synthetic", "samples": 60})
+    assert doc["profiles"]["full"]["time_fraction"]["1"] == pytest.approx(1.0, abs=1e-5)
+    assert doc["tables"]["1"]["members"][0]["batch_size"] == 1
+    assert all(p["ms"]["1"] > 0 for p in doc["profiles"].values())
