@@ -41,7 +41,9 @@ def summarize(timed: list[Timed], labels: np.ndarray, seconds: float,
     generator's own connection cap). Latency counts from the scheduled send time. Accuracy is against the
     labels. Cost: the answer's ``flops_fraction``; its ``time_fraction`` when the answer carries one, else the
     ``time_fraction`` of the profile it names in ``costs`` (``GET /profiles``: expected time at batch 1
-    over the full network's); ``estimated_accuracy``: the mean over answers of the served profile's estimate."""
+    over the full network's); ``mean_time_fraction`` is ``None`` unless every answer has one (the mean over
+    those that have is kept apart, with the coverage); ``estimated_accuracy``: the mean over answers of the
+    served profile's estimate (``None`` unless every answer's profile has one)."""
     costs = costs or {}
     recs = [t.record for t in timed]
     ok = [r for r in recs if r.answer is not None]
@@ -77,6 +79,7 @@ def summarize(timed: list[Timed], labels: np.ndarray, seconds: float,
         if row.get("accuracy") is not None:
             est.append(float(row["accuracy"]))
     other = sum(other_status.values()) + sum(failures.values())
+    coverage = len(times) / len(ok) if ok else None
     seconds = max(seconds, 1e-9)
     return {
         "requests": len(recs), "offered_rps": len(recs) / seconds, "answered": len(ok),
@@ -89,8 +92,11 @@ def summarize(timed: list[Timed], labels: np.ndarray, seconds: float,
         "other_non_2xx": other, "other_by_status": dict(other_status), "other_by_failure": dict(failures),
         "non_2xx": len(recs) - len(ok),
         "accuracy": correct / len(ok) if ok else None, "correct": correct,
-        "mean_flops_fraction": _mean(flops), "mean_time_fraction": _mean(times),
-        "time_fraction_source": dict(sources), "estimated_accuracy": _mean(est),
+        "mean_flops_fraction": _mean(flops),
+        "mean_time_fraction": _mean(times) if coverage == 1.0 else None,
+        "time_fraction_coverage": coverage, "mean_time_fraction_of_covered": _mean(times),
+        "time_fraction_source": dict(sources),
+        "estimated_accuracy": _mean(est) if est and len(est) == len(ok) else None,
         "profiles": dict(profiles.most_common(5)),
         "generator_late_p99_ms": _pct_ms([t.late_s for t in timed], 99),
     }
