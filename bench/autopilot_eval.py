@@ -73,7 +73,7 @@ def summarize(timed: list[Timed], labels: np.ndarray, seconds: float,
         elif row.get("time_fraction") is not None:
             times.append(float(row["time_fraction"]))
             sources["profile table"] += 1
-        elif a.flops_fraction == 1.0 and not costs:  # a full-network server (LitServe): full time
+        elif name is None and a.flops_fraction == 1.0:  # a full-network server naming no profile (LitServe)
             times.append(1.0)
             sources["full network"] += 1
         if row.get("accuracy") is not None:

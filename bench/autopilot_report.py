@@ -141,8 +141,8 @@ def render_trace(results: dict[str, Any], path: Path) -> None:
 
 def table(results: dict[str, Any]) -> list[str]:
     lines = ["| load | configuration | offered/s | answered/s | p50 ms | p99 ms | shed 503 (p99 ms, with Retry-After) "
-             "| other non-2xx | accuracy % | mean FLOPs | mean time | load avg after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| other non-2xx | accuracy % | mean FLOPs | mean time | generator late p99 ms | load avg after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     last_load: dict[tuple[str, str], str] = {}
     for st in results.get("steps", []):
         last_load[(st["config"], st["load"])] = st["loadavg"]["after"] or "?"
@@ -155,7 +155,8 @@ def table(results: dict[str, Any]) -> list[str]:
                 f"| {k}x | {LABELS[cfg]} | {r['offered_rps']:.0f} | {r['answered_rps']:.0f} | {_f(r['p50_ms'])} | "
                 f"**{_f(r['p99_ms'])}** | {r['shed']} ({_f(r['shed_p99_ms'])}, {r['shed_with_retry_after']}) | "
                 f"{r['other_non_2xx']} | {_pct(r['accuracy'])} | {_f(r['mean_flops_fraction'], '.3f')} | "
-                f"{_f(r['mean_time_fraction'], '.3f')} | {last_load.get((cfg, k), '?')} |")
+                f"{_f(r['mean_time_fraction'], '.3f')} | {_f(r.get('generator_late_p99_ms'))} | "
+                f"{last_load.get((cfg, k), '?')} |")
     return lines
 
 
@@ -199,7 +200,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Shed: HTTP 503 (their p99 latency; how many carried Retry-After). Other non-2xx: any other status, client "
         "timeouts, resets, and requests the generator could not send (its 512-connection cap). Mean time: the "
         "answer's time fraction when it carries one, else the served profile's expected time at batch 1 over the "
-        "full network's (`GET /profiles`); LitServe runs the full network (1.0).",
+        "full network's (`GET /profiles`); LitServe runs the full network (1.0). Generator late: how long after its "
+        "scheduled time the generator sent a request (p99; large values mean the generator, not the server, fell "
+        "behind; that time is in the latency too).",
         "",
         "## Goals (issue #25)",
         "",

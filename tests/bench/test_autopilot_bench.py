@@ -109,6 +109,9 @@ def test_time_fraction_from_the_answer_wins_and_partial_coverage_is_not_a_mean()
     s = summarize([ok(0, 0.1, 0.01, 0, "hull-3", 0.3), ok(1, 0.2, 0.01, 1, "untimed", 0.2)], LABELS, 1.0, COSTS)
     assert s["mean_time_fraction"] is None and s["time_fraction_coverage"] == 0.5
     assert mean_cost(s) == pytest.approx(0.25)  # falls back to FLOPs
+    lit = Timed(0.1, 0.0, _Record(0, 100.1, 100.2, 200, answer=Answer(class_index=0, flops_fraction=1.0)))
+    s = summarize([lit], LABELS, 1.0, COSTS)  # LitServe: the full network, no profile named
+    assert s["mean_time_fraction"] == 1.0 and s["time_fraction_source"] == {"full network": 1}
 
 
 def test_windows_bucket_by_scheduled_time_and_keep_empty_ones() -> None:
