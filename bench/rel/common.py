@@ -217,8 +217,14 @@ def answers_match(srv: Server, points: ServingPoints, got: list[tuple[str, Finge
 
 
 def serving_state(srv: Server) -> dict[str, Any]:
+    """Bundle, version and the operating point; with the autopilot engaged, its configuration (target,
+    floor, mode) instead of the point, which is the controller's to move (its moves bump no version)."""
     with srv.client() as c:
         body = c.get("/profiles").json()
+    auto = body.get("autopilot") or {}
+    if auto.get("enabled"):
+        config = {k: auto.get(k) for k in ("latency_slo_ms", "target_ms", "min_accuracy", "mode") if k in auto}
+        return {"bundle": body["bundle"], "version": body["version"], "autopilot": config}
     return {"bundle": body["bundle"], "version": body["version"], "active": body["active"]["name"]}
 
 

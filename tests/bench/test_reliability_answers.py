@@ -64,3 +64,40 @@ def test_mix_target_is_halfway_and_names_must_exist() -> None:
     assert mix_target(profiles, "hull-24", "hull-25") == pytest.approx(0.45)
     with pytest.raises(ValueError, match="hull-99"):
         mix_target(profiles, "hull-24", "hull-99")
+
+
+class _FakeClient:
+    def __init__(self, body: dict[str, object]) -> None:
+        self.body = body
+
+    def __enter__(self) -> _FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def get(self, path: str) -> _FakeClient:
+        return self
+
+    def json(self) -> dict[str, object]:
+        return self.body
+
+
+class _FakeServer:
+    def __init__(self, body: dict[str, object]) -> None:
+        self.body = body
+
+    def client(self) -> _FakeClient:
+        return _FakeClient(self.body)
+
+
+def test_serving_state_leaves_the_point_to_an_engaged_autopilot() -> None:
+    from bench.rel.common import serving_state
+
+    fixed = {"bundle": "b", "version": 3, "active": {"name": "hull-24~hull-25@0.5"}, "autopilot": {"enabled": False}}
+    assert serving_state(_FakeServer(fixed)) == {"bundle": "b", "version": 3, "active": "hull-24~hull-25@0.5"}
+    auto = {"bundle": "b", "version": 3, "active": {"name": "hull-14"},
+            "autopilot": {"enabled": True, "target_ms": 200.0, "min_accuracy": None, "mode": "cm"}}
+    moved = {**auto, "active": {"name": "hull-30~hull-31@0.2"}}
+    assert serving_state(_FakeServer(auto)) == serving_state(_FakeServer(moved))
+    assert "active" not in serving_state(_FakeServer(auto))
