@@ -58,6 +58,8 @@ class Answer:
     inference_s: float | None = None
     batch_samples: int | None = None
     consistent: bool = True  # headers, body and per-sample fields name the same state
+    sample_profile: str | None = None  # the profile that served the (first) sample: a mix's vertex
+    time_fraction: float | None = None  # the sample's time cost / the full network's, when the answer says
 
 
 class Target(Protocol):
@@ -98,9 +100,11 @@ class ClassmeansTarget:
                       and h.get("x-classmeans-version") == str(body["version"])
                       and (body["operating"] is not None or all(p["profile"] == body["profile"]
                                                                 for p in body["predictions"])))
+        tf = pred.get("time_fraction")
         return Answer(int(pred["class_index"]), int(pred["exit_index"]), float(pred["flops_fraction"]),
                       body["bundle"], body["profile"], int(body["version"]), float(body["queue_seconds"]),
-                      float(body["inference_seconds"]), int(body["batch_samples"]), consistent)
+                      float(body["inference_seconds"]), int(body["batch_samples"]), consistent,
+                      pred.get("profile"), None if tf is None else float(tf))
 
 
 @dataclass

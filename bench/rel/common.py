@@ -124,21 +124,107 @@ def images(n: int = 64) -> ImageSet:
     return _IMAGES[n]
 
 
-def fingerprint(srv: Server, n: int = 16) -> list[tuple[int, int, float, float]]:
+Fingerprint = tuple[int, int, float, float]  # (class, exit, FLOPs, confidence) of one image
+
+
+def fingerprint(srv: Server, n: int = 16, profile: str | None = None) -> list[Fingerprint]:
     """(class, exit, FLOPs, confidence) of ``n`` fixed images sent as one request (one batch): the same
-    state answers the same fingerprint."""
+    state answers the same fingerprint (at a single profile; see :func:`served_answers` for a mix)."""
+    return [a for _, a in served_answers(srv, n, profile)]
+
+
+def served_answers(srv: Server, n: int = 16, profile: str | None = None) -> list[tuple[str, Fingerprint]]:
+    """The fingerprint of each of ``n`` fixed images with the profile that served it (the answer's own
+    ``profile``: one vertex of a time-shared mix, or the ``profile`` override when given)."""
     imgs = images()
     files = [("file", (f"{i}.png", imgs.pngs[i], "image/png")) for i in range(n)]
+    params: dict[str, Any] = {"top_k": 1}
+    if profile is not None:
+        params["profile"] = profile
     with srv.client() as c:
-        r = c.post("/classify", files=files, params={"top_k": 1})
+        r = c.post("/classify", files=files, params=params)
     r.raise_for_status()
-    return [(p["class_index"], p["exit_index"], p["flops"], round(p["confidence"], 5))
+    return [(str(p["profile"]), (p["class_index"], p["exit_index"], p["flops"], round(p["confidence"], 5)))
             for p in r.json()["predictions"]]
 
 
-def serving_state(srv: Server) -> dict[str, Any]:
+def same_answer(a: Fingerprint, b: Fingerprint, conf_tol: float = 1e-4) -> bool:
+    """Class, exit and FLOPs equal, confidence within ``conf_tol`` (a batch of another make-up may round the
+    last digits differently: a time-shared point runs each vertex on its share of the batch)."""
+    return a[0] == b[0] and a[1] == b[1] and a[2] == b[2] and abs(a[3] - b[3]) <= conf_tol
+
+
+@dataclass
+class ServingPoints:
+    """What may answer now and each candidate's reference answers (one request per profile, with the
+    ``profile`` override, so every image is answered by that profile alone).
+
+    ``allowed``: the profiles an answer may come from. A single point: that profile; a time-shared mix
+    ``a~b@lam``: its two vertices; with the autopilot engaged: every profile of the served hull (the
+    controller may move between the checks, so the checkable claim is only: the answer is exactly what
+    the profile that the answer names gives for that image, and that profile is a hull point)."""
+
+    allowed: set[str]
+    references: dict[str, list[Fingerprint]]
+    autopilot: bool = False
+
+    def describe(self) -> str:
+        kind = "autopilot, any hull point" if self.autopilot else "operating point"
+        return f"{kind}: {sorted(self.allowed)[:6]}{' ...' if len(self.allowed) > 6 else ''}"
+
+
+def answer_problems(got: list[tuple[str, Fingerprint]], points: ServingPoints) -> list[str]:
+    """Why ``got`` is not what ``points`` allows (empty: it is). Each answer must equal the reference
+    answer, for that image, of one of the allowed profiles; when the answer names its profile, that
+    profile must be allowed and the answer must equal that profile's reference (not just any vertex's)."""
+    problems = []
+    for i, (named, ans) in enumerate(got):
+        matches = [p for p in sorted(points.allowed)
+                   if p in points.references and i < len(points.references[p])
+                   and same_answer(ans, points.references[p][i])]
+        if not matches:
+            problems.append(f"image {i}: {ans} (named {named!r}) equals no allowed profile's answer")
+        elif named and named not in points.allowed:
+            problems.append(f"image {i}: named {named!r}, not one of the allowed profiles")
+        elif named and named not in matches:
+            problems.append(f"image {i}: named {named!r} but equals {matches}'s answer")
+    return problems
+
+
+def serving_points(srv: Server, n: int = 16) -> ServingPoints:
+    """The profiles that may answer now (from ``GET /profiles``) and the reference answers of each, asked
+    now (so that a check after a fault compares with what this state answered before it)."""
     with srv.client() as c:
         body = c.get("/profiles").json()
+    auto = body.get("autopilot") or {}
+    if auto.get("enabled"):
+        mode = auto.get("mode") or "cm"
+        allowed = {str(p["name"]) for p in body.get("profiles", []) if p.get("mode", "cm") == mode}
+    else:
+        active = body["active"]
+        allowed = {str(active["a"])} | ({str(active["b"])} if active.get("b") else set())
+    points = ServingPoints(allowed, {}, bool(auto.get("enabled")))
+    for name in sorted(allowed):
+        points.references[name] = fingerprint(srv, n, profile=name)
+    return points
+
+
+def answers_match(srv: Server, points: ServingPoints, got: list[tuple[str, Fingerprint]] | None = None,
+                  n: int = 16) -> list[str]:
+    """Ask for the fingerprint now (unless ``got``) and check it against ``points`` (whose references were
+    asked when ``points`` was made)."""
+    return answer_problems(served_answers(srv, n) if got is None else got, points)
+
+
+def serving_state(srv: Server) -> dict[str, Any]:
+    """Bundle, version and the operating point; with the autopilot engaged, its configuration (target,
+    floor, mode) instead of the point, which is the controller's to move (its moves bump no version)."""
+    with srv.client() as c:
+        body = c.get("/profiles").json()
+    auto = body.get("autopilot") or {}
+    if auto.get("enabled"):
+        config = {k: auto.get(k) for k in ("latency_slo_ms", "target_ms", "min_accuracy", "mode") if k in auto}
+        return {"bundle": body["bundle"], "version": body["version"], "autopilot": config}
     return {"bundle": body["bundle"], "version": body["version"], "active": body["active"]["name"]}
 
 

@@ -3,7 +3,10 @@
 ``failing_jobs``: one server (fault harness); for each injected failure point a job uploaded with a good
 archive fails there (an exception in the calibration, or a full disk at each step of the bundle write and of the
 activation). Afterwards the store is byte-identical to before, the serving state (bundle, operating
-point, version) is unchanged, and the same images get the same answers.
+point, version) is unchanged, and the same images get the same answers: each answer equals, for that image,
+the answer of a profile that may serve (the point; either vertex of a time-shared mix, since the mix routes
+each image to one of them; any hull point while the autopilot is engaged), asked before the fault with the
+``profile`` override (:func:`bench.rel.common.answer_problems`).
 
 ``sigkill_points``: for each point of the bundle write, a server reaches it during a job and hangs
 there; it is SIGKILLed. The next server on the same store must come up ready with the bundle
@@ -14,18 +17,19 @@ the new one after it), no ``*.tmp`` leftovers, and, when the previous bundle ser
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from bench.fault_server import POINTS
 from bench.rel.common import (
     FAULT_MODULE,
     ScenarioResult,
+    ServingPoints,
     Timer,
+    answers_match,
     copy_store,
     dataset_zip,
-    fingerprint,
     model_classes,
     read_active,
+    serving_points,
     serving_state,
     store_digest,
     tmp_leftovers,
@@ -54,7 +58,7 @@ def failing_jobs(model_dir: Path, work: Path, points: tuple[str, ...] = FAIL_POI
             for point in points:
                 assert point in POINTS
                 before = store_digest(mdir)
-                state0, answers0 = serving_state(srv), fingerprint(srv)
+                state0, points0 = serving_state(srv), serving_points(srv)
                 control.write_text(f"fail:{point}")
                 r = upload(srv, archive)
                 if not res.check(f"{point}: upload accepted (202)", r.status_code == 202, r.text[:200]):
@@ -66,7 +70,8 @@ def failing_jobs(model_dir: Path, work: Path, points: tuple[str, ...] = FAIL_POI
                           f"{job['state']} {err}")
                 res.figures[f"{point}: job error"] = err
                 res.check(f"{point}: serving state unchanged", serving_state(srv) == state0, serving_state(srv))
-                res.check(f"{point}: same answers", fingerprint(srv) == answers0)
+                problems = answers_match(srv, points0)
+                res.check(f"{point}: same answers ({points0.describe()})", not problems, problems[:3])
                 with srv.client() as c:
                     res.check(f"{point}: still ready", c.get("/v2/health/ready").status_code == 200)
                 diff = sorted(set(before.items()) ^ set(store_digest(mdir).items()))
@@ -86,7 +91,7 @@ def sigkill_points(model_dir: Path, work: Path, points: tuple[str, ...] = KILL_P
     with Timer(res):
         store = copy_store(model_dir, work)
         mdir = store / model_dir.name
-        expected: tuple[str, str, list[Any] | None] | None = None  # (point, bundle, answers) of the last kill
+        expected: tuple[str, str, ServingPoints | None] | None = None  # (point, bundle, answers) of the last kill
         for i, point in enumerate((*points, None)):
             control.write_text("")
             reached.unlink(missing_ok=True)
@@ -99,7 +104,7 @@ def sigkill_points(model_dir: Path, work: Path, points: tuple[str, ...] = KILL_P
                     break
                 assert point in POINTS
                 old = serving_state(srv)
-                answers0 = fingerprint(srv)
+                answers0 = serving_points(srv)
                 control.write_text(f"kill:{point}")
                 r = upload(srv, archive)
                 if not res.check(f"{point}: upload accepted (202)", r.status_code == 202, r.text[:200]):
@@ -117,7 +122,7 @@ def sigkill_points(model_dir: Path, work: Path, points: tuple[str, ...] = KILL_P
 
 
 def _check_restart(res: ScenarioResult, srv: Server, mdir: Path, log: Path, point: str, bundle: str,
-                   answers: list[Any] | None) -> None:
+                   answers: ServingPoints | None) -> None:
     now = serving_state(srv)
     with srv.client() as c:
         res.check(f"{point}: restarted server is ready", c.get("/v2/health/ready").status_code == 200)
@@ -128,4 +133,5 @@ def _check_restart(res: ScenarioResult, srv: Server, mdir: Path, log: Path, poin
     res.check(f"{point}: no fallback, no traceback in the log", "FALLBACK" not in text and "Traceback" not in text,
               text[-300:])
     if answers is not None:
-        res.check(f"{point}: same answers as before the crash", fingerprint(srv) == answers)
+        problems = answers_match(srv, answers)
+        res.check(f"{point}: same answers as before the crash ({answers.describe()})", not problems, problems[:3])
