@@ -90,6 +90,11 @@ class ProfileInfo(BaseModel):
     time_fraction: float | None = Field(None, description="ms / the full network's ms at batch 1")
 
 
+class CascadeMemberCurve(BaseModel):
+    name: str
+    curve: list[tuple[float, float]] = Field(description="(FLOPs fraction of the last member, accuracy) vertices")
+
+
 class ProfilesResponse(BaseModel):
     model: str
     bundle: str
@@ -101,6 +106,10 @@ class ProfilesResponse(BaseModel):
         description="the IC set: status (absent, loaded, failed), id, exits, modes, and why a mode is unavailable")
     profiles: list[ProfileInfo]
     autopilot: AutopilotInfo = Field(default_factory=lambda: AutopilotInfo(enabled=False))
+    members: list[CascadeMemberCurve] | None = Field(
+        None, description="a cascade of models: each member alone on the selection split (its own class-means "
+                          "hull, FLOPs as fractions of the last member's), to draw beside the cascade's curve")
+
 
 
 class ProfileSwitch(BaseModel):

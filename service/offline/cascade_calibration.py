@@ -128,6 +128,9 @@ def calibrate_cascade(model_dir: Path, data: LabelledImages, cfg: CalibrationCon
                     config=config, report=report)
     bundle.meta["estimate"] = _combined_estimate(estimates)
     bundle.meta["members"] = [m.name for m in net.members]
+    bundle.meta["member_hulls"] = {  # each member alone on the selection split, FLOPs as fractions of the last
+        m["name"]: [[round(p["flops"] / joined.full, 6), round(p["accuracy"], 6)] for p in m["hull"]]
+        for m in members}
     curve = plot_curves({"cascade (selection hull)": [(p.flops_fraction, p.accuracy) for p in profiles],
                          **{f"{m['name']} alone": [(p["flops"] / joined.full, p["accuracy"]) for p in m["hull"]]
                             for m in members}},

@@ -278,3 +278,12 @@ def test_time_axis_of_a_cascade_joins_the_members_like_flops(cascade_store_root)
     assert doc["profiles"]["full"]["time_fraction"]["1"] == pytest.approx(1.0, abs=1e-5)
     assert doc["tables"]["1"]["members"][0]["batch_size"] == 1
     assert all(p["ms"]["1"] > 0 for p in doc["profiles"].values())
+
+
+async def test_profiles_list_each_member_alone_beside_the_cascade(cascade_store):
+    async with serve(make_settings(cascade_store, model=CASCADE)) as s:
+        body = (await s.client.get("/profiles")).json()
+        assert [m["name"] for m in body["members"]] == [SMALL, BIG]
+        big = body["members"][1]["curve"]
+        assert max(f for f, _ in big) == pytest.approx(1.0)  # the last member alone is the reference
+        assert all(0 < f for m in body["members"] for f, _ in m["curve"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
@@ -93,7 +95,15 @@ async def list_profiles(state: StateDep, engine: EngineDep) -> schemas.ProfilesR
     return schemas.ProfilesResponse(model=engine.spec.name, bundle=b.bundle_id, version=snap.version,
                                     active=operating_info(snap), default_profile=b.default_profile,
                                     modes=ic_info["modes"], internal_classifiers=ic_info, profiles=rows,
-                                    autopilot=autopilot_info(state.autopilot))
+                                    autopilot=autopilot_info(state.autopilot), members=_member_curves(b))
+
+
+def _member_curves(bundle: Any) -> list[schemas.CascadeMemberCurve] | None:
+    hulls = bundle.meta.get("member_hulls")
+    if not isinstance(hulls, dict):
+        return None
+    return [schemas.CascadeMemberCurve(name=str(n), curve=[(float(f), float(a)) for f, a in pts])
+            for n, pts in hulls.items()]
 
 
 SWITCH_BODY = {"requestBody": {"required": True, "content": {
