@@ -205,8 +205,12 @@ def reference_predictions(model_dir: Path, images: ImageSet, n: int) -> np.ndarr
     spec, net = load_model(model_dir)
     net.eval()
     x = Normalizer(spec.mean, spec.std)(images.pixels[:n])
+    members = getattr(net, "members", None)  # a cascade of models: its full network is the last member alone
+    module = members[-1].net.module if members else net.module
+    if members:
+        x = members[-1].normalizer(images.pixels[:n])
     with torch.inference_mode():
-        return torch.cat([net.module(b).argmax(1) for b in x.split(64)]).numpy()
+        return torch.cat([module(b).argmax(1) for b in x.split(64)]).numpy()
 
 
 def check_answers(srv: Server, target: Any, images: ImageSet, n: int, ref: np.ndarray,
@@ -237,6 +241,14 @@ def check_answers(srv: Server, target: Any, images: ImageSet, n: int, ref: np.nd
     return out
 
 
+def store_models(model_dir: Path) -> list[str]:
+    """The model folders a server of ``model_dir`` needs: itself, and a cascade's members."""
+    spec = json.loads((model_dir / "model.json").read_text())
+    arch = spec.get("architecture") or {}
+    members = list(arch.get("members") or []) if arch.get("family") == "cascade" else []
+    return [model_dir.name, *members]
+
+
 # -- one row -----------------------------------------------------------------------------------------------
 
 def _ours_path(row: str, target: str, default: str) -> tuple[str, ClassmeansTarget]:
@@ -257,7 +269,8 @@ class Bench:
         self.target, self.default = target, default
         self.bodies, self.sizes = wrk.write_payload(images.pngs, work / "payload")
         self.store = work / "store"
-        shutil.copytree(args.model_dir, self.store / args.model_dir.name, ignore=shutil.ignore_patterns("*.tmp"))
+        for name in store_models(args.model_dir):
+            shutil.copytree(args.model_dir.parent / name, self.store / name, ignore=shutil.ignore_patterns("*.tmp"))
         self.onnx: Path | None = None
         self.ref = reference_predictions(args.model_dir, images, args.check_images)
         self.decode_s = decode_seconds(images)
