@@ -12,17 +12,18 @@ where ``cost`` is the point's measured ms per sample from ``timing.json`` (time 
 
 **The rule.** A request of ``n`` samples arriving now would be answered after about::
 
-    expected(n) = overhead + max_delay + running_left + (queued + n) * s
+    expected(n) = overhead + max_delay + running_left + ceil((queued + n) / B) * B * s
 
-(``running_left``: what the batch in the network still needs; ``queued``: samples waiting before it;
+(``running_left``: what the batch in the network still needs; ``queued``: samples waiting before it; ``B``:
+the batcher's largest batch: the request's own batch may fill up behind it, so it counts as full;
 ``overhead``: HTTP parsing, decoding and encoding, a fixed :data:`HTTP_OVERHEAD_MS`). It is admitted when
 ``expected(n) <= headroom * target`` or when nothing is queued or running (an idle server: refusing its
 one request would help nobody; a target that even one request cannot meet is refused when set), and refused
 otherwise (``Retry-After``: the seconds until the backlog would have drained to that bound, at least 1).
 So the queue bound follows from the target and the measured throughput,
-``queued <= (headroom * target - overhead - max_delay) / s``, and no admitted request is held past the target
-only to fail. With no target (autopilot off), or no estimate yet, everything is admitted
-(the batcher's fixed queue bound still applies).
+``queued <= (headroom * target - overhead - max_delay) / s - B`` (about), and no admitted request is held
+past the target only to fail. With no target (autopilot off), or no estimate yet, everything is admitted (the
+batcher's fixed queue bound still applies).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Admission:
         self.target_s: float | None = None
         self.per_sample_s: float | None = None
         self.max_delay_s = 0.0
+        self.max_batch = 1
         self.checked = 0  # requests asked about (admitted + shed), cumulative
         self.shed = 0  # requests refused, cumulative
 
@@ -71,17 +73,20 @@ class Admission:
     def active(self) -> bool:
         return self.target_s is not None and self.per_sample_s is not None and self.per_sample_s > 0
 
-    def configure(self, target_s: float | None, per_sample_s: float | None, max_delay_s: float = 0.0) -> None:
+    def configure(self, target_s: float | None, per_sample_s: float | None, max_delay_s: float = 0.0,
+                  max_batch: int = 1) -> None:
         """``target_s`` None turns shedding off; ``per_sample_s`` None: no estimate yet (admit all)."""
         self.target_s, self.per_sample_s, self.max_delay_s = target_s, per_sample_s, max(0.0, max_delay_s)
+        self.max_batch = max(1, int(max_batch))
 
     def bound_s(self) -> float | None:
         """The longest expected answer time admitted: ``headroom * target`` (None: off)."""
         return None if self.target_s is None else self.t.headroom * self.target_s
 
     def expected_s(self, queued: int, running_left_s: float, n: int) -> float:
-        s = self.per_sample_s or 0.0
-        return self.t.http_overhead_s + self.max_delay_s + max(0.0, running_left_s) + (queued + n) * s
+        s, b = self.per_sample_s or 0.0, self.max_batch
+        work = math.ceil((queued + n) / b) * b * s
+        return self.t.http_overhead_s + self.max_delay_s + max(0.0, running_left_s) + work
 
     def max_queued(self) -> int | None:
         """The queue bound in samples for one more 1-sample request (None: off)."""
@@ -89,7 +94,8 @@ class Admission:
             return None
         assert self.target_s is not None and self.per_sample_s is not None
         room = self.t.headroom * self.target_s - self.t.http_overhead_s - self.max_delay_s
-        return max(0, math.floor(room / self.per_sample_s) - 1)
+        batches = math.floor(room / (self.max_batch * self.per_sample_s))
+        return max(0, batches * self.max_batch - 1)
 
     def check(self, queued: int, running_left_s: float, n: int) -> None:
         """Admit (return) or raise :class:`Shed` with a ``Retry-After`` of the seconds until the backlog

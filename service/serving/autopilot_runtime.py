@@ -315,7 +315,8 @@ class AutopilotRuntime:
         if st is None:
             self.admission.configure(None, None)
             return
-        self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s)
+        self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s,
+                                 self.batcher.max_batch_size)
 
     def admit(self, n: int) -> None:
         """Admission control for a request of ``n`` samples (raises :class:`~service.serving.admission.Shed`,
