@@ -99,7 +99,7 @@ function describeAutopilot(p) {
   badge.className = "badge " + (ap ? "on" : "locked");
   const raw = (p && p.autopilot) || {};
   const cells = [
-    ["point", ap ? String(ap.operating ?? "") : "–", "ap-operating"],
+    ["point", ap ? String((ap.operating && ap.operating.name) || ap.operating || "") : "–", "ap-operating"],
     ["est. accuracy", ap && typeof ap.accuracy === "number" ? pct(ap.accuracy, 1) : "–", "ap-accuracy"],
     ["p99 (ms)", fmt(raw.p99_ms), "ap-p99"],
     ["shed rate", typeof raw.shed_rate === "number" ? pct(raw.shed_rate, 1) : "–", "ap-shed"],
