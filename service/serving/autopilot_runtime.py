@@ -281,14 +281,16 @@ class AutopilotRuntime:
         """Cost units per sample of ``op`` at the batch size in use: measured ms (time axis), else its FLOPs
         fraction."""
         batch = nearest_batch(bundle, self._batch_mean)
-        if batch is not None:
+        if batch is not None and (self.state is None or self.state.axis == TIME):
             ms = operating_ms(bundle, op, batch)
             if ms is not None:
                 return ms
         return op.flops_fraction
 
     def _estimator_for(self, bundle: Bundle) -> CostEstimator:
-        timed = bool(time_fractions(bundle, LATENCY_BATCH))
+        """One estimate per (bundle, unit): costs in measured ms start from timing.json's word (``k`` =
+        1e-3 s/ms); costs in FLOPs fractions (untimed bundle, IC mode) from nothing."""
+        timed = bool(time_fractions(bundle, LATENCY_BATCH)) and (self.state is None or self.state.axis == TIME)
         key = (bundle.bundle_id, timed)
         if self._estimator is None or self._estimator_key != key:
             self._estimator, self._estimator_key = CostEstimator(prior_k=1e-3 if timed else None), key
