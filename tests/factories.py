@@ -93,3 +93,48 @@ def attach_made_up_timing(model_dir: Path, bundle_id: str | None = None) -> dict
     doc = timing_document(bundle, table, tables, "onnx", 1, {"source": "synthetic", "samples": 120})
     write_timing(model_dir, bundle.bundle_id, doc)
     return doc
+
+
+GRADED_FRACTIONS = (0.1, 0.2, 0.35, 0.55, 0.8)
+
+
+def attach_graded_profiles(model_dir: Path) -> dict:
+    """Give the active bundle a ladder of made-up profiles whose estimated accuracy rises with their cost on
+    both axes, the full network the most accurate, and a made-up time axis to match (``timing.json``): the
+    tiny store's own profiles are degenerate (a random network: its first exit is 'perfect' on synthetic
+    images, the full network at chance), which leaves an autopilot nothing to move along. Profile ``g{k}``
+    costs ``GRADED_FRACTIONS[k]`` of the full network in FLOPs and in time; accuracy ``0.5 + 0.4 sqrt(f)``
+    (concave: every point is on both hulls). Returns the timing document."""
+    import json
+
+    from service.store.active import resolve_bundle
+    from service.store.model_dir import load_model
+    from service.store.timing import write_timing
+
+    doc = attach_made_up_timing(model_dir)
+    spec, net = load_model(model_dir)
+    bundle = resolve_bundle(model_dir, spec, net.num_exits, None)
+    path = model_dir / "bundles" / bundle.bundle_id / "profiles.json"
+    stored = json.loads(path.read_text())
+    by_name = {p["name"]: p for p in stored["profiles"]}
+    full, base = by_name["full"], stored["profiles"][0]
+    m = len(full["thresholds"])
+    rows, timed = [], {}
+    for k, f in enumerate(GRADED_FRACTIONS):
+        thr = [1.0 if j < k else float(t) for j, t in enumerate(base["thresholds"])][:m]
+        rows.append({"name": f"g{k}", "thresholds": thr, "flops": f * full["flops"], "flops_fraction": f,
+                     "accuracy": 0.5 + 0.4 * f ** 0.5})
+    rows.append({"name": "full", "thresholds": [1.0] * m, "flops": full["flops"], "flops_fraction": 1.0,
+                 "accuracy": 0.9})
+    share = doc["profiles"]["full"]["exit_share"]
+    for r in rows:
+        f = r["flops_fraction"]
+        ms = {b: f * float(doc["full_ms"][b]) for b in doc["full_ms"]}
+        timed[r["name"]] = {"ms": ms, "time_fraction": {b: f for b in ms}, "exit_share": share}
+    path.write_text(json.dumps({"default": "full", "profiles": rows}, indent=2) + "\n")
+    doc = {**doc, "profiles": timed}
+    write_timing(model_dir, bundle.bundle_id, doc)
+    active = json.loads((model_dir / "active.json").read_text())
+    active["operating"] = {"a": "full"}
+    (model_dir / "active.json").write_text(json.dumps(active, indent=2) + "\n")
+    return doc

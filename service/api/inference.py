@@ -36,10 +36,13 @@ def check_profile(snapshot: Snapshot, profile: str | None) -> None:
 
 
 def admit(state: AppState, n: int) -> None:
-    """Fast 503 ``overloaded`` before any decoding when the queue cannot take ``n`` more samples (the batcher
-    refuses and counts it)."""
+    """Fast 503 before any decoding: ``overloaded`` when the queue cannot take ``n`` more samples (the batcher
+    refuses and counts it); ``shed`` while the latency autopilot is on and ``n`` more samples could not be
+    answered within its target (admission control, :mod:`service.serving.admission`; counted too)."""
     assert state.batcher is not None
     state.batcher.admit(n)
+    if state.autopilot is not None:
+        state.autopilot.admit(n)
 
 
 # One small image (a CIFAR-sized PNG decodes in ~0.1 ms) is decoded on the event loop: handing it to a

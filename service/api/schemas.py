@@ -156,20 +156,45 @@ class AutopilotInfo(BaseModel):
     """The latency autopilot of the process that answered (each process steers on its own load)."""
 
     enabled: bool
-    target_ms: float | None = Field(None, description="p99 target")
+    latency_slo_ms: float | None = Field(None, description="the p99 target (as POST /profiles sets it)")
+    target_ms: float | None = Field(None, description="the p99 target (same as latency_slo_ms)")
     min_accuracy: float | None = Field(None, description="the floor asked for (estimated accuracy)")
     mode: str | None = None
-    floor_flops_fraction: float | None = Field(None, description="cheapest point meeting min_accuracy")
-    ceiling_flops_fraction: float | None = Field(None, description="costliest point meeting the floor (1: the "
-                                                                   "full network)")
-    budget_flops_fraction: float | None = Field(None, description="the controller's FLOPs budget now")
-    operating: Operating | None = Field(None, description="the point it holds now (a mix of two vertices)")
-    why: str | None = Field(None, description="reason of the last decision")
+    axis: Literal["time", "flops"] | None = Field(
+        None, description="what the budget measures: time (a fraction of the full network's measured time per "
+                          "sample at batch 1; the bundle is timed) or flops (an untimed bundle, an IC mode)")
+    floor: float | None = Field(None, description="the cheapest allowed point's cost on the axis")
+    ceiling: float | None = Field(None, description="the costliest point meeting the floor, on the axis")
+    budget: float | None = Field(None, description="the controller's budget now, on the axis")
+    budget_ms: float | None = Field(None, description="time axis: the budget in ms per sample at batch 1")
+    floor_flops_fraction: float | None = Field(None, description="FLOPs fraction of the cheapest allowed point")
+    ceiling_flops_fraction: float | None = Field(None, description="FLOPs fraction of the costliest point meeting "
+                                                                   "the floor (1: the full network)")
+    budget_flops_fraction: float | None = Field(None, description="FLOPs fraction of the point held now")
+    reachable_ms: float | None = Field(None, description="time axis: the smallest target accepted (the floor "
+                                                         "point's ms per sample at batch 1 + HTTP overhead)")
+    operating: str | None = Field(None, description="name of the point it holds now (maybe a mix a~b@lam)")
+    operating_point: Operating | None = Field(None, description="the point it holds now")
+    accuracy: float | None = Field(None, description="estimated accuracy of the point it holds now")
+    floor_point: str | None = Field(None, description="name of the cheapest allowed point")
+    reason: str | None = Field(None, description="reason of the last decision (why it moved or held)")
+    why: str | None = Field(None, description="same as reason")
     pressure: float | None = Field(None, description="max(p99 / target, queue delay / (0.5 target)); >1 is over")
     moves: int | None = None
     p99_ms: float | None = Field(None, description="p99 of recent answers (None: too few)")
     queue_delay_ms: float = Field(0.0, description="expected queue wait of a request arriving now")
     window_samples: int = 0
+    shed_rate: float = Field(0.0, description="share of inference requests refused by admission control (503 "
+                                              "shed) over the last few seconds")
+    shed_total: int = Field(0, description="requests shed since this process started")
+    per_sample_ms: float | None = Field(None, description="measured ms per sample of the point held now at the "
+                                                          "batch size in use")
+    capacity_rps: float | None = Field(None, description="samples per second this process sustains at the point "
+                                                         "held now (1000 / per_sample_ms)")
+    floor_capacity_rps: float | None = Field(None, description="the same at the cheapest allowed point")
+    queue_bound: int | None = Field(None, description="samples that may wait before a request is shed (from the "
+                                                      "target and the measured throughput)")
+    batch_in_use: float | None = Field(None, description="recent mean batch size (picks the timed batch size)")
 
 
 class ActiveState(BaseModel):

@@ -146,6 +146,20 @@ def expected_ms(share: torch.Tensor | Sequence[float], thresholds: torch.Tensor 
     return float((s * per_exit).sum())
 
 
+def time_hull(profiles: Sequence[Profile], time_fraction: dict[str, float]) -> list[Profile]:
+    """The upper accuracy-time hull of the profiles that have a measured time, as surrogate profiles whose
+    ``flops_fraction`` holds the time fraction (so :func:`~service.earlyexit.hull.select_by_target` and every
+    other FLOPs-axis helper work on time unchanged), sorted by time. Raises
+    :class:`~service.earlyexit.hull.TargetUnreachable` when no profile is timed."""
+    timed = [p for p in profiles if p.name in time_fraction]
+    if not timed:
+        raise TargetUnreachable("no profile has a measured time: run `classmeans timing` on this machine")
+    t = np.array([time_fraction[p.name] for p in timed])
+    acc = np.array([p.accuracy for p in timed])
+    return [Profile(timed[i].name, timed[i].thresholds, timed[i].flops, time_fraction[timed[i].name],
+                    timed[i].accuracy) for i in upper_hull(t, acc)]
+
+
 def select_by_time(profiles: Sequence[Profile], time_fraction: dict[str, float], max_time_fraction: float
                    ) -> Operating:
     """The most accurate point whose expected time is at most ``max_time_fraction`` of the full network's, on
@@ -153,22 +167,16 @@ def select_by_time(profiles: Sequence[Profile], time_fraction: dict[str, float],
     vertices, their time-shared mix (expected time and accuracy mix linearly, as FLOPs do). The returned
     :class:`Operating` carries the real FLOPs fraction of that mix. Raises
     :class:`~service.earlyexit.hull.TargetUnreachable` (naming the cheapest time) when none is that fast."""
-    timed = [p for p in profiles if p.name in time_fraction]
-    if not timed:
-        raise TargetUnreachable("no profile has a measured time: run `classmeans timing` on this machine")
-    t = np.array([time_fraction[p.name] for p in timed])
-    acc = np.array([p.accuracy for p in timed])
-    hull = [timed[i] for i in upper_hull(t, acc)]
-    surrogate = [Profile(p.name, p.thresholds, p.flops, time_fraction[p.name], p.accuracy) for p in hull]
+    surrogate = time_hull(profiles, time_fraction)
+    real = {p.name: p for p in profiles}
     try:
         op = select_by_target(surrogate, max_flops_fraction=max_time_fraction)
     except TargetUnreachable:
-        cheapest = min(time_fraction[p.name] for p in hull)
+        cheapest = min(p.flops_fraction for p in surrogate)
         raise TargetUnreachable(f"no profile takes at most {max_time_fraction:.4f} of the full network's time "
                                 f"(fastest {cheapest:.4f})") from None
-    by_name = {p.name: p for p in hull}
-    fa = by_name[op.a].flops_fraction
-    fb = by_name[op.b].flops_fraction if op.b is not None else fa
+    fa = real[op.a].flops_fraction
+    fb = real[op.b].flops_fraction if op.b is not None else fa
     return Operating(op.a, op.b, op.lam, op.lam * fa + (1 - op.lam) * fb, op.accuracy)
 
 

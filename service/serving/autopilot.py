@@ -4,9 +4,11 @@ Pure logic, no HTTP, no disk; the clock is injected (tests drive it by hand). Th
 (:mod:`service.serving.autopilot_runtime`) feeds it a :class:`Signal` a few times a second and publishes the
 hull point for the FLOPs budget it returns.
 
-**Output.** A continuous FLOPs-fraction budget ``f`` in ``[f_floor, f_ceiling]``; the engine turns ``f`` into
-the most accurate hull point costing at most ``f`` (a time-shared mix of two vertices between vertices), so
-the operating point moves continuously. ``f_floor`` is the cheapest point meeting the operator's
+**Output.** A continuous cost budget ``f`` in ``[f_floor, f_ceiling]``, on whichever axis the runtime steers:
+a fraction of the full network's measured time per sample at batch 1 (a timed bundle: the accuracy-time hull)
+or its FLOPs fraction (untimed); the controller does not care which. The engine turns ``f`` into the most
+accurate hull point costing at most ``f`` (a time-shared mix of two vertices between vertices), so the
+operating point moves continuously. ``f_floor`` is the cheapest point meeting the operator's
 ``min_accuracy`` (or the cheapest point of the mode), ``f_ceiling`` the full network (or, when the full network
 is estimated below ``min_accuracy``, the costliest vertex that meets it).
 

@@ -6,6 +6,23 @@ middleware), the batcher's queue depth and throughput, steps the :class:`~servic
 and, when the budget moved, publishes the matching hull point in memory (:meth:`StateWriter.move_operating`:
 no ``active.json`` write, no version bump; every response names the point that served it).
 
+**Axis.** When the serving bundle has a measured time axis (``timing.json``) and the mode is class means, the
+budget is a fraction of the full network's measured time per sample at batch 1 and the points come from the
+accuracy-time hull (:func:`~service.serving.time_profiles.time_candidates`); otherwise (an untimed bundle, an
+IC mode) it is a FLOPs fraction on the mode's accuracy-FLOPs hull. ``info()["axis"]`` says which.
+
+**Capacity and admission.** Each tick turns the batcher's measured busy time into seconds per sample of the
+serving point (:class:`~service.serving.admission.CostEstimator`, scaled between points by their measured ms
+at the batch size in use), so ``capacity = 1 / s`` samples per second in this process, and configures
+:class:`~service.serving.admission.Admission` with the target: while engaged, a request that could not be
+answered within the target is refused at once (503 ``shed`` with ``Retry-After``). A target below what the
+cheapest allowed point needs at batch 1 (its measured ms plus
+:data:`~service.serving.admission.HTTP_OVERHEAD_MS`) is refused when engaging (:class:`SloUnreachable`).
+
+**Trace.** Once a second the loop appends one record (target, p99, estimated accuracy, budget, shed rate,
+rates) to a bounded ring buffer (:attr:`AutopilotRuntime.trace`, the last 10 minutes) that the operator's page
+polls.
+
 Configuration follows the store: the autopilot is on while ``active.json`` carries an ``"autopilot"`` key at
 the version this process serves. That key is parsed once, where the state is adopted, into the snapshot
 (:attr:`Snapshot.autopilot`); this loop reads the snapshot, never the file (one poller of ``active.json`` per
@@ -24,13 +41,27 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from service.earlyexit import Profile, select_by_target
+from service.earlyexit import Operating, Profile, select_by_target
 from service.earlyexit.hull import TargetUnreachable
+from service.earlyexit.modes import BUNDLE_MODE
+from service.earlyexit.time_axis import select_by_time
+from service.errors import ServiceError
+from service.serving.admission import HTTP_OVERHEAD_MS, Admission, CostEstimator, Shed
 from service.serving.autopilot import AutopilotConfig, Clock, Controller, LatencyWindow, Signal, Tuning
 from service.serving.ic_serving import mode_candidates
+from service.serving.time_profiles import (
+    LATENCY_BATCH,
+    full_ms,
+    nearest_batch,
+    operating_ms,
+    operating_time_fraction,
+    time_candidates,
+    time_fractions,
+)
 from service.store.bundles import BundleError
 
 if TYPE_CHECKING:
@@ -38,12 +69,24 @@ if TYPE_CHECKING:
     from service.serving.engine import Engine
     from service.serving.metrics import Metrics
     from service.serving.snapshot import Snapshot
+    from service.store.bundle_model import Bundle
 
 log = logging.getLogger("classmeans.autopilot")
 
+TIME, FLOPS = "time", "flops"
+TRACE_EVERY_S = 1.0
+TRACE_LEN = 600  # ten minutes at one record a second
+
+
+class SloUnreachable(ServiceError):
+    """A latency target below what the cheapest allowed point achieves at batch 1 (422)."""
+
+    code, status = "slo_unreachable", 422
+
 
 def bounds(candidates: list[Profile], min_accuracy: float | None) -> tuple[float, float]:
-    """``(f_floor, f_ceiling)``: the cheapest point with accuracy ``>= min_accuracy`` (the cheapest point when
+    """``(floor, ceiling)`` on the candidates' cost axis (``flops_fraction``, or the time fraction of
+    :func:`time_candidates`): the cheapest point with accuracy ``>= min_accuracy`` (the cheapest point when
     None), and the costliest vertex that still meets it (the full network, unless it falls below the floor's
     accuracy). Every budget in between gives a point at least ``min_accuracy`` accurate (estimated). Raises
     :class:`TargetUnreachable` when no point meets ``min_accuracy``."""
@@ -54,30 +97,63 @@ def bounds(candidates: list[Profile], min_accuracy: float | None) -> tuple[float
     return floor, max(floor, ceiling)
 
 
+def axis_for(bundle: Bundle, mode: str) -> str:
+    """``"time"`` when the bundle's class-means profiles are timed on this machine, else ``"flops"``."""
+    return TIME if mode == BUNDLE_MODE and time_candidates(bundle) else FLOPS
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What engaging a configuration on a bundle means: its axis, its bounds on that axis, the floor point
+    and what it needs at batch 1 (time axis only)."""
+
+    axis: str
+    floor: float
+    ceiling: float
+    floor_point: Operating
+    reachable_ms: float | None
+
+
 @dataclass
 class _Engaged:
     config: AutopilotConfig
     controller: Controller
     version: int
     bundle: str
+    plan: Plan
+
+    @property
+    def axis(self) -> str:
+        return self.plan.axis
 
 
 class AutopilotRuntime:
-    """One per serving process: follows the persisted configuration and runs the controller."""
+    """One per serving process: follows the persisted configuration, runs the controller and admission."""
 
     def __init__(self, engine: Engine, batcher: Batcher, window: LatencyWindow, metrics: Metrics | None = None,
                  tuning: Tuning | None = None, tick_s: float = 0.25, window_s: float = 3.0, min_samples: int = 50,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, admission: Admission | None = None,
+                 wall_clock: Clock = time.time) -> None:
         self.engine, self.batcher, self.window, self.metrics = engine, batcher, window, metrics
         self.tuning = tuning or Tuning()
-        self.tick_s, self.window_s, self.clock = tick_s, window_s, clock
+        self.tick_s, self.window_s, self.clock, self.wall_clock = tick_s, window_s, clock, wall_clock
         self.min_samples = min_samples  # fewer answers since the last move: no p99 (the max of a few is noise)
         self.state: _Engaged | None = None
         self.last_signal = Signal(None)
+        self.admission = admission or Admission()
+        self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LEN)
         self._seen_version: int | None = None
         self._samples = batcher.stats.samples
         self._samples_t = clock()
         self._rate = 0.0
+        self._busy = (batcher.stats.busy_s, batcher.stats.busy_samples, batcher.stats.batches)
+        self._batch_mean = 1.0
+        self._estimator: CostEstimator | None = None
+        self._estimator_key: tuple[str, bool] | None = None
+        self._counts: deque[tuple[float, int, int]] = deque()  # (t, checked, shed) per tick, window_s long
+        self._last_trace_t = -float("inf")
+        self._offered_rps = 0.0
+        self.shed_rate = 0.0
         self.loop_lag_s = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -107,17 +183,17 @@ class AutopilotRuntime:
     # -- following the store --------------------------------------------------------------------------
 
     async def engage(self, config: AutopilotConfig) -> Snapshot:
-        """Turn the autopilot on with ``config``, in one call: its bounds on the serving bundle (raises what
+        """Turn the autopilot on with ``config``, in one call: its plan on the serving bundle (raises what
         :meth:`check` raises, changing nothing), the configuration persisted (in a worker thread: the store's
-        lock and an fsync), then engaged with those bounds. Returns the snapshot serving afterwards."""
-        found = self.check(config)
+        lock and an fsync), then engaged with that plan. Returns the snapshot serving afterwards."""
+        plan = self.check(config)
         new = await asyncio.to_thread(self.engine.writer.persist_autopilot, config)
-        self.follow(bounds_of=(config, new.bundle_id, found))
+        self.follow(planned=(config, new.bundle_id, plan))
         return self.engine.snapshot
 
-    def follow(self, bounds_of: tuple[AutopilotConfig, str, tuple[float, float]] | None = None) -> None:
+    def follow(self, planned: tuple[AutopilotConfig, str, Plan] | None = None) -> None:
         """When the served version changed, engage or disengage as the configuration it carries says.
-        ``bounds_of``: (configuration, bundle, bounds) already computed by :meth:`engage`."""
+        ``planned``: (configuration, bundle, plan) already computed by :meth:`engage`."""
         snap = self.engine.snapshot
         if snap.version == self._seen_version:
             return
@@ -131,39 +207,131 @@ class AutopilotRuntime:
             else:
                 self._disengage(f"version {snap.version} has no autopilot configuration")
             return
-        known = bounds_of[2] if bounds_of is not None and bounds_of[:2] == (config, snap.bundle_id) else None
+        known = planned[2] if planned is not None and planned[:2] == (config, snap.bundle_id) else None
         try:
             self._engage(config, snap.version, known)
-        except (ValueError, TargetUnreachable, BundleError) as exc:
+        except (ValueError, TargetUnreachable, BundleError, SloUnreachable) as exc:
             log.error("autopilot configuration in active.json (version %d) is unusable: %s", snap.version, exc)
             self._disengage(f"unusable configuration: {exc}")
 
-    def check(self, config: AutopilotConfig) -> tuple[float, float]:
-        """``(f_floor, f_ceiling)`` of ``config`` on the serving bundle; raises what :func:`bounds` and
-        :func:`mode_candidates` raise (floor no point meets, mode not available now)."""
+    def check(self, config: AutopilotConfig) -> Plan:
+        """The :class:`Plan` of ``config`` on the serving bundle; raises what :func:`bounds` and
+        :func:`mode_candidates` raise (floor no point meets, mode not available now) and
+        :class:`SloUnreachable` for a target below what the floor point needs at batch 1 (time axis)."""
         snap = self.engine.snapshot
-        return bounds(mode_candidates(snap.bundle, snap.ic, config.mode), config.min_accuracy)
+        b = snap.bundle
+        axis = axis_for(b, config.mode)
+        if axis == TIME:
+            cands = time_candidates(b)
+            floor, ceiling = bounds(cands, config.min_accuracy)
+            point = select_by_time(b.profiles, time_fractions(b), floor)
+            full = full_ms(b)
+            floor_ms = operating_ms(b, point)
+            reachable = None if floor_ms is None or full is None else floor_ms + HTTP_OVERHEAD_MS
+            if reachable is not None and config.target_ms < reachable:
+                floor_txt = ("the cheapest point" if config.min_accuracy is None
+                             else f"the cheapest point with estimated accuracy >= {config.min_accuracy:g}")
+                raise SloUnreachable(
+                    f"latency_slo_ms {config.target_ms:g} is below what {floor_txt} ({point.name}) achieves at "
+                    f"batch 1 on this machine: {floor_ms:.3g} ms per sample + {HTTP_OVERHEAD_MS:g} ms HTTP "
+                    f"overhead = {reachable:.3g} ms; reachable: latency_slo_ms >= {reachable:.3g} (the full "
+                    f"network needs {full + HTTP_OVERHEAD_MS:.3g} ms)")
+            return Plan(TIME, floor, ceiling, point, reachable)
+        cands = mode_candidates(b, snap.ic, config.mode)
+        floor, ceiling = bounds(cands, config.min_accuracy)
+        return Plan(FLOPS, floor, ceiling, select_by_target(cands, max_flops_fraction=floor), None)
 
-    def _engage(self, config: AutopilotConfig, version: int, known: tuple[float, float] | None = None) -> None:
+    def _position(self, snap: Snapshot, axis: str) -> float:
+        """Where the serving point sits on ``axis`` (its time fraction at batch 1, or FLOPs fraction)."""
+        if axis == TIME:
+            f = operating_time_fraction(snap.bundle, snap.operating)
+            if f is not None:
+                return f
+        return snap.operating.flops_fraction
+
+    def _engage(self, config: AutopilotConfig, version: int, known: Plan | None = None) -> None:
         snap = self.engine.snapshot
         old = self.state
         if old is not None and old.config == config and old.bundle == snap.bundle_id:
             old.version = version  # same configuration re-persisted or adopted from the store: keep the
             self._publish(old.controller.f, 0)  # controller's state, and its point (not the persisted one)
             return
-        floor, ceiling = known if known is not None else self.check(config)
-        ctl = Controller(config.target_s, floor, ceiling, snap.operating.flops_fraction, self.clock, self.tuning)
-        self.state = _Engaged(config, ctl, version, snap.bundle_id)
-        log.warning("autopilot on: p99 target %.1f ms, floor f=%.3f, ceiling f=%.3f, mode %s", config.target_ms,
-                    floor, ceiling, config.mode)
+        plan = known if known is not None else self.check(config)
+        ctl = Controller(config.target_s, plan.floor, plan.ceiling, self._position(snap, plan.axis), self.clock,
+                         self.tuning)
+        self.state = _Engaged(config, ctl, version, snap.bundle_id, plan)
+        log.warning("autopilot on: p99 target %.1f ms, %s axis, floor %.3f, ceiling %.3f, mode %s",
+                    config.target_ms, plan.axis, plan.floor, plan.ceiling, config.mode)
+        if self.metrics is not None:
+            self.metrics.autopilot_target.labels(self.metrics.model).set(config.target_s)
         self._publish(ctl.f, 0)
 
     def _disengage(self, why: str) -> None:
         if self.state is not None:
             log.warning("autopilot off: %s", why)
         self.state = None
+        self.admission.configure(None, None)
         if self.metrics is not None:
             self.metrics.autopilot_enabled.labels(self.metrics.model).set(0)
+            self.metrics.autopilot_target.labels(self.metrics.model).set(0)
+
+    # -- cost, capacity, admission --------------------------------------------------------------------
+
+    def _cost(self, bundle: Bundle, op: Operating) -> float | None:
+        """Cost units per sample of ``op`` at the batch size in use: measured ms (time axis), else its FLOPs
+        fraction."""
+        batch = nearest_batch(bundle, self._batch_mean)
+        if batch is not None and (self.state is None or self.state.axis == TIME):
+            ms = operating_ms(bundle, op, batch)
+            if ms is not None:
+                return ms
+        return op.flops_fraction
+
+    def _estimator_for(self, bundle: Bundle) -> CostEstimator:
+        """One estimate per (bundle, unit): costs in measured ms start from timing.json's word (``k`` =
+        1e-3 s/ms); costs in FLOPs fractions (untimed bundle, IC mode) from nothing."""
+        timed = bool(time_fractions(bundle, LATENCY_BATCH)) and (self.state is None or self.state.axis == TIME)
+        key = (bundle.bundle_id, timed)
+        if self._estimator is None or self._estimator_key != key:
+            self._estimator, self._estimator_key = CostEstimator(prior_k=1e-3 if timed else None), key
+        return self._estimator
+
+    def per_sample_s(self, op: Operating | None = None) -> float | None:
+        """Measured seconds per sample of ``op`` (default: the serving point) at the batch size in use."""
+        snap = self.engine.snapshot
+        op = op or snap.operating
+        return self._estimator_for(snap.bundle).per_sample_s(self._cost(snap.bundle, op))
+
+    def _measure(self, before: Operating) -> None:
+        """The batcher's busy time since the last tick, at the point that served it, into the estimate."""
+        st = self.batcher.stats
+        busy, n, batches = st.busy_s - self._busy[0], st.busy_samples - self._busy[1], st.batches - self._busy[2]
+        self._busy = (st.busy_s, st.busy_samples, st.batches)
+        if batches > 0 and n > 0:
+            self._batch_mean = 0.7 * self._batch_mean + 0.3 * (n / batches)
+        bundle = self.engine.snapshot.bundle
+        self._estimator_for(bundle).observe(busy, n, self._cost(bundle, before))
+
+    def _configure_admission(self) -> None:
+        st = self.state
+        if st is None:
+            self.admission.configure(None, None)
+            return
+        self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s,
+                                 self.batcher.max_batch_size)
+
+    def admit(self, n: int) -> None:
+        """Admission control for a request of ``n`` samples (raises :class:`~service.serving.admission.Shed`,
+        counted in the metrics) while engaged; a no-op otherwise."""
+        adm = self.admission
+        try:
+            per = adm.per_sample_s or 0.0
+            adm.check(self.batcher.queued_samples, self.batcher.running_left_s(per), n)
+        except Shed:
+            if self.metrics is not None:
+                self.metrics.reject("shed")
+                self.metrics.shed.labels(self.metrics.model).inc()
+            raise
 
     # -- the loop's work ------------------------------------------------------------------------------
 
@@ -182,43 +350,103 @@ class AutopilotRuntime:
         delay = queued / self._rate if self._rate > 0 else (self.window_s if queued else 0.0)
         return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count)
 
+    def _count_sheds(self, now: float) -> None:
+        """The shed rate over the last ``window_s``: requests refused / requests asked about."""
+        self._counts.append((now, self.admission.checked, self.admission.shed))
+        while len(self._counts) > 2 and self._counts[0][0] < now - self.window_s:
+            self._counts.popleft()
+        t0, c0, s0 = self._counts[0]
+        checked, shed = self.admission.checked - c0, self.admission.shed - s0
+        self.shed_rate = shed / checked if checked > 0 else 0.0
+        self._offered_rps = checked / (now - t0) if now > t0 else 0.0
+
     def tick(self) -> None:
+        serving = self.engine.snapshot.operating
         self.follow()
+        self._measure(serving)
+        now = self.clock()
+        self._count_sheds(now)
         self.last_signal = s = self.signal()
-        if self.state is None:
-            return
-        d = self.state.controller.step(s)
-        if d.direction:
-            self._publish(d.f, d.direction)
+        if self.state is not None:
+            d = self.state.controller.step(s)
+            if d.direction:
+                self._publish(d.f, d.direction)
+        self._configure_admission()
+        if now - self._last_trace_t >= TRACE_EVERY_S - 1e-9:
+            self._last_trace_t = now
+            self.trace.append(self._trace_record())
 
     def _publish(self, f: float, direction: int) -> None:
         st = self.state
         assert st is not None
-        new = self.engine.writer.move_operating(f, st.config.mode, st.version)
+        new = self.engine.writer.move_operating(f, st.config.mode, st.version, axis=st.axis)
         if new is None:  # a persisted switch won the race; follow it on the next tick
             return
+        self._configure_admission()
         m = self.metrics
         if m is not None:
             m.autopilot_enabled.labels(m.model).set(1)
             m.autopilot_flops_fraction.labels(m.model).set(new.operating.flops_fraction)
+            m.autopilot_budget.labels(m.model).set(f)
             if direction:
                 m.autopilot_moves.labels(m.model, "down" if direction < 0 else "up").inc()
 
     # -- reporting ------------------------------------------------------------------------------------
 
+    def _trace_record(self) -> dict[str, Any]:
+        st, s = self.state, self.last_signal
+        op = self.engine.snapshot.operating
+        return {"t": round(self.wall_clock(), 3), "enabled": st is not None,
+                "target_ms": None if st is None else st.config.target_ms,
+                "p99_ms": None if s.p99_s is None else round(1000 * s.p99_s, 3),
+                "accuracy": op.accuracy, "operating": op.name, "flops_fraction": op.flops_fraction,
+                "axis": None if st is None else st.axis, "budget": None if st is None else st.controller.f,
+                "shed_rate": self.shed_rate, "offered_rps": self._offered_rps, "answered_sps": self._rate,
+                "queue_delay_ms": round(1000 * s.queue_delay_s, 3)}
+
+    def trace_info(self, since: float | None = None) -> dict[str, Any]:
+        """For the operator's page: the ring buffer (records with ``t > since`` when given)."""
+        ticks = [r for r in self.trace if since is None or r["t"] > since]
+        return {"enabled": self.state is not None, "every_s": TRACE_EVERY_S, "max_len": TRACE_LEN,
+                "ticks": ticks}
+
     def info(self) -> dict[str, Any]:
-        """For ``GET /profiles``: on or off, the target, the floor, the point held now, why, recent p99."""
+        """For ``GET /profiles``: on or off, the target, the axis and bounds, the point held now, why,
+        recent p99, shed rate, measured capacity."""
         st, s = self.state, self.last_signal
         out: dict[str, Any] = {"enabled": st is not None,
                                "p99_ms": None if s.p99_s is None else 1000 * s.p99_s,
-                               "queue_delay_ms": 1000 * s.queue_delay_s, "window_samples": s.samples}
+                               "queue_delay_ms": 1000 * s.queue_delay_s, "window_samples": s.samples,
+                               "shed_rate": self.shed_rate, "shed_total": self.admission.shed}
         if st is None:
             return out
         c = st.controller
-        op = self.engine.snapshot.operating
-        out.update({"target_ms": st.config.target_ms, "min_accuracy": st.config.min_accuracy,
-                    "mode": st.config.mode, "floor_flops_fraction": c.floor, "ceiling_flops_fraction": c.ceiling,
-                    "budget_flops_fraction": c.f, "pressure": c.pressure, "moves": c.moves, "why": c.reason,
-                    "operating": {"name": op.name, "a": op.a, "b": op.b, "lam": op.lam,
-                                  "flops_fraction": op.flops_fraction, "accuracy": op.accuracy}})
+        snap = self.engine.snapshot
+        op = snap.operating
+        per = self.per_sample_s()
+        floor_per = self.per_sample_s(st.plan.floor_point)
+        ceiling_point = self._ceiling_point(snap, st)
+        out.update({"target_ms": st.config.target_ms, "latency_slo_ms": st.config.target_ms,
+                    "min_accuracy": st.config.min_accuracy, "mode": st.config.mode, "axis": st.axis,
+                    "floor": c.floor, "ceiling": c.ceiling, "budget": c.f,
+                    "floor_flops_fraction": st.plan.floor_point.flops_fraction,
+                    "ceiling_flops_fraction": ceiling_point.flops_fraction,
+                    "budget_flops_fraction": op.flops_fraction,
+                    "budget_ms": c.f * full_ms(snap.bundle) if st.axis == TIME and full_ms(snap.bundle) else None,
+                    "reachable_ms": st.plan.reachable_ms, "pressure": c.pressure, "moves": c.moves,
+                    "why": c.reason, "reason": c.reason, "operating": op.name,
+                    "operating_point": {"name": op.name, "a": op.a, "b": op.b, "lam": op.lam,
+                                        "flops_fraction": op.flops_fraction, "accuracy": op.accuracy,
+                                        "ms": operating_ms(snap.bundle, op)},
+                    "accuracy": op.accuracy, "floor_point": st.plan.floor_point.name,
+                    "per_sample_ms": None if per is None else 1000 * per,
+                    "capacity_rps": None if not per else 1.0 / per,
+                    "floor_capacity_rps": None if not floor_per else 1.0 / floor_per,
+                    "queue_bound": self.admission.max_queued(), "batch_in_use": self._batch_mean})
         return out
+
+    def _ceiling_point(self, snap: Snapshot, st: _Engaged) -> Operating:
+        b = snap.bundle
+        if st.axis == TIME:
+            return select_by_time(b.profiles, time_fractions(b), st.plan.ceiling)
+        return select_by_target(mode_candidates(b, snap.ic, st.config.mode), max_flops_fraction=st.plan.ceiling)

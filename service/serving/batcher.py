@@ -99,6 +99,8 @@ class Submitted:
 class BatcherStats:
     batches: int = 0
     samples: int = 0
+    busy_s: float = 0.0  # seconds the worker spent running batches (the measured service time)
+    busy_samples: int = 0  # samples of the batches counted in busy_s (finished batches only)
     history: deque[int] = field(default_factory=lambda: deque(maxlen=64))
 
 
@@ -133,6 +135,8 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._last_batch_requests = 0
+        self.running_samples = 0  # samples of the batch in the network now (0: idle)
+        self.running_since: float | None = None  # when it started (monotonic)
         self.stats = BatcherStats()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -174,6 +178,13 @@ class Batcher:
     @property
     def queued_samples(self) -> int:
         return self._queued
+
+    def running_left_s(self, per_sample_s: float, now: float | None = None) -> float:
+        """Expected seconds the batch in the network still needs, at ``per_sample_s`` (0 when idle)."""
+        if self.running_since is None:
+            return 0.0
+        elapsed = (time.monotonic() if now is None else now) - self.running_since
+        return max(0.0, self.running_samples * per_sample_s - elapsed)
 
     def has_room(self, size: int) -> bool:
         """Whether ``size`` more samples would be admitted right now (a cheap pre-check before decoding)."""
@@ -271,8 +282,14 @@ class Batcher:
             self.stats.batches += 1
             self.stats.samples += samples
             self.stats.history.append(samples)
+            self.running_samples, self.running_since = samples, time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self._run, [p.payload for p in batch])
+                try:
+                    results = await loop.run_in_executor(self._executor, self._run, [p.payload for p in batch])
+                finally:
+                    self.stats.busy_s += time.monotonic() - self.running_since
+                    self.stats.busy_samples += samples
+                    self.running_samples, self.running_since = 0, None
                 if len(results) != len(batch):
                     raise RuntimeError(f"run returned {len(results)} results for {len(batch)} requests")
             except Exception as exc:  # the run function failed as a whole: every request hears it

@@ -33,7 +33,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 FLOPS_BUCKETS = tuple(float(2 ** k) for k in range(16, 41))  # 65 kFLOPs .. 1.1 TFLOPs, factor 2
 JOB_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-REJECT_REASONS = ("overloaded", "queue_timeout", "deadline")
+REJECT_REASONS = ("overloaded", "queue_timeout", "deadline", "shed")
 
 
 class Metrics:
@@ -77,13 +77,18 @@ class Metrics:
                                       "samples that consulted exits and left at the last one.", ["model"],
                                       registry=r)
         self.rejected = Counter("classmeans_rejected", "Inference requests refused or dropped, by reason "
-                                "(overloaded, queue_timeout, deadline).", ["model", "reason"], registry=r)
+                                "(overloaded, queue_timeout, deadline, shed).", ["model", "reason"], registry=r)
+        self.shed = Counter("classmeans_shed_requests", "Inference requests refused on arrival by the autopilot's "
+                            "admission control (503 shed with Retry-After: they could not be answered within the "
+                            "latency target).", ["model"], registry=r)
         self._state_collectors(r)
         self._active_labels: tuple[str, str] | None = None
         self.up.labels(model).set(0)
         self.inflight.labels(model).set(0)
         self.queue_depth.labels(model).set(0)
         self.autopilot_enabled.labels(model).set(0)
+        self.autopilot_target.labels(model).set(0)
+        self.shed.labels(model)
         for direction in ("down", "up"):
             self.autopilot_moves.labels(model, direction)
         for reason in REJECT_REASONS:
@@ -122,6 +127,12 @@ class Metrics:
                                               "operating point the autopilot holds now in this process (last value "
                                               "once off; per process: pid label).", ["model"], registry=r,
                                               multiprocess_mode="liveall")
+        self.autopilot_target = Gauge("classmeans_autopilot_target_seconds", "The autopilot's p99 latency target "
+                                      "in this process (0: off; per process: pid label).", ["model"], registry=r,
+                                      multiprocess_mode="liveall")
+        self.autopilot_budget = Gauge("classmeans_autopilot_budget_fraction", "The autopilot's budget: a fraction of "
+                                      "the full network's measured time at batch 1 (time axis) or FLOPs (untimed "
+                                      "bundle), per process.", ["model"], registry=r, multiprocess_mode="liveall")
         self.autopilot_moves = Counter("classmeans_autopilot_moves", "Operating point moves made by the autopilot "
                                        "(in memory, no active.json write), by direction (down: cheaper).",
                                        ["model", "direction"], registry=r)

@@ -184,15 +184,20 @@ class StateWriter:
 
     # -- the autopilot's in-memory move (service/serving/autopilot_runtime.py) --------------------------
 
-    def move_operating(self, max_flops_fraction: float, mode: str, version: int) -> Snapshot | None:
-        """In-memory move (the autopilot): serve the hull point for a FLOPs budget WITHOUT writing
-        ``active.json``; the version (and the autopilot configuration) stays. Returns None, changing nothing,
-        when the state is no longer at ``version`` (a persisted switch won)."""
+    def move_operating(self, budget: float, mode: str, version: int, axis: str = "flops") -> Snapshot | None:
+        """In-memory move (the autopilot): serve the hull point for a budget WITHOUT writing ``active.json``;
+        the version (and the autopilot configuration) stays. ``axis`` ``"flops"``: ``budget`` is a FLOPs
+        fraction on ``mode``'s hull; ``"time"``: a fraction of the full network's measured time at batch 1 on
+        the bundle's accuracy-time hull (:func:`~service.earlyexit.time_axis.select_by_time`). Returns None,
+        changing nothing, when the state is no longer at ``version`` (a persisted switch won)."""
         with self._lock:
             snap = self.engine.snapshot
             if snap.version != version:
                 return None
-            op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode), max_flops_fraction=max_flops_fraction)
+            if axis == "time":
+                op = select_by_time(snap.bundle.profiles, time_fractions(snap.bundle), budget)
+            else:
+                op = select_by_target(mode_candidates(snap.bundle, snap.ic, mode), max_flops_fraction=budget)
             if op == snap.operating:
                 return snap
             new = make_snapshot(snap.catalog, op, snap.version, snap.updated, snap.fallback_from,

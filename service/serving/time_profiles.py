@@ -8,11 +8,12 @@ Bundles without the file have no time axis: these functions return None / empty.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
-from service.earlyexit import Operating
-from service.earlyexit.time_axis import TimeTable, profile_time_entry
+from service.earlyexit import Operating, Profile
+from service.earlyexit.time_axis import TimeTable, profile_time_entry, time_hull
 from service.errors import ServiceError
 from service.store.bundle_model import Bundle
 
@@ -88,3 +89,31 @@ def retimed(bundle: Bundle, tables: dict[int, TimeTable], engine: str, threads: 
             continue
         doc["profiles"][name] = profile_time_entry(p["exit_share"], thresholds, tables)
     return doc
+
+
+def timed_batches(bundle: Bundle) -> list[int]:
+    """The batch sizes the bundle's time axis was measured at (``[]``: untimed), ascending."""
+    return sorted(int(b) for b in (bundle.timing or {}).get("full_ms", {}) if str(b).isdigit())
+
+
+def nearest_batch(bundle: Bundle, batch: float) -> str | None:
+    """The measured batch size closest to ``batch`` on a log scale (``argmin |log m - log batch|``), as
+    timing.json keys it; None when untimed."""
+    sizes = timed_batches(bundle)
+    if not sizes:
+        return None
+    b = max(1.0, float(batch))
+    return str(min(sizes, key=lambda m: abs(math.log(m) - math.log(b))))
+
+
+def time_candidates(bundle: Bundle, batch: str = LATENCY_BATCH) -> list[Profile]:
+    """The accuracy-time hull at ``batch`` as surrogate profiles (``flops_fraction`` = time fraction):
+    :func:`~service.earlyexit.time_axis.time_hull`. Empty when the bundle has no time axis."""
+    fractions = time_fractions(bundle, batch)
+    return time_hull(bundle.profiles, fractions) if fractions else []
+
+
+def operating_time_fraction(bundle: Bundle, op: Operating, batch: str = LATENCY_BATCH) -> float | None:
+    """An operating point's expected time over the full network's at ``batch`` (None: untimed)."""
+    ms, full = operating_ms(bundle, op, batch), full_ms(bundle, batch)
+    return ms / full if ms is not None and full else None

@@ -84,8 +84,10 @@ async def test_engage_is_persisted_and_any_other_switch_turns_it_off(tiny_store:
         assert saved["autopilot"] == {"latency_slo_ms": 80.0, "min_accuracy": 0.5, "mode": "cm"}
         info = (await s.client.get("/profiles")).json()["autopilot"]
         assert info["enabled"] and info["target_ms"] == 80 and info["min_accuracy"] == 0.5 and info["mode"] == "cm"
-        assert info["floor_flops_fraction"] <= info["operating"]["flops_fraction"] <= info["ceiling_flops_fraction"]
-        assert info["operating"]["accuracy"] >= 0.5 and isinstance(info["why"], str)
+        point = info["operating_point"]
+        assert info["floor_flops_fraction"] <= point["flops_fraction"] <= info["ceiling_flops_fraction"]
+        assert info["operating"] == point["name"] and info["axis"] == "flops"  # the tiny store is untimed
+        assert info["operating_point"]["accuracy"] >= 0.5 and isinstance(info["why"], str)
         assert s.state.metrics.autopilot_enabled.labels(MODEL)._value.get() == 1
 
         r = await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)
@@ -135,7 +137,7 @@ async def test_moves_stay_in_memory_and_answers_name_the_point(tiny_store: Path)
         forced = await s.client.post("/classify?profile=full", content=png, headers={"Content-Type": "image/png"})
         assert forced.json()["profile"] == "full"
         info = (await s.client.get("/profiles")).json()["autopilot"]
-        assert info["operating"]["name"] == snap.profile_name and info["moves"] == rt.state.controller.moves
+        assert info["operating_point"]["name"] == snap.profile_name and info["moves"] == rt.state.controller.moves
         for _ in range(200):  # 100 s of a quiet server
             clock.t += 0.5
             rt.tick()
@@ -183,8 +185,8 @@ def test_real_server_engages_moves_and_disengages(tiny_store_root: Path, tmp_pat
             version = r.json()["version"]
             info = _post_until_moved(c, png)
             assert info["moves"] >= 1
-            assert info["operating"]["flops_fraction"] < info["ceiling_flops_fraction"]
-            assert info["operating"]["name"] != "full" and info["why"]
+            assert info["operating_point"]["flops_fraction"] < info["ceiling_flops_fraction"]
+            assert info["operating_point"]["name"] != "full" and info["why"]
             answer = c.post("/classify", content=png, headers={"Content-Type": "image/png"}).json()
             assert answer["version"] == version and answer["profile"] != "full"  # moved in memory, same version
             metrics = c.get("/metrics").text

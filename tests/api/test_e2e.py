@@ -53,12 +53,14 @@ def serve_argv(store: Path, port: int) -> list[str]:
     return [*head, "serve", "--store", str(store), "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)]
 
 
-def start(store: Path, log: Path) -> Server:
+def start(store: Path, log: Path, workers: int = 1, env_extra: dict[str, str] | None = None) -> Server:
+    """``classmeans serve`` on a free port of 127.0.0.1 with ``workers`` processes (several: metrics in a
+    fresh PROMETHEUS_MULTIPROC_DIR that serve makes), ready when this returns."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLASSMEANS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLASSMEANS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update({"CLASSMEANS_ADMIN_TOKEN": TOKEN, "CLASSMEANS_TORCH_THREADS": "1", "CLASSMEANS_GRACEFUL_TIMEOUT_S": "20",
-                "CLASSMEANS_WORKERS": "1",
-                "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"})
+                "CLASSMEANS_WORKERS": str(workers),
+                "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **(env_extra or {})})
     fh = open(log, "wb")  # noqa: SIM115 - owned by the process for its lifetime
     proc = subprocess.Popen(serve_argv(store, port), stdout=fh, stderr=subprocess.STDOUT, env=env,
                             cwd=store.parent)

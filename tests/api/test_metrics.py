@@ -82,7 +82,7 @@ async def test_families_labels_and_movement(served):
     assert value(fams, "classmeans_profile_switches", "classmeans_profile_switches_total") == 1
     assert value(fams, "classmeans_up", "classmeans_up", model=MODEL) == 1
     reasons = {s.labels["reason"] for s in fams["classmeans_rejected"].samples}
-    assert reasons == {"overloaded", "queue_timeout", "deadline"}
+    assert reasons == {"overloaded", "queue_timeout", "deadline", "shed"}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")

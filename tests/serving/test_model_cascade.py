@@ -286,4 +286,4 @@ async def test_profiles_list_each_member_alone_beside_the_cascade(cascade_store)
         assert [m["name"] for m in body["members"]] == [SMALL, BIG]
         big = body["members"][1]["curve"]
         assert max(f for f, _ in big) == pytest.approx(1.0)  # the last member alone is the reference
-        assert all(0 < f for m in body["members"] for f, _ in m["curve"])
+        assert all(f > 0 for m in body["members"] for f, _ in m["curve"])

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,17 @@ def playwright_driver() -> Iterator[Any]:
         yield pw
 
 
-@pytest.fixture()
-def browser_page(playwright_driver: Any, ui_server: Server) -> Iterator[Page]:
-    """A new Chromium (fresh --user-data-dir) with one page; non-127.0.0.1 requests aborted and recorded."""
+@contextmanager
+def open_page(playwright_driver: Any, server: Server) -> Iterator[Page]:
+    """A new Chromium (fresh --user-data-dir) with one page on ``server``; non-127.0.0.1 requests aborted and
+    recorded."""
     profile = tempfile.mkdtemp(prefix="ui-chromium-")
     ctx = playwright_driver.chromium.launch_persistent_context(
         profile, executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
         viewport={"width": 1280, "height": 1000}, service_workers="block")
     try:
         page = ctx.pages[0] if ctx.pages else ctx.new_page()
-        p = Page(page, ui_server.url)
+        p = Page(page, server.url)
         ctx.route("**/*", _route(p.outside))
         page.on("request", lambda r: p.requests.append((r.method, r.url)))
         page.on("console", lambda m: p.console_errors.append(m.text) if m.type == "error" else None)
@@ -120,6 +122,13 @@ def browser_page(playwright_driver: Any, ui_server: Server) -> Iterator[Page]:
     finally:
         ctx.close()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture()
+def browser_page(playwright_driver: Any, ui_server: Server) -> Iterator[Page]:
+    """A page on :func:`ui_server` (:func:`open_page`)."""
+    with open_page(playwright_driver, ui_server) as p:
+        yield p
 
 
 def add_old_bundle(model_dir: Path) -> str:
@@ -157,3 +166,23 @@ async def served(tiny_store: Path) -> AsyncIterator[Served]:
     """The app over ASGI on a private copy of the tiny store (as in tests/api)."""
     async with serve(make_settings(tiny_store)) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def two_worker_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``classmeans serve --workers 2`` over a copy of the tiny store with graded, timed profiles (an
+    autopilot has a hull to move along)."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from tests.factories import attach_graded_profiles
+
+    work = tmp_path_factory.mktemp("ui2")
+    store = work / "store"
+    shutil.copytree(request.getfixturevalue("tiny_store_root"), store)
+    attach_graded_profiles(store / "tiny")
+    srv = start(store, work / "serve.log", workers=2)
+    try:
+        yield srv
+    finally:
+        stop(srv)

@@ -11,7 +11,7 @@ from importlib import resources
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.ui.stats import is_inference
-from tests.api.conftest import Served, assert_envelope, make_settings, sample_pngs, serve
+from tests.api.conftest import AUTH, Served, assert_envelope, make_settings, sample_pngs, serve
 
 SWAGGER = resources.files("service.api") / "static" / "swagger-ui"
 
@@ -136,3 +136,60 @@ async def test_stats_not_ready_is_503_envelope(tmp_path):
 def test_inference_endpoints():
     assert is_inference("/classify") and is_inference("/v2/models/{model_name}/infer")
     assert not is_inference("/ui/api/stats") and not is_inference("/profiles") and not is_inference("unmatched")
+
+
+async def test_stats_of_one_process_say_so(served: Served):
+    s = (await served.client.get("/ui/api/stats")).json()
+    assert s["scope"] == "process" and s["processes"] == 1 and s["clock_s"] > 0
+
+
+async def test_autopilot_trace_endpoint(served: Served):
+    client = served.client
+    off = (await client.get("/ui/api/autopilot")).json()
+    assert off["enabled"] is False and off["every_s"] == 1.0 and off["max_len"] >= 300 and isinstance(off["pid"], int)
+    r = await client.post("/profiles", json={"latency_slo_ms": 80}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    rt = served.state.autopilot
+    rt.tick()  # one record now (the live loop adds one a second)
+    got = (await client.get("/ui/api/autopilot")).json()
+    assert got["enabled"] is True and got["ticks"]
+    last = got["ticks"][-1]
+    assert last["target_ms"] == 80 and last["axis"] == "flops" and last["enabled"] is True
+    assert set(last) >= {"t", "p99_ms", "accuracy", "budget", "shed_rate", "operating", "offered_rps"}
+    later = (await client.get(f"/ui/api/autopilot?since={last['t']}")).json()
+    assert all(t["t"] > last["t"] for t in later["ticks"])
+    assert_envelope(await client.get("/ui/api/autopilot?since=soon"), 422, "validation_error")
+
+
+def test_two_workers_report_merged_live_figures(tiny_store_root, tmp_path, monkeypatch):
+    """``classmeans serve --workers 2``: every worker answers /ui/api/stats for the whole server, so the
+    samples classified by both workers add up whichever worker answers the poll."""
+    import shutil
+
+    from tests.api.test_e2e import start, stop
+    from tests.factories import REPO
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store_root, store)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    srv = start(store, tmp_path / "serve.log", workers=2)
+    try:
+        png = sample_pngs(1)[0]
+        answered_by = set()
+        for _ in range(30):  # new connections: the kernel spreads them over both workers
+            with srv.client() as one:
+                r = one.post("/classify", content=png, headers={"Content-Type": "image/png"})
+                assert r.status_code == 200, r.text
+                answered_by.add(r.headers["X-Classmeans-Worker"])
+        instances = set()
+        for _ in range(10):
+            with srv.client() as one:
+                body = one.get("/ui/api/stats").json()
+            assert body["scope"] == "server" and body["processes"] == 2, body
+            assert body["samples"] == 30 and body["requests"]["inference"] == 30, body
+            instances.add(body["instance"])
+        assert len(instances) == 1  # one server id, whichever worker answers: the page's rates never restart
+    finally:
+        stop(srv)
+def json_instance(c) -> str:
+    return c.get("/ui/api/stats").json()["instance"]

@@ -34,8 +34,9 @@ SWITCH_ERRORS = {401: {"model": schemas.ErrorBody, "description": "unauthorized"
                        "description": "mode_unavailable (no usable ICs for that mode); no_time_axis (a time target "
                                       "on a bundle never timed on this machine)"},
                  422: {"model": schemas.ErrorBody,
-                       "description": "invalid_target, target_unreachable, floor_unreachable, unknown_mode, "
-                                      "mode_mismatch"}}
+                       "description": "invalid_target, target_unreachable, floor_unreachable, slo_unreachable "
+                                      "(a latency_slo_ms below what the cheapest allowed point achieves at batch 1; "
+                                      "the message says what is reachable), unknown_mode, mode_mismatch"}}
 
 
 def _share(snap: Snapshot, name: str) -> float:

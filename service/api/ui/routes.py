@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
 
 from service.api import schemas
 from service.api.deps import EngineDep, StateDep
@@ -82,3 +85,29 @@ async def ui_stats(state: StateDep, engine: EngineDep) -> UiStats:
     inference requests and rejections, FLOPs spent and what the full network would have spent (totals since
     the process started; the page turns two readings into rates)."""
     return collect_stats(state.metrics, engine)
+
+
+class AutopilotTrace(BaseModel):
+    """The answering process's autopilot ticks, one a second, oldest first (a bounded ring buffer)."""
+
+    enabled: bool
+    pid: int = Field(description="the process whose controller this is (each worker steers on its own load)")
+    every_s: float = Field(description="seconds between records")
+    max_len: int = Field(description="records kept (older ones fall off)")
+    ticks: list[dict[str, Any]] = Field(
+        description="records: t (unix seconds), enabled, target_ms, p99_ms, accuracy (estimate of the point "
+                    "held), operating, flops_fraction, axis, budget (on the axis), shed_rate, offered_rps, "
+                    "answered_sps, queue_delay_ms")
+
+
+@router.get("/ui/api/autopilot", response_model=AutopilotTrace, tags=["operator page"],
+            responses={503: {"model": schemas.ErrorBody, "description": "not_ready"}})
+async def ui_autopilot_trace(state: StateDep, engine: EngineDep,
+                             since: float | None = Query(None, description="only records after this unix time")
+                             ) -> AutopilotTrace:
+    """The last minutes of the latency autopilot in the answering process: target vs p99, estimated
+    accuracy, budget and shed rate, for the page's trace chart."""
+    rt = state.autopilot
+    if rt is None:
+        return AutopilotTrace(enabled=False, pid=os.getpid(), every_s=1.0, max_len=0, ticks=[])
+    return AutopilotTrace(pid=os.getpid(), **rt.trace_info(since))

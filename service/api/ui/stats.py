@@ -1,23 +1,28 @@
-"""Live figures for the operator's page, read from this process's own collectors.
+"""Live figures for the operator's page: the whole server's, merged over its worker processes.
 
-The numbers come from the :class:`~service.serving.metrics.Metrics` objects through prometheus_client's public
-``collect()`` (the same values ``/metrics`` exposes, without rendering and re-parsing text), plus the engine's
-snapshot for exit names and costs. Counters are totals since this process started; the page turns two polls
-into rates (``Δcount / Δuptime_s``) and restarts its baseline when ``instance`` changes (another process or a
-restart answered).
+The numbers come from prometheus_client's public ``collect()`` (the same values ``/metrics`` exposes, without
+rendering and re-parsing text), plus the engine's snapshot for exit names and costs. With several workers
+(``PROMETHEUS_MULTIPROC_DIR`` set, :func:`~service.serving.metrics.multiproc_dir`) they are read from a
+registry that merges every process's files, as a ``/metrics`` scrape does (``scope`` ``"server"``): counters
+add up over all processes, queue depth and in-flight requests over the live ones, ``processes`` counts the
+ready ones. With one process they are its own collectors (``scope`` ``"process"``). Counters are totals; the
+page turns two polls into rates (``Δcount / Δclock_s``, a wall clock every worker shares) and restarts its
+baseline when ``instance`` changes (a restart, or another server).
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
+from prometheus_client import CollectorRegistry, multiprocess
 from pydantic import BaseModel, Field
 
 from service.serving.engine import Engine
-from service.serving.metrics import Metrics
+from service.serving.metrics import Metrics, forget_dead_processes, multiproc_dir
 
 INSTANCE = secrets.token_hex(6)  # one per process: tells the page that another process answered
 _STARTED = time.monotonic()
@@ -45,9 +50,16 @@ class UiStats(BaseModel):
     bundle: str
     profile: str = Field(description="the operating point that serves now (a profile, or a~b@lam for a mix)")
     version: int
-    instance: str = Field(description="random id of the answering process (rates restart when it changes)")
-    uptime_s: float = Field(description="seconds since this process started (monotonic)")
-    samples: int = Field(description="classified samples since the process started")
+    scope: Literal["server", "process"] = Field(
+        "process", description="server: merged over every worker process (PROMETHEUS_MULTIPROC_DIR); process: "
+                               "this process's own counters (one worker)")
+    processes: int = Field(1, description="ready worker processes the figures cover")
+    instance: str = Field(description="id of the server (scope server: the same from every worker) or of the "
+                                      "answering process; rates restart when it changes")
+    uptime_s: float = Field(description="seconds since the answering process started (monotonic)")
+    clock_s: float = Field(0.0, description="wall-clock seconds (shared by every worker): rates are "
+                                            "Δcount / Δclock_s")
+    samples: int = Field(description="classified samples (all workers with scope server)")
     exits: list[ExitCount]
     rules: dict[str, int] = Field(description="samples by the rule that let them out: cm, ic, ic+cm, final")
     requests: Requests
@@ -57,20 +69,32 @@ class UiStats(BaseModel):
     inflight: float = Field(description="HTTP requests being handled, this poll excluded")
 
 
-def _samples(collector: Any, suffix: str = "") -> Iterator[tuple[dict[str, str], float]]:
-    """(labels, value) of every sample of a collector whose name ends with ``suffix``."""
-    for family in collector.collect():
-        for s in family.samples:
-            if s.name.endswith(suffix):
-                yield s.labels, float(s.value)
+class Families:
+    """Every sample of a registry's ``collect()``, by sample name (``classmeans_requests_total``, ...)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in registry.collect():
+            for s in family.samples:
+                self.by_name.setdefault(s.name, []).append((s.labels, float(s.value)))
+
+    def samples(self, name: str) -> Iterator[tuple[dict[str, str], float]]:
+        yield from self.by_name.get(name, [])
+
+    def total(self, name: str) -> float:
+        return sum(v for _, v in self.samples(name))
 
 
-def _total(collector: Any) -> float:
-    return sum(v for _, v in _samples(collector, "_total"))
-
-
-def _gauge(collector: Any) -> float:
-    return sum(v for _, v in _samples(collector))
+def server_families(metrics: Metrics) -> tuple[Families, bool]:
+    """The figures' source: the merged multiprocess registry when ``PROMETHEUS_MULTIPROC_DIR`` is set
+    (True), else this process's own registry (False)."""
+    path = multiproc_dir()
+    if path is None or not path.is_dir():
+        return Families(metrics.registry), False
+    forget_dead_processes(path)
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=str(path))
+    return Families(merged), True
 
 
 def is_inference(endpoint: str) -> bool:
@@ -78,9 +102,9 @@ def is_inference(endpoint: str) -> bool:
     return endpoint == "/classify" or endpoint.endswith("/infer")
 
 
-def _requests(metrics: Metrics) -> Requests:
+def _requests(f: Families) -> Requests:
     total = errors = 0
-    for labels, value in _samples(metrics.requests, "_total"):
+    for labels, value in f.samples("classmeans_requests_total"):
         if is_inference(labels.get("endpoint", "")):
             total += int(value)
             if labels.get("status", "").startswith(("4", "5")):
@@ -88,10 +112,10 @@ def _requests(metrics: Metrics) -> Requests:
     return Requests(inference=total, inference_errors=errors)
 
 
-def _by_exit_and_rule(metrics: Metrics, num_exits: int) -> tuple[list[int], dict[str, int]]:
+def _by_exit_and_rule(f: Families, num_exits: int) -> tuple[list[int], dict[str, int]]:
     per_exit = [0] * num_exits
     rules: dict[str, int] = {}
-    for labels, value in _samples(metrics.samples, "_total"):
+    for labels, value in f.samples("classmeans_samples_total"):
         n = int(value)
         j = int(labels.get("exit", "-1"))
         if 0 <= j < num_exits:
@@ -103,17 +127,26 @@ def _by_exit_and_rule(metrics: Metrics, num_exits: int) -> tuple[list[int], dict
 
 def collect_stats(metrics: Metrics, engine: Engine) -> UiStats:
     """One consistent-enough reading of the counters (each collector is read once, without a global lock)."""
+    f, merged = server_families(metrics)
     snap = engine.snapshot
     bundle = snap.bundle
     costs = bundle.costs
     full = float(costs.full) or 1.0
-    per_exit, rules = _by_exit_and_rule(metrics, bundle.num_exits)
+    per_exit, rules = _by_exit_and_rule(f, bundle.num_exits)
     exits = [ExitCount(index=j, name=name, flops_fraction=float(costs.backbone_cum[j]) / full, samples=per_exit[j])
              for j, name in enumerate(bundle.exit_names)]
-    rejected = {labels.get("reason", ""): int(v) for labels, v in _samples(metrics.rejected, "_total")}
+    rejected: dict[str, int] = {}
+    for labels, v in f.samples("classmeans_rejected_total"):
+        reason = labels.get("reason", "")
+        rejected[reason] = rejected.get(reason, 0) + int(v)
+    path = multiproc_dir()
+    instance = ("server-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]) if merged else INSTANCE
     return UiStats(model=engine.spec.name, bundle=snap.bundle_id, profile=snap.profile_name, version=snap.version,
-                   instance=INSTANCE, uptime_s=time.monotonic() - _STARTED, samples=sum(per_exit), exits=exits,
-                   rules=rules, requests=_requests(metrics), rejected=rejected,
-                   flops=Flops(spent=_total(metrics.flops_spent), full=_total(metrics.flops_full)),
-                   queue_depth=_gauge(metrics.queue_depth),
-                   inflight=max(0.0, _gauge(metrics.inflight) - 1.0))
+                   scope="server" if merged else "process",
+                   processes=max(1, int(f.total("classmeans_up"))) if merged else 1,
+                   instance=instance, uptime_s=time.monotonic() - _STARTED, clock_s=time.time(),
+                   samples=sum(per_exit), exits=exits, rules=rules, requests=_requests(f), rejected=rejected,
+                   flops=Flops(spent=f.total("classmeans_flops_spent_total"),
+                               full=f.total("classmeans_flops_full_total")),
+                   queue_depth=f.total("classmeans_queue_depth"),
+                   inflight=max(0.0, f.total("classmeans_inflight_requests") - 1.0))

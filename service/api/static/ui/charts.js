@@ -112,7 +112,8 @@ function domains(rows, extra) {
   return [[0, xMax], [yMin, yMax]];
 }
 
-// The autopilot of GET /profiles (`autopilot`: enabled, target_ms, min_accuracy, operating, why, ...) when on.
+// The autopilot of GET /profiles (`autopilot`: enabled, latency_slo_ms, min_accuracy, operating (a name),
+// operating_point, reason, ...) when on.
 export function autopilotState(p) {
   const ap = p && p.autopilot;
   return ap && typeof ap === "object" && ap.enabled === true ? ap : null;
@@ -178,7 +179,7 @@ function drawAutopilot(root, p, scale, box) {
     root.append(svg("text", { x: box.left + box.width - 4, y: scale.sy(floor) - 5, class: "floor-label" },
       "autopilot floor " + pct(floor)));
   }
-  const at = ap.operating || ap.point || p.active;
+  const at = (typeof ap.operating === "object" && ap.operating) || ap.operating_point || p.active;
   if (axis === "time" || typeof at.flops_fraction !== "number" || typeof at.accuracy !== "number") return;
   const x = scale.sx(at.flops_fraction);
   const y = scale.sy(at.accuracy);
@@ -253,5 +254,66 @@ export function drawExits(s) {
       root.append(svg("text", { x: x + w / 2, y: box.top + box.height + 14, class: "tick x bar-label",
         transform: `rotate(35 ${x + w / 2} ${box.top + box.height + 14})` }, e.name));
     }
+  }
+}
+
+// -- the autopilot's trace ----------------------------------------------------------------------------
+
+const TRACE_SERIES = [
+  ["target", "p99 target (ms)", (r) => r.target_ms, "ms"],
+  ["p99", "p99 (ms)", (r) => r.p99_ms, "ms"],
+  ["accuracy", "estimated accuracy", (r) => r.accuracy, "share"],
+  ["budget", "budget (share of full)", (r) => r.budget, "share"],
+  ["shed", "shed rate", (r) => r.shed_rate, "share"],
+];
+
+function tracePath(rows, pick, sx, sy) {
+  let d = "";
+  let pen = false;
+  for (const r of rows) {
+    const v = pick(r);
+    if (typeof v !== "number" || !Number.isFinite(v)) { pen = false; continue; }
+    d += `${pen ? "L" : "M"} ${sx(r.t).toFixed(1)} ${sy(v).toFixed(1)} `;
+    pen = true;
+  }
+  return d.trim();
+}
+
+// The ticks of GET /ui/api/autopilot `tr` into #trace: target and p99 in ms on the left axis; accuracy,
+// budget and shed rate (0..1) on the right one. Time runs left to right, seconds before now.
+export function drawTrace(tr) {
+  const root = $("trace");
+  root.replaceChildren();
+  const rows = (tr && tr.ticks) || [];
+  root.dataset.ticks = String(rows.length);
+  const box = { left: 56, top: 14, width: 640, height: 230 };
+  if (!rows.length) {
+    root.append(svg("text", { x: 380, y: 140, class: "axis-label" }, "no autopilot ticks yet"));
+    return;
+  }
+  const t1 = rows[rows.length - 1].t;
+  const t0 = Math.min(rows[0].t, t1 - 60);
+  const msVals = rows.flatMap((r) => [r.target_ms, r.p99_ms]).filter((v) => typeof v === "number");
+  const msMax = Math.max(1, ...msVals) * 1.1;
+  const scale = chartFrame(root, box, [t0 - t1, 0], [0, msMax], ["seconds before the last tick", "ms"],
+    { x: (v) => String(Math.round(v)), y: (v) => String(Math.round(v)) });
+  const sx = (t) => scale.sx(t - t1);
+  const syMs = scale.sy;
+  const syShare = (v) => box.top + box.height - v * box.height;
+  for (const f of [0, 0.5, 1]) {
+    root.append(svg("text", { x: box.left + box.width + 6, y: syShare(f) + 4, class: "tick" }, pct(f, 0)));
+  }
+  for (const [cls, label, pick, unit] of TRACE_SERIES) {
+    const d = tracePath(rows, pick, sx, unit === "ms" ? syMs : syShare);
+    if (!d) continue;
+    const path = svg("path", { d, class: "trace-line " + cls, "data-series": cls });
+    path.append(svg("title", {}, label));
+    root.append(path);
+  }
+  let y = box.top + 4;
+  for (const [cls, label] of TRACE_SERIES) {
+    root.append(svg("line", { x1: box.left + 8, x2: box.left + 26, y1: y, y2: y, class: "trace-line " + cls }));
+    root.append(svg("text", { x: box.left + 30, y: y + 4, class: "tick" }, label));
+    y += 14;
   }
 }

@@ -1,13 +1,15 @@
-// The operator's page: draws GET /profiles as an SVG chart, polls GET /ui/api/stats, and with the admin
-// token calls the admin API (POST /profiles, GET /admin/bundles, POST /admin/bundles/{id}/activate).
+// The operator's page: draws GET /profiles as an SVG chart, polls GET /ui/api/stats (the whole server's
+// figures) and GET /ui/api/autopilot (the controller's trace), and with the admin token calls the admin API
+// (POST /profiles, also to turn the autopilot on and off; GET /admin/bundles, POST /admin/bundles/{id}/activate).
 // No library: plain DOM and SVG. Every server string goes in through textContent, never as HTML.
 // The token lives in the `token` variable only: never in a URL, cookie, storage or the console.
 import {
-  autopilotState, drawCurve, drawExits, el, pct, setAxis,
+  autopilotState, drawCurve, drawExits, drawTrace, el, pct, setAxis,
 } from "./charts.js";
 
 const PROFILES_EVERY_MS = 5000;
 const STATS_EVERY_MS = 2000;
+const TRACE_EVERY_MS = 2000;
 
 let token = null; // the admin token, in memory only
 let profiles = null; // last GET /profiles
@@ -72,15 +74,94 @@ function describeActive(p) {
   apBox.hidden = !ap;
   if (ap) {
     const parts = ["Autopilot on" + (ap.mode ? ` (${ap.mode})` : "")];
-    const slo = ap.target_ms ?? ap.latency_slo_ms;
+    const slo = ap.latency_slo_ms ?? ap.target_ms;
     if (typeof slo === "number") parts.push(`p99 target ${slo} ms`);
     if (typeof ap.p99_ms === "number") parts.push(`p99 now ${ap.p99_ms.toFixed(1)} ms`);
     const floor = ap.min_accuracy ?? ap.floor;
     if (typeof floor === "number") parts.push(`floor ${pct(floor)}`);
-    const why = ap.why ?? ap.reason;
+    if (ap.axis) parts.push(`${ap.axis} axis`);
+    const why = ap.reason ?? ap.why;
     if (why) parts.push(String(why));
     apBox.textContent = parts.join(" · ") + " (the diamond marks its point; a click on the chart turns it off)";
   }
+}
+
+// -- the autopilot ------------------------------------------------------------------------------------
+
+function fmt(x, digits = 1, unit = "") {
+  return typeof x === "number" && Number.isFinite(x) ? x.toFixed(digits) + unit : "–";
+}
+
+function describeAutopilot(p) {
+  const ap = autopilotState(p);
+  const badge = $("ap-state");
+  badge.textContent = ap ? `on · ${ap.latency_slo_ms ?? ap.target_ms} ms` : "off";
+  badge.className = "badge " + (ap ? "on" : "locked");
+  const raw = (p && p.autopilot) || {};
+  const cells = [
+    ["point", ap ? String((ap.operating && ap.operating.name) || ap.operating || "") : "–", "ap-operating"],
+    ["est. accuracy", ap && typeof ap.accuracy === "number" ? pct(ap.accuracy, 1) : "–", "ap-accuracy"],
+    ["p99 (ms)", fmt(raw.p99_ms), "ap-p99"],
+    ["shed rate", typeof raw.shed_rate === "number" ? pct(raw.shed_rate, 1) : "–", "ap-shed"],
+    ["capacity (samples/s)", ap ? fmt(ap.capacity_rps, 0) : "–", "ap-capacity"],
+    ["axis", ap && ap.axis ? ap.axis : "–", "ap-axis"],
+  ];
+  const box = $("ap-figures");
+  box.replaceChildren();
+  for (const [label, value, id] of cells) {
+    const cell = el("div", { class: "stat" });
+    cell.append(el("div", { class: "value", id }, value), el("div", { class: "label" }, label));
+    box.append(cell);
+  }
+}
+
+async function autopilotOn() {
+  if (!token) { say("warn", "Turning the autopilot on needs the admin token (POST /profiles is an admin route)."); return; }
+  const target = Number($("ap-target").value);
+  if (!$("ap-target").value || !Number.isFinite(target) || target <= 0) {
+    say("warn", "Type a p99 target in milliseconds first.");
+    return;
+  }
+  const body = { latency_slo_ms: target };
+  const floorText = $("ap-floor").value.trim();
+  if (floorText) body.min_accuracy = Number(floorText) / 100;
+  say("info", `Turning the autopilot on (p99 target ${target} ms)…`);
+  try {
+    const r = await api("POST", "profiles", { body, admin: true });
+    const ap = r.autopilot || {};
+    say("ok", `Autopilot on: p99 target ${target} ms on the ${ap.axis || "?"} axis, holding ${ap.operating || r.active.name}` +
+      (body.min_accuracy !== undefined ? `, floor ${pct(body.min_accuracy)}` : "") + ` (version ${r.version}).`);
+  } catch (e) {
+    say("error", errorText("Autopilot not turned on", e));
+    if (e instanceof ApiError && e.status === 401) lock("the server rejected the token");
+  }
+  await Promise.all([refreshProfiles(true), refreshTrace()]);
+}
+
+async function autopilotOff() {
+  if (!token) { say("warn", "Turning the autopilot off needs the admin token."); return; }
+  if (!profiles) return;
+  const op = profiles.active;
+  const keep = op.b && op.lam < 0.5 ? op.b : op.a; // the vertex of the point it holds now that serves most
+  say("info", `Turning the autopilot off (serving ${keep})…`);
+  try {
+    const r = await api("POST", "profiles", { body: { name: keep }, admin: true });
+    say("ok", `Autopilot off: serving ${r.active.name} (version ${r.version}).`);
+  } catch (e) {
+    say("error", errorText("Autopilot not turned off", e));
+    if (e instanceof ApiError && e.status === 401) lock("the server rejected the token");
+  }
+  await Promise.all([refreshProfiles(true), refreshTrace()]);
+}
+
+async function refreshTrace() {
+  let tr;
+  try {
+    tr = await api("GET", "ui/api/autopilot");
+  } catch (e) {
+    return;
+  }
+  drawTrace(tr);
 }
 
 // -- actions ------------------------------------------------------------------------------------------
@@ -243,13 +324,14 @@ async function refreshProfiles(force = false) {
   profilesKey = key;
   drawCurve(p, switchTo);
   describeActive(p);
+  describeAutopilot(p);
   document.body.dataset.version = String(p.version);
   if (bundleChanged) refreshBundles();
 }
 
 function rate(cur, prev, pick) {
   if (!prev || prev.instance !== cur.instance) return null;
-  const dt = cur.uptime_s - prev.uptime_s;
+  const dt = cur.scope === "server" ? cur.clock_s - prev.clock_s : cur.uptime_s - prev.uptime_s;
   return dt > 0 ? (pick(cur) - pick(prev)) / dt : null;
 }
 
@@ -286,6 +368,10 @@ async function refreshStats() {
   }
   drawRates(s);
   drawExits(s);
+  $("live-scope").textContent = s.scope === "server"
+    ? `(whole server: ${s.processes} worker${s.processes === 1 ? "" : "s"} merged)`
+    : "(one worker process, since it started)";
+  $("live-card").dataset.scope = s.scope || "process";
   prevStats = s;
 }
 
@@ -302,10 +388,14 @@ function start() {
       if (profiles) drawCurve(profiles, switchTo);
     });
   }
+  $("ap-on").addEventListener("click", autopilotOn);
+  $("ap-off").addEventListener("click", autopilotOff);
   refreshProfiles();
   refreshStats();
+  refreshTrace();
   setInterval(refreshProfiles, PROFILES_EVERY_MS);
   setInterval(refreshStats, STATS_EVERY_MS);
+  setInterval(refreshTrace, TRACE_EVERY_MS);
 }
 
 start(); // a module runs once the document is parsed

@@ -1,0 +1,140 @@
+"""Admission control under a latency target: refuse at once what could not be answered in time.
+
+Pure logic, no HTTP, no disk, no clock (the caller passes the queue's state). The autopilot's runtime
+(:mod:`service.serving.autopilot_runtime`) keeps it configured (the target, the measured seconds per sample of
+the point serving now); the inference pipeline asks :meth:`Admission.check` before it decodes anything.
+
+**Service rate.** ``s`` = seconds per sample of the serving point at the batch size in use, measured: the
+batcher's busy time over the samples it ran (:class:`CostEstimator`), so ``capacity = 1 / s`` samples per
+second in this process. Between measurements the estimate follows the point: ``s(point) = k * cost(point)``
+where ``cost`` is the point's measured ms per sample from ``timing.json`` (time axis) or its FLOPs fraction
+(untimed bundle) and ``k`` the observed seconds per cost unit (an EWMA over the runtime's ticks).
+
+**The rule.** A request of ``n`` samples arriving now would be answered after about::
+
+    expected(n) = overhead + max_delay + running_left + ceil((queued + n) / B) * B * s
+
+(``running_left``: what the batch in the network still needs; ``queued``: samples waiting before it; ``B``:
+the batcher's largest batch: the request's own batch may fill up behind it, so it counts as full;
+``overhead``: HTTP parsing, decoding and encoding, a fixed :data:`HTTP_OVERHEAD_MS`). It is admitted when
+``expected(n) <= headroom * target`` or when nothing is queued or running (an idle server: refusing its
+one request would help nobody; a target that even one request cannot meet is refused when set), and refused
+otherwise (``Retry-After``: the seconds until the backlog would have drained to that bound, at least 1).
+So the queue bound follows from the target and the measured throughput,
+``queued <= (headroom * target - overhead - max_delay) / s - B`` (about), and no admitted request is held
+past the target only to fail. With no target (autopilot off), or no estimate yet, everything is admitted (the
+batcher's fixed queue bound still applies).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from service.serving.batcher import BatcherError
+
+HTTP_OVERHEAD_MS = 2.0  # a request's time outside the network (parse, decode, encode), fixed, at batch 1
+
+
+class Shed(BatcherError):
+    """Refused on arrival by admission control: it could not be answered within the latency target."""
+
+    code = "shed"
+    default_message = "shed: the server cannot answer this request within its latency target now; retry shortly"
+
+    def __init__(self, message: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class AdmissionTuning:
+    headroom: float = 0.8  # admit when the expected answer time is at most this share of the target
+    http_overhead_s: float = HTTP_OVERHEAD_MS / 1000.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.headroom <= 1 or self.http_overhead_s < 0:
+            raise ValueError("need 0 < headroom <= 1 and http_overhead_s >= 0")
+
+
+class Admission:
+    """The admission rule of the module docstring, plus counters of what it admitted and refused."""
+
+    def __init__(self, tuning: AdmissionTuning | None = None) -> None:
+        self.t = tuning or AdmissionTuning()
+        self.target_s: float | None = None
+        self.per_sample_s: float | None = None
+        self.max_delay_s = 0.0
+        self.max_batch = 1
+        self.checked = 0  # requests asked about (admitted + shed), cumulative
+        self.shed = 0  # requests refused, cumulative
+
+    @property
+    def active(self) -> bool:
+        return self.target_s is not None and self.per_sample_s is not None and self.per_sample_s > 0
+
+    def configure(self, target_s: float | None, per_sample_s: float | None, max_delay_s: float = 0.0,
+                  max_batch: int = 1) -> None:
+        """``target_s`` None turns shedding off; ``per_sample_s`` None: no estimate yet (admit all)."""
+        self.target_s, self.per_sample_s, self.max_delay_s = target_s, per_sample_s, max(0.0, max_delay_s)
+        self.max_batch = max(1, int(max_batch))
+
+    def bound_s(self) -> float | None:
+        """The longest expected answer time admitted: ``headroom * target`` (None: off)."""
+        return None if self.target_s is None else self.t.headroom * self.target_s
+
+    def expected_s(self, queued: int, running_left_s: float, n: int) -> float:
+        s, b = self.per_sample_s or 0.0, self.max_batch
+        work = math.ceil((queued + n) / b) * b * s
+        return self.t.http_overhead_s + self.max_delay_s + max(0.0, running_left_s) + work
+
+    def max_queued(self) -> int | None:
+        """The queue bound in samples for one more 1-sample request (None: off)."""
+        if not self.active:
+            return None
+        assert self.target_s is not None and self.per_sample_s is not None
+        room = self.t.headroom * self.target_s - self.t.http_overhead_s - self.max_delay_s
+        batches = math.floor(room / (self.max_batch * self.per_sample_s))
+        return max(0, batches * self.max_batch - 1)
+
+    def check(self, queued: int, running_left_s: float, n: int) -> None:
+        """Admit (return) or raise :class:`Shed` with a ``Retry-After`` of the seconds until the backlog
+        would fit the bound again (at least 1). Counts both."""
+        self.checked += 1
+        if not self.active:
+            return
+        bound = self.bound_s()
+        assert bound is not None
+        expected = self.expected_s(queued, running_left_s, n)
+        if expected <= bound or (queued == 0 and running_left_s <= 0):
+            return  # in time, or an idle server: refusing the one request there is would help nobody
+        self.shed += 1
+        retry = max(1, math.ceil(expected - bound))
+        raise Shed(f"shed: expected answer in {1000 * expected:.0f} ms, over {1000 * bound:.0f} ms "
+                   f"({self.t.headroom:g} of the {1000 * (self.target_s or 0):g} ms latency target) with "
+                   f"{queued} samples queued; retry after {retry} s", retry_after=retry)
+
+
+class CostEstimator:
+    """Seconds per sample of the serving point, from the batcher's measured busy time (module docstring).
+
+    ``observe(busy_s, samples, cost)``: the batcher ran ``samples`` in ``busy_s`` seconds of compute while a
+    point of ``cost`` units per sample served; ``k`` (seconds per cost unit) is their EWMA. ``prior_k``: the
+    value before any observation (``1e-3`` for costs in measured ms; None when costs are FLOPs fractions,
+    which say nothing about seconds until measured).
+    """
+
+    def __init__(self, prior_k: float | None = None, alpha: float = 0.3, min_samples: int = 4) -> None:
+        self.k = prior_k
+        self.alpha, self.min_samples = alpha, min_samples
+        self.observations = 0
+
+    def observe(self, busy_s: float, samples: int, cost: float | None) -> None:
+        if samples < self.min_samples or busy_s <= 0 or not cost or cost <= 0:
+            return
+        inst = busy_s / samples / cost
+        self.k = inst if self.k is None or self.observations == 0 else (1 - self.alpha) * self.k + self.alpha * inst
+        self.observations += 1
+
+    def per_sample_s(self, cost: float | None) -> float | None:
+        return None if self.k is None or not cost or cost <= 0 else self.k * cost

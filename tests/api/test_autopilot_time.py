@@ -1,0 +1,215 @@
+"""The latency autopilot on the measured time axis, over HTTP: a target below what the cheapest allowed point
+needs at batch 1 is a 422 ``slo_unreachable`` that says what is reachable; GET /profiles reports the axis, the
+point, p99, shed rate, capacity and why it moved; the controller (driven by hand on a fake clock) moves along
+the accuracy-time hull; admission control sheds with a fast 503 + Retry-After only while it is engaged; and a
+real server sheds under a burst, then climbs back to full accuracy."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.earlyexit.time_axis import select_by_time
+from service.serving.admission import HTTP_OVERHEAD_MS
+from service.serving.autopilot import LatencyWindow
+from service.serving.autopilot_runtime import AutopilotRuntime
+from service.serving.time_profiles import full_ms, operating_ms, operating_time_fraction, time_fractions
+from tests.api.conftest import AUTH, MODEL, assert_envelope, make_settings, sample_pngs, serve, store_digest
+from tests.api.test_autopilot_api import FakeClock
+from tests.api.test_e2e import metric, start, stop
+from tests.factories import GRADED_FRACTIONS, REPO, attach_graded_profiles
+
+PNG = {"Content-Type": "image/png"}
+
+
+def reachable_ms(doc: dict) -> float:
+    """The smallest target the autopilot accepts with no floor: the fastest profile's batch-1 ms + overhead
+    (the graded profiles are all on the hull)."""
+    return min(p["ms"]["1"] for p in doc["profiles"].values()) + HTTP_OVERHEAD_MS
+
+
+async def test_a_target_below_the_floor_point_is_refused_and_says_what_is_reachable(tiny_store: Path):
+    doc = attach_graded_profiles(tiny_store / MODEL)
+    reach = reachable_ms(doc)
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        before = store_digest(tiny_store)
+        r = await s.client.post("/profiles", json={"latency_slo_ms": reach * 0.9}, headers=AUTH)
+        body = assert_envelope(r, 422, "slo_unreachable")
+        msg = body["error"]["message"]
+        assert "reachable" in msg and f"{reach:.3g}" in msg and "HTTP overhead" in msg
+        assert store_digest(tiny_store) == before
+        assert (await s.client.get("/profiles")).json()["autopilot"]["enabled"] is False
+        # a floor raises what is reachable: the cheapest point at least that accurate (g2 of the ladder)
+        floor_acc = 0.5 + 0.4 * GRADED_FRACTIONS[2] ** 0.5
+        reach_floor = GRADED_FRACTIONS[2] * doc["full_ms"]["1"] + HTTP_OVERHEAD_MS
+        r = await s.client.post("/profiles", json={"latency_slo_ms": reach_floor - 0.1, "min_accuracy": floor_acc},
+                                headers=AUTH)
+        assert f"{reach_floor:.3g}" in assert_envelope(r, 422, "slo_unreachable")["error"]["message"]
+        r = await s.client.post("/profiles", json={"latency_slo_ms": reach_floor + 0.1, "min_accuracy": floor_acc},
+                                headers=AUTH)
+        assert r.status_code == 200 and r.json()["autopilot"]["floor_point"] == "g2", r.text
+        r = await s.client.post("/profiles", json={"latency_slo_ms": reach * 1.01}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        info = r.json()["autopilot"]
+        assert info["enabled"] and info["axis"] == "time" and info["reachable_ms"] == pytest.approx(reach)
+
+
+async def test_get_profiles_reports_the_contract_fields(tiny_store: Path):
+    doc = attach_graded_profiles(tiny_store / MODEL)
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
+        r = await s.client.post("/profiles", json={"latency_slo_ms": 200, "min_accuracy": 0.7}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        ap = (await s.client.get("/profiles")).json()["autopilot"]
+        for key in ("enabled", "latency_slo_ms", "p99_ms", "shed_rate", "operating", "reason"):
+            assert key in ap, key
+        assert ap["enabled"] and ap["latency_slo_ms"] == 200 and ap["shed_rate"] == 0.0
+        assert ap["operating"] == "full" and isinstance(ap["reason"], str) and ap["axis"] == "time"
+        assert ap["budget"] == pytest.approx(1.0) and ap["ceiling"] == pytest.approx(1.0)
+        assert ap["budget_ms"] == pytest.approx(doc["full_ms"]["1"])
+        assert ap["floor"] <= ap["budget"] and ap["accuracy"] == ap["operating_point"]["accuracy"]
+        # before anything is measured the capacity comes from timing.json (batch 1 while nothing ran)
+        assert ap["capacity_rps"] == pytest.approx(1000 / doc["full_ms"]["1"], rel=1e-3)
+        assert ap["floor_capacity_rps"] >= ap["capacity_rps"] and ap["queue_bound"] >= 0
+
+
+async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_store: Path):
+    attach_graded_profiles(tiny_store / MODEL)
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
+        assert (await s.client.post("/profiles", json={"latency_slo_ms": 40}, headers=AUTH)).status_code == 200
+        await s.state.autopilot.stop()
+        clock = FakeClock()
+        window = LatencyWindow(clock=clock)
+        rt = AutopilotRuntime(s.state.engine, s.state.batcher, window, s.state.metrics, clock=clock,
+                              wall_clock=clock)
+        s.state.autopilot = rt
+        rt.follow()
+        engine = s.state.engine
+        bundle = engine.snapshot.bundle
+        assert rt.state.axis == "time" and rt.state.controller.f == pytest.approx(1.0)
+        budgets = []
+        for _ in range(8):  # 4 s of answers at 100 ms against a 40 ms target
+            for _ in range(60):
+                window.record(0.1, ok=True, now=clock.t)
+            clock.t += 0.5
+            rt.tick()
+            budgets.append(rt.state.controller.f)
+        assert budgets[-1] < budgets[0] and rt.state.controller.moves >= 3
+        op = engine.snapshot.operating
+        f = rt.state.controller.f
+        assert op == select_by_time(bundle.profiles, time_fractions(bundle), f)  # the point is the time budget's
+        assert operating_time_fraction(bundle, op) <= f + 1e-9
+        info = (await s.client.get("/profiles")).json()["autopilot"]
+        assert info["budget"] == pytest.approx(f) and info["operating"] == op.name
+        assert info["budget_ms"] == pytest.approx(f * full_ms(bundle))
+        assert operating_ms(bundle, op) <= info["budget_ms"] + 1e-6
+        assert "cut" in info["reason"] or "floor" in info["reason"] or "dwell" in info["reason"]
+        trace = (await s.client.get("/ui/api/autopilot")).json()
+        assert trace["enabled"] and len(trace["ticks"]) == 4  # one record a second of the fake clock
+        last = trace["ticks"][-1]
+        assert last["target_ms"] == 40 and last["axis"] == "time" and last["budget"] == pytest.approx(f)
+        assert last["operating"] == op.name and last["p99_ms"] == pytest.approx(100, rel=0.01)
+        since = trace["ticks"][-3]["t"]
+        assert len((await s.client.get(f"/ui/api/autopilot?since={since}")).json()["ticks"]) == 2
+        for _ in range(200):  # 100 s of a quiet server: back to the full network
+            clock.t += 0.5
+            rt.tick()
+        assert engine.snapshot.operating.name == "full" and rt.state.controller.f == pytest.approx(1.0)
+        assert len(rt.trace) <= rt.trace.maxlen
+
+
+async def test_admission_sheds_with_503_and_retry_after_only_while_engaged(tiny_store: Path):
+    attach_graded_profiles(tiny_store / MODEL)
+    png = sample_pngs(1)[0]
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        assert (await s.client.post("/profiles", json={"latency_slo_ms": 100}, headers=AUTH)).status_code == 200
+        rt, batcher = s.state.autopilot, s.state.batcher
+        await rt.stop()  # hold the configuration still: no tick re-measures it
+
+        def busy() -> None:  # a batch of 32 just started, 10 ms a sample: 320 ms of work ahead
+            rt.admission.configure(0.1, 0.01, 0.0, batcher.max_batch_size)
+            batcher.running_samples, batcher.running_since = 32, time.monotonic()
+
+        busy()
+        r = await s.client.post("/classify", content=png, headers=PNG)
+        assert_envelope(r, 503, "shed")
+        assert int(r.headers["Retry-After"]) >= 1
+        text = (await s.client.get("/metrics")).text
+        assert metric(text, "classmeans_shed_requests_total") == 1
+        assert metric(text, "classmeans_rejected_total", reason="shed") == 1
+        assert (await s.client.get("/profiles")).json()["autopilot"]["shed_total"] == 1
+        stats = (await s.client.get("/ui/api/stats")).json()
+        assert stats["rejected"]["shed"] == 1
+        batcher.running_samples, batcher.running_since = 0, None
+        assert (await s.client.post("/classify", content=png, headers=PNG)).status_code == 200
+
+        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
+        assert rt.state is None and not rt.admission.active  # off: admission is disarmed with it
+        batcher.running_samples, batcher.running_since = 32, time.monotonic()
+        r = await s.client.post("/classify", content=png, headers=PNG)  # the same backlog, no target: served
+        batcher.running_samples, batcher.running_since = 0, None
+        assert r.status_code == 200, r.text
+        assert rt.admission.shed == 1
+
+
+# -- a real server ------------------------------------------------------------------------------------
+
+BURST = 160  # concurrent requests, once
+CLIMB_CAP_S = 90.0  # a bound on the wait, not a performance goal (a loaded 2-core machine)
+
+
+async def _burst(url: str, png: bytes) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
+    async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False, limits=limits) as c:
+        return await asyncio.gather(*(c.post("/classify", content=png, headers=PNG) for _ in range(BURST)))
+
+
+def test_real_server_sheds_a_burst_and_returns_to_full_accuracy(tiny_store_root: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store_root, store)
+    attach_graded_profiles(store / MODEL)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    srv = start(store, tmp_path / "serve.log", env_extra={"CLASSMEANS_ENGINE": "torch"})
+    try:
+        png = sample_pngs(1)[0]
+        with srv.client() as c:
+            assert c.post("/profiles", json={"name": "full"}, headers=AUTH).status_code == 200
+            full_acc = c.get("/profiles").json()["active"]["accuracy"]
+            r = c.post("/profiles", json={"latency_slo_ms": 25}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert r.json()["autopilot"]["axis"] == "time"
+            for _ in range(20):  # a few answers so the cost per sample is measured on this machine
+                assert c.post("/classify", content=png, headers=PNG).status_code == 200
+            time.sleep(0.6)
+        codes: list[int] = []
+        for _ in range(3):  # a burst far over what any point serves within 25 ms
+            answers = asyncio.run(_burst(srv.url, png))
+            codes += [a.status_code for a in answers]
+            shed = [a for a in answers if a.status_code == 503]
+            for a in shed:
+                assert a.json()["error"]["code"] == "shed" and int(a.headers["Retry-After"]) >= 1
+            if shed:
+                break
+        assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, sorted(set(codes))
+        with srv.client() as c:
+            text = c.get("/metrics").text
+            assert metric(text, "classmeans_shed_requests_total") == codes.count(503)
+            deadline = time.monotonic() + CLIMB_CAP_S
+            ap = c.get("/profiles").json()["autopilot"]
+            while time.monotonic() < deadline:
+                assert c.post("/classify", content=png, headers=PNG).status_code == 200  # light load
+                ap = c.get("/profiles").json()["autopilot"]
+                if ap["operating"] == "full":
+                    break
+                time.sleep(0.25)
+            assert ap["operating"] == "full" and ap["accuracy"] == pytest.approx(full_acc), ap
+            assert ap["enabled"] and ap["shed_total"] == codes.count(503)
+    finally:
+        stop(srv)

@@ -1,0 +1,139 @@
+"""Admission control and the measured cost per sample, without a server or a clock of their own: the queue
+bound follows from the target and the measured throughput, refusals are immediate with a Retry-After, an idle
+server or a disengaged autopilot refuses nothing; and a simulated queue on a fake clock keeps every admitted
+request's answer time within the target under a burst no point could serve."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.serving.admission import Admission, AdmissionTuning, CostEstimator, Shed
+
+
+def engaged(target_s: float = 0.1, per_sample_s: float = 0.002, overhead_s: float = 0.0, headroom: float = 0.8,
+            delay_s: float = 0.0, max_batch: int = 1) -> Admission:
+    a = Admission(AdmissionTuning(headroom=headroom, http_overhead_s=overhead_s))
+    a.configure(target_s, per_sample_s, delay_s, max_batch)
+    return a
+
+
+def test_off_without_a_target_or_an_estimate():
+    a = Admission()
+    for _ in range(3):
+        a.check(queued=10_000, running_left_s=5.0, n=1)  # no target: everything is admitted
+    a.configure(0.05, None)
+    a.check(queued=10_000, running_left_s=5.0, n=1)  # a target but no estimate yet: admitted too
+    assert not a.active and a.shed == 0 and a.checked == 4 and a.max_queued() is None
+
+
+def test_the_queue_bound_follows_from_target_and_throughput():
+    a = engaged(target_s=0.1, per_sample_s=0.002, overhead_s=0.002)
+    # room = 0.8 * 100 ms - 2 ms = 78 ms of work -> 39 samples including the new one
+    assert a.max_queued() == 38
+    a.check(queued=38, running_left_s=0.0, n=1)
+    with pytest.raises(Shed) as info:
+        a.check(queued=39, running_left_s=0.0, n=1)
+    err = info.value
+    assert err.status == 503 and err.code == "shed" and err.headers() == {"Retry-After": "1"}
+    assert "latency target" in err.message
+    assert (a.checked, a.shed) == (2, 1)
+
+
+def test_the_own_batch_counts_as_full():
+    a = engaged(target_s=0.1, per_sample_s=0.002, max_batch=8)  # 16 ms a full batch; 80 ms allowed: 5 batches
+    assert a.max_queued() == 39
+    a.check(queued=39, running_left_s=0.0, n=1)  # 5 batches
+    with pytest.raises(Shed):
+        a.check(queued=40, running_left_s=0.0, n=1)  # its batch is the 6th
+
+
+def test_the_running_batch_and_the_request_size_count():
+    a = engaged(target_s=0.1, per_sample_s=0.002)
+    a.check(queued=10, running_left_s=0.0, n=20)  # 60 ms <= 80 ms
+    with pytest.raises(Shed):
+        a.check(queued=10, running_left_s=0.03, n=20)  # 90 ms
+    with pytest.raises(Shed):
+        a.check(queued=10, running_left_s=0.0, n=31)  # 82 ms
+
+
+def test_an_idle_server_takes_a_request_even_when_it_cannot_meet_the_target():
+    a = engaged(target_s=0.001, per_sample_s=0.01)
+    a.check(queued=0, running_left_s=0.0, n=1)
+    with pytest.raises(Shed):
+        a.check(queued=1, running_left_s=0.0, n=1)
+
+
+def test_retry_after_grows_with_the_backlog():
+    a = engaged(target_s=0.1, per_sample_s=0.01)
+    with pytest.raises(Shed) as info:
+        a.check(queued=500, running_left_s=0.0, n=1)  # 5.01 s expected, 80 ms allowed
+    assert info.value.retry_after == math.ceil(5.01 - 0.08)
+
+
+def test_cost_estimator_scales_the_measured_time_between_points():
+    est = CostEstimator(prior_k=1e-3)  # costs in measured ms: trusted until something is measured
+    assert est.per_sample_s(4.0) == pytest.approx(0.004)
+    est.observe(busy_s=0.2, samples=100, cost=4.0)  # 2 ms a sample where timing.json said 4: k = 0.5e-3
+    assert est.per_sample_s(4.0) == pytest.approx(0.002)
+    assert est.per_sample_s(1.0) == pytest.approx(0.0005)  # a point 4x cheaper on the time axis
+    est.observe(busy_s=0.01, samples=2, cost=4.0)  # too few samples: ignored
+    assert est.per_sample_s(4.0) == pytest.approx(0.002)
+    flops = CostEstimator(prior_k=None)  # FLOPs fractions say nothing about seconds until measured
+    assert flops.per_sample_s(0.5) is None
+    flops.observe(busy_s=0.3, samples=100, cost=0.5)
+    assert flops.per_sample_s(1.0) == pytest.approx(0.006)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def simulate(arrival_gap_s: float, per_sample_s: float, target_s: float, duration_s: float,
+             admission: Admission | None) -> tuple[list[float], int]:
+    """One worker serving requests of one sample in arrival order (batches of up to 32), arrivals every
+    ``arrival_gap_s`` on a fake clock. Returns (answer times of admitted requests, how many were shed)."""
+    clock = FakeClock()
+    queue: list[float] = []  # arrival times waiting
+    busy_until, running, latencies, shed = 0.0, [], [], 0
+    next_arrival = 0.0
+    step = min(arrival_gap_s, per_sample_s) / 4
+    while clock.t < duration_s:
+        if running and clock.t >= busy_until:
+            latencies += [busy_until - t0 for t0 in running]
+            running = []
+        if not running and queue:
+            running, queue = queue[:32], queue[32:]
+            busy_until = clock.t + len(running) * per_sample_s
+        if clock.t >= next_arrival:
+            next_arrival += arrival_gap_s
+            left = max(0.0, busy_until - clock.t) if running else 0.0
+            try:
+                if admission is not None:
+                    admission.check(len(queue), left, 1)
+                queue.append(clock.t)
+            except Shed:
+                shed += 1
+        clock.t += step
+    return latencies, shed
+
+
+def test_under_a_burst_admitted_requests_keep_the_target_and_the_excess_is_shed():
+    per, target = 0.0005, 0.05  # 2000 samples/s of capacity (16 ms a full batch of 32), 50 ms target
+    # 3x overload (6000/s): without admission control the queue grows without bound
+    lat, _ = simulate(1 / 6000, per, target, 2.0, None)
+    assert max(lat) > 10 * target
+    lat, shed = simulate(1 / 6000, per, target, 2.0, engaged(target, per, max_batch=32))
+    assert max(lat) <= target  # every admitted request answered within the target
+    assert len(lat) >= 0.9 * 2000 * 2.0 - 64  # and the server stays busy: answered ~ capacity
+    assert shed >= 0.5 * 12000  # about two of every three refused at once
+
+
+def test_below_capacity_nothing_is_shed():
+    lat, shed = simulate(1 / 1000, 0.0005, 0.05, 2.0, engaged(0.05, 0.0005, max_batch=32))
+    assert shed == 0 and max(lat) <= 0.05
