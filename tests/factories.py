@@ -138,3 +138,20 @@ def attach_graded_profiles(model_dir: Path) -> dict:
     active["operating"] = {"a": "full"}
     (model_dir / "active.json").write_text(json.dumps(active, indent=2) + "\n")
     return doc
+
+
+def make_tiny_cascade_store(root: Path, name: str = "casc", samples: int = 300) -> Path:
+    """``root/small`` (a random ResNet-20 with its own normalisation), ``root/big`` (another random ResNet-20)
+    and ``root/<name>``, their calibrated cascade (synthetic data); returns the cascade's directory."""
+    from service.store.cascade_dir import create_cascade
+
+    torch.manual_seed(1)
+    arch = {"family": "cifar_resnet", "depth": 20}
+    small = ModelSpec("small", arch, list(CLASSES), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    save_model(root / "small", small, build_backbone(arch, len(CLASSES)))
+    make_tiny_model(root / "big")
+    create_cascade(root, name, ["small", "big"])
+    cfg = CalibrationConfig(heads=[HeadConfig("pool4", "euclidean", 1.0)], search="quantile", samples=samples,
+                            seed=0, batch_size=100)
+    calibrate_model(root / name, synthetic_images(300), cfg, holdout=100, activate=True)
+    return root / name

@@ -47,13 +47,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_argv(store: Path, port: int) -> list[str]:
+def serve_argv(store: Path, port: int, model: str = MODEL) -> list[str]:
     script = Path(sys.executable).parent / "classmeans"
     head = [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli.main"]
-    return [*head, "serve", "--store", str(store), "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)]
+    return [*head, "serve", "--store", str(store), "--model", model, "--host", "127.0.0.1", "--port", str(port)]
 
 
-def start(store: Path, log: Path, workers: int = 1, env_extra: dict[str, str] | None = None) -> Server:
+def start(store: Path, log: Path, workers: int = 1, env_extra: dict[str, str] | None = None,
+          model: str = MODEL) -> Server:
     """``classmeans serve`` on a free port of 127.0.0.1 with ``workers`` processes (several: metrics in a
     fresh PROMETHEUS_MULTIPROC_DIR that serve makes), ready when this returns."""
     port = free_port()
@@ -62,7 +63,7 @@ def start(store: Path, log: Path, workers: int = 1, env_extra: dict[str, str] | 
                 "CLASSMEANS_WORKERS": str(workers),
                 "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **(env_extra or {})})
     fh = open(log, "wb")  # noqa: SIM115 - owned by the process for its lifetime
-    proc = subprocess.Popen(serve_argv(store, port), stdout=fh, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen(serve_argv(store, port, model), stdout=fh, stderr=subprocess.STDOUT, env=env,
                             cwd=store.parent)
     fh.close()
     server = Server(proc, f"http://127.0.0.1:{port}", log, store)

@@ -23,37 +23,17 @@ from service.offline.operations import calibrate_model, evaluate_model
 from service.serving.runners import RunnerOptions, make_runner
 from service.store.active import resolve_bundle
 from service.store.cascade_dir import CascadeError, create_cascade
-from service.store.model_dir import MODEL_FILE, ModelSpec, load_model, save_model
+from service.store.model_dir import MODEL_FILE, load_model
 from tests.api.conftest import AUTH, make_settings, make_zip, png_bytes, serve
-from tests.factories import CLASSES, make_tiny_model, synthetic_images
+from tests.factories import CLASSES, make_tiny_cascade_store, make_tiny_model, synthetic_images
 
 SMALL, BIG, CASCADE = "small", "big", "casc"
-
-
-def _small_model(model_dir: Path) -> ModelSpec:
-    """A random ResNet-20 (other seed) whose normalisation differs from the default (so members re-normalise)."""
-    from service.backbones import build_backbone
-
-    torch.manual_seed(1)
-    arch = {"family": "cifar_resnet", "depth": 20}
-    net = build_backbone(arch, len(CLASSES))
-    spec = ModelSpec(model_dir.name, arch, list(CLASSES), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    return save_model(model_dir, spec, net)
-
-
-def _calibrate(model_dir: Path, samples: int = 300) -> None:
-    cfg = CalibrationConfig(heads=[HeadConfig("pool4", "euclidean", 1.0)], search="quantile", samples=samples,
-                            seed=0, batch_size=100)
-    calibrate_model(model_dir, synthetic_images(300), cfg, holdout=100, activate=True)
 
 
 @pytest.fixture(scope="module")
 def cascade_store_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cascade-store")
-    _small_model(root / SMALL)
-    make_tiny_model(root / BIG)
-    create_cascade(root, CASCADE, [SMALL, BIG])
-    _calibrate(root / CASCADE)
+    make_tiny_cascade_store(root, CASCADE)
     return root
 
 

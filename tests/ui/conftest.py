@@ -186,3 +186,22 @@ def two_worker_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
         yield srv
     finally:
         stop(srv)
+
+
+@pytest.fixture(scope="module")
+def cascade_ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``classmeans serve`` of a tiny cascade of two models (tests/factories.py)."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from tests.factories import make_tiny_cascade_store
+
+    work = tmp_path_factory.mktemp("ui-cascade")
+    store = work / "store"
+    store.mkdir()
+    make_tiny_cascade_store(store, "casc")
+    srv = start(store, work / "serve.log", model="casc")
+    try:
+        yield srv
+    finally:
+        stop(srv)

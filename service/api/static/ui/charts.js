@@ -209,13 +209,30 @@ export function drawCurve(p, onPick) {
   const scale = chartFrame(root, box, xd, yd, [xLabel, "estimated accuracy"],
     { x: (v, step) => v.toFixed(step < 0.1 ? 2 : 1), y: (v, step) => pct(v, step < 0.01 ? 1 : 0) });
   const modes = groupByMode(rows);
+  const members = axis === "flops" && Array.isArray(p.members) ? p.members : [];
+  drawMembers(root, members, scale, yd);
   drawActive(root, p, scale);
   drawAutopilot(root, p, scale, box);
   drawSeries(root, modes, scale, p.active, onPick);
-  drawLegend(modes);
+  drawLegend(modes, members);
 }
 
-function drawLegend(modes) {
+// A cascade of models: each member alone (its own class-means hull on the selection split, FLOPs as fractions
+// of the last member's), dashed, beside the cascade's curve; points below the plotted range are left out.
+function drawMembers(root, members, scale, yd) {
+  members.forEach((m, i) => {
+    const pts = m.curve.filter(([, a]) => a >= yd[0]).map(([f, a]) => `${scale.sx(f).toFixed(1)},${scale.sy(a).toFixed(1)}`);
+    if (!pts.length) return;
+    const g = svg("g", { class: "member", "data-member": m.name });
+    g.append(svg("polyline", { points: pts.join(" "), stroke: MEMBER_COLORS[i % MEMBER_COLORS.length], class: "member-hull" }));
+    g.append(svg("title", {}, `${m.name} alone (its own exits, selection split)`));
+    root.append(g);
+  });
+}
+
+const MEMBER_COLORS = ["#9a6fb0", "#7f8c8d", "#b0846f"];
+
+function drawLegend(modes, members = []) {
   const legend = $("legend");
   legend.replaceChildren();
   let index = 0;
@@ -226,6 +243,13 @@ function drawLegend(modes) {
     item.append(swatch, document.createTextNode(`${modeLabel(mode)} (${list.length} points)`));
     legend.append(item);
   }
+  members.forEach((m, i) => {
+    const item = el("span", { class: "legend-item", "data-member": m.name });
+    const swatch = el("span", { class: "swatch dashed" });
+    swatch.style.borderColor = MEMBER_COLORS[i % MEMBER_COLORS.length];
+    item.append(swatch, document.createTextNode(`${m.name} alone`));
+    legend.append(item);
+  });
   const ring = el("span", { class: "legend-item" });
   ring.append(el("span", { class: "swatch ring" }), document.createTextNode("serving now"));
   legend.append(ring);
