@@ -38,6 +38,7 @@ from service.offline.operations import calibrate_model, evaluate_model
 from service.store.active import resolve_bundle
 from service.store.bundles import BundleError
 from service.store.cascade_dir import create_cascade
+from service.store.estimates import read_measured, write_measured
 from service.store.model_dir import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,10 +110,13 @@ def main() -> int:
     data = test.remap_to(spec.classes)
     table = cascade_table(net, bundle, data)
     report = evaluate_report(bundle, table)
+    write_measured(cascade_dir, bundle.bundle_id, report, "test.npz")  # GET /profiles: measured beside estimates
     reference_flops = bundle.costs.full
     alone = {}
     for m in members:
         rep, _ = evaluate_model(args.store / m, test)
+        if read_measured(args.store / m, rep["bundle"]) is None:
+            write_measured(args.store / m, rep["bundle"], rep, "test.npz")
         scale = float(rep["flops_full"]) / reference_flops
         alone[m] = {"bundle": rep["bundle"], "full_network_accuracy": rep["full_network_accuracy"],
                     "flops_full": rep["flops_full"], "flops_fraction_of_reference": scale,
