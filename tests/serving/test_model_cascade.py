@@ -267,3 +267,16 @@ async def test_profiles_list_each_member_alone_beside_the_cascade(cascade_store)
         big = body["members"][1]["curve"]
         assert max(f for f, _ in big) == pytest.approx(1.0)  # the last member alone is the reference
         assert all(f > 0 for m in body["members"] for f, _ in m["curve"])
+
+
+async def test_the_autopilot_steers_a_cascade(cascade_store):
+    async with serve(make_settings(cascade_store, model=CASCADE)) as s:
+        r = await s.client.post("/profiles", json={"latency_slo_ms": 5000}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = (await s.client.get("/profiles")).json()
+        assert body["autopilot"]["enabled"] is True and body["autopilot"]["latency_slo_ms"] == 5000
+        img = png_bytes(synthetic_images(1, seed=5).images[0])
+        r = await s.client.post("/classify", content=img, headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["predictions"][0]["member"] in (SMALL, BIG)
+        r = await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)
+        assert r.status_code == 200 and (await s.client.get("/profiles")).json()["autopilot"]["enabled"] is False
