@@ -17,10 +17,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from service.backbones.cascade_network import CascadeNetwork
-from service.earlyexit import DecisionTable, ExitHead, search_thresholds
+from service.earlyexit import DecisionTable, search_thresholds
 from service.earlyexit.model_cascade import join_costs, join_tables
 from service.ingest.labelled import LabelledImages
 from service.offline.calibration import (
@@ -31,8 +29,7 @@ from service.offline.calibration import (
     restrict_to_heads,
 )
 from service.offline.estimates import SelectionOverlapError, overlap_message, provenance
-from service.offline.evaluation import plot_curves
-from service.offline.features import iter_exit_features
+from service.offline.evaluation import heads_decision_table, plot_curves
 from service.offline.operations import _separate_selection, _split_for_selection
 from service.store.active import activate_bundle
 from service.store.bundle_model import Bundle
@@ -40,28 +37,13 @@ from service.store.bundles import new_bundle_id
 from service.store.model_dir import ModelSpec, load_model
 
 
-def member_table(net_member, heads: dict[int, ExitHead], data: LabelledImages, norm, batch_size: int = 250,
-                 progress=None) -> DecisionTable:
-    """A member's decision table on ``data`` with the given heads (early exits without a head: top 0)."""
-    m = net_member.num_exits
-    top = torch.zeros(len(data), m)
-    pred = torch.zeros(len(data), m, dtype=torch.int64)
-    lo = 0
-    for feats, logits, _ in iter_exit_features(net_member, data.images, data.labels, norm, batch_size, progress):
-        hi = lo + logits.shape[0]
-        for j, head in heads.items():
-            top[lo:hi, j], pred[lo:hi, j] = head.probabilities(feats[j]).max(1)
-        top[lo:hi, m - 1], pred[lo:hi, m - 1] = torch.softmax(logits.float(), 1).max(1)
-        lo = hi
-    return DecisionTable(top, pred, torch.from_numpy(data.labels))
-
-
 def cascade_table(net: CascadeNetwork, bundle: Bundle, data: LabelledImages, batch_size: int = 250,
                   progress=None) -> DecisionTable:
     """The cascade bundle's decision table on ``data`` (every member run on every sample)."""
     tables = []
     for i, m in enumerate(net.members):
-        tables.append(member_table(m.net, net.member_heads(bundle.heads, i), data, m.normalizer, batch_size, progress))
+        tables.append(heads_decision_table(m.net, net.member_heads(bundle.heads, i), data, m.normalizer, batch_size,
+                                           progress))
     return join_tables(tables)
 
 

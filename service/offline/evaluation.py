@@ -16,7 +16,7 @@ import torch
 
 from service.backbones import StagedNetwork
 from service.backbones.preprocess import Normalizer
-from service.earlyexit import DecisionTable, Profile, select_by_target
+from service.earlyexit import DecisionTable, ExitHead, Profile, select_by_target
 from service.earlyexit.hull import TargetUnreachable
 from service.ingest.labelled import LabelledImages
 from service.offline.features import iter_exit_features
@@ -27,13 +27,20 @@ BUDGETS = (0.15, 0.20, 0.25, 0.30, 0.50)
 
 def decision_table_for(net: StagedNetwork, bundle: Bundle, data: LabelledImages, norm: Normalizer,
                        batch_size: int = 250, progress=None) -> DecisionTable:
-    m = bundle.num_exits
+    return heads_decision_table(net, bundle.heads, data, norm, batch_size, progress)
+
+
+def heads_decision_table(net: StagedNetwork, heads: dict[int, ExitHead], data: LabelledImages, norm: Normalizer,
+                         batch_size: int = 250, progress=None) -> DecisionTable:
+    """``top (N, M)`` and ``pred (N, M)`` of ``heads`` (by exit; an exit without one: top 0) and the network's own
+    softmax at its classifier, on ``data``."""
+    m = net.num_exits
     top = torch.zeros(len(data), m)
     pred = torch.zeros(len(data), m, dtype=torch.int64)
     lo = 0
     for feats, logits, _ in iter_exit_features(net, data.images, data.labels, norm, batch_size, progress):
         hi = lo + logits.shape[0]
-        for j, head in bundle.heads.items():
+        for j, head in heads.items():
             top[lo:hi, j], pred[lo:hi, j] = head.probabilities(feats[j]).max(1)
         top[lo:hi, m - 1], pred[lo:hi, m - 1] = torch.softmax(logits.float(), 1).max(1)
         lo = hi
