@@ -54,7 +54,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # the embedded default (service/api/settings.py DEFAULT_MODEL; this script runs without the venv)
-DEFAULT_MODEL = "cifar10-resnet56"
+DEFAULT_MODEL = "cifar10-cascade"
 DOCKER = "/usr/bin/docker"  # Debian's client: another client earlier on PATH may want buildx
 BASE_IMAGE_RE = re.compile(r"^FROM\s+(\S+)", re.M)
 STANDIN_LABEL = "io.classmeans.ci-standin"

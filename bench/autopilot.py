@@ -55,7 +55,7 @@ from bench.autopilot_eval import (
 from bench.images import ImageSet, load_images
 from bench.loadgen import ClassmeansTarget, LitServeTarget, Target, run_load
 from bench.openloop import Timed, arrival_times, run_schedule, segment_schedule
-from bench.servers import DEFAULT_MODEL_NAME, REPO, Server, classmeans_server, litserve_server
+from bench.servers import DEFAULT_MODEL_NAME, REPO, Server, classmeans_server, copy_model, litserve_server
 from bench.serving import environment, loadavg
 
 DEFAULT_MODEL = REPO / "model_store" / DEFAULT_MODEL_NAME
@@ -159,7 +159,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, images: ImageSet, work: Path, prefix: list[str] | None) -> None:
         self.args, self.images, self.work, self.prefix = args, images, work, prefix
         self.store = work / "store"
-        shutil.copytree(args.model_dir, self.store / args.model_dir.name, ignore=shutil.ignore_patterns("*.tmp"))
+        copy_model(args.model_dir, self.store)
         self.costs: dict[str, dict[str, Any]] = {}
         self.n_logs = 0
         self.pooled: dict[tuple[str, str], list[Timed]] = {}

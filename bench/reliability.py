@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 import traceback
@@ -32,7 +31,7 @@ from typing import Any
 
 from bench.rel import crash, fuzz, overload, schema, shutdown, swap
 from bench.rel.common import ScenarioResult
-from bench.servers import REPO, classmeans_server
+from bench.servers import REPO, classmeans_server, copy_model
 from bench.serving import environment
 
 DEFAULT_MODEL = REPO / "model_store" / "cifar10-resnet20"
@@ -69,7 +68,7 @@ def prepare_model_dir(model_dir: Path, root: Path, operating: str | None, slo_ms
     """A copy of ``model_dir`` under ``root`` whose active point is the mix ``operating`` (``A~B``) and/or with
     the autopilot engaged, set through the real server's ``POST /profiles``; returns it and what it holds."""
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(model_dir, root / model_dir.name, ignore=shutil.ignore_patterns("*.tmp", "jobs", "locks"))
+    copy_model(model_dir, root, ("*.tmp", "jobs", "locks"))
     info: dict[str, Any] = {"operating_asked": operating, "autopilot_slo_ms": slo_ms, "autopilot_floor": floor}
     with classmeans_server(root, model_dir.name, root.parent / "prepare.log", torch_threads=1,
                            warmup="false") as srv, srv.client() as c:

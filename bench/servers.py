@@ -6,8 +6,10 @@ SIGTERM to the group, a bounded wait, then SIGKILL to the group. Nothing listens
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,7 +148,22 @@ def classmeans_server(store: Path, model: str, log: Path, module: str = "service
         srv.stop(grace_s)
 
 
-DEFAULT_MODEL_NAME = "cifar10-resnet56"  # `classmeans serve`'s default --model
+DEFAULT_MODEL_NAME = "cifar10-cascade"  # `classmeans serve`'s default --model
+
+
+def store_models(model_dir: Path) -> list[str]:
+    """The model folders a server of ``model_dir`` needs: itself, and a cascade's members (its ``model.json``)."""
+    spec = json.loads((model_dir / "model.json").read_text())
+    arch = spec.get("architecture") or {}
+    members = list(arch.get("members") or []) if arch.get("family") == "cascade" else []
+    return [model_dir.name, *members]
+
+
+def copy_model(model_dir: Path, store: Path, ignore: tuple[str, ...] = ("*.tmp",)) -> Path:
+    """Copy ``model_dir`` (and a cascade's members, its siblings) into the store ``store``; returns the copy."""
+    for name in store_models(model_dir):
+        shutil.copytree(model_dir.parent / name, store / name, ignore=shutil.ignore_patterns(*ignore))
+    return store / model_dir.name
 
 
 def oob_argv(store: Path, model: str, port: int) -> list[str]:

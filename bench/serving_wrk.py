@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -52,7 +51,7 @@ import numpy as np
 from bench import onnx_full, procstat, wrk
 from bench.images import ImageSet, load_images
 from bench.loadgen import ClassmeansTarget, LitServeTarget
-from bench.servers import REPO, Server, classmeans_oob_server, litserve_server
+from bench.servers import REPO, Server, classmeans_oob_server, copy_model, litserve_server
 from bench.serving import PACKAGES, environment, pick_profiles, read_results_json, store_listing
 from bench.serving_report import target_profile
 
@@ -241,14 +240,6 @@ def check_answers(srv: Server, target: Any, images: ImageSet, n: int, ref: np.nd
     return out
 
 
-def store_models(model_dir: Path) -> list[str]:
-    """The model folders a server of ``model_dir`` needs: itself, and a cascade's members."""
-    spec = json.loads((model_dir / "model.json").read_text())
-    arch = spec.get("architecture") or {}
-    members = list(arch.get("members") or []) if arch.get("family") == "cascade" else []
-    return [model_dir.name, *members]
-
-
 # -- one row -----------------------------------------------------------------------------------------------
 
 def _ours_path(row: str, target: str, default: str) -> tuple[str, ClassmeansTarget]:
@@ -269,8 +260,7 @@ class Bench:
         self.target, self.default = target, default
         self.bodies, self.sizes = wrk.write_payload(images.pngs, work / "payload")
         self.store = work / "store"
-        for name in store_models(args.model_dir):
-            shutil.copytree(args.model_dir.parent / name, self.store / name, ignore=shutil.ignore_patterns("*.tmp"))
+        copy_model(args.model_dir, self.store)
         self.onnx: Path | None = None
         self.ref = reference_predictions(args.model_dir, images, args.check_images)
         self.decode_s = decode_seconds(images)

@@ -15,6 +15,7 @@ from service.store.model_dir import ModelSpec, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_DIR = REPO.parent / "shared" / "datasets" / "cifar10"
+RESNET56 = "cifar10-resnet56"  # the store's single-network model with trained ICs (the default before the cascade)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

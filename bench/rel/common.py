@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 
 from bench.images import ImageSet, load_images
-from bench.servers import Server
+from bench.servers import Server, copy_model
 
 FAULT_MODULE = "bench.fault_server"
 
@@ -75,7 +74,7 @@ class Timer:
 def copy_store(model_dir: Path, work: Path) -> Path:
     """A private store root holding a copy of ``model_dir`` (temporary leftovers dropped)."""
     root = work / "store"
-    shutil.copytree(model_dir, root / model_dir.name, ignore=shutil.ignore_patterns("*.tmp"))
+    copy_model(model_dir, root)
     return root
 
 

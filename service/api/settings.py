@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
 ADMIN_TOKEN_FILE = ".admin_token"
-DEFAULT_MODEL = "cifar10-resnet56"  # the embedded default under model_store/
+DEFAULT_MODEL = "cifar10-cascade"  # the embedded default under model_store/ (a cascade of the two networks there)
 MIN_TOKEN_CHARS = 16
 
 

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the model over HTTP (N uvicorn workers, each a replica of the store)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="model store root (env CLASSMEANS_STORE, default model_store)")
-    p.add_argument("--model", help="model folder to serve (env CLASSMEANS_MODEL, default cifar10-resnet56)")
+    p.add_argument("--model", help="model folder to serve (env CLASSMEANS_MODEL, default cifar10-cascade)")
     p.add_argument("--host", help="bind address (env CLASSMEANS_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="bind port (env CLASSMEANS_PORT, default 8000)")
     p.add_argument("--workers", type=int, help="worker processes (env CLASSMEANS_WORKERS; default 0: one per "

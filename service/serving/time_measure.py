@@ -145,8 +145,14 @@ def cascade_time_tables(net: CascadeNetwork, heads: dict[int, ExitHead], engines
     """A cascade's time axis: every member measured as one network (its own segments, ``engines[i]``), joined
     per batch size (:class:`~service.earlyexit.time_axis.CascadeTimeTable`)."""
     per_member = [measure_time_tables(m.net, net.member_heads(heads, i), engines[i], in_shape, batch_sizes, repeats,
-                                      network=m.name) for i, m in enumerate(net.members)]
+                                      network=_network_of(engines[i])) for i, m in enumerate(net.members)]
     return {b: CascadeTimeTable(tuple(t[b] for t in per_member)) for b in batch_sizes}
+
+
+def _network_of(engine: SegmentEngine) -> str:
+    """The network id a segment engine's keys must carry (a compiled runner's own; eager: any)."""
+    runner = getattr(engine, "runner", None)
+    return str(getattr(runner, "network", DEFAULT_NETWORK))
 
 
 def serving_time_tables(runner: object, net: StagedNetwork | CascadeNetwork, heads: dict[int, ExitHead],

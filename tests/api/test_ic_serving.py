@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from service.api.settings import DEFAULT_MODEL
 from service.earlyexit.ic_rules import MODES, RULE_NAMES
 from service.ingest.labelled import LabelledImages
 from service.offline.evaluation import decision_table_for
@@ -36,7 +35,7 @@ from tests.api.conftest import (
     sample_pngs,
     serve,
 )
-from tests.factories import CIFAR_DIR, REPO
+from tests.factories import CIFAR_DIR, REPO, RESNET56
 from tests.oip.helpers import assert_oip_error
 
 IC_MODES = ("ic_prob", "ic_entropy", "combined")
@@ -426,20 +425,20 @@ async def test_an_active_ic_profile_that_vanished_falls_back(tiny_ic_store):
 
 @pytest.fixture()
 def default_store(tmp_path) -> Path:
-    src = REPO / "model_store" / DEFAULT_MODEL
-    dst = tmp_path / "store" / DEFAULT_MODEL
+    src = REPO / "model_store" / RESNET56
+    dst = tmp_path / "store" / RESNET56
     shutil.copytree(src, dst)
     return dst.parent
 
 
 def test_default_model_ships_ics_small_enough_for_git():
-    ics = list((REPO / "model_store" / DEFAULT_MODEL / "ics").iterdir())
+    ics = list((REPO / "model_store" / RESNET56 / "ics").iterdir())
     assert len(ics) == 1
     sizes = {p.name: p.stat().st_size for p in ics[0].iterdir()}
     assert set(sizes) == {"ics.json", "ics.safetensors", "profiles.json"}
     assert sum(sizes.values()) < 512 * 1024
     stored = json.loads((ics[0] / "profiles.json").read_text())
-    active = json.loads((REPO / "model_store" / DEFAULT_MODEL / "active.json").read_text())
+    active = json.loads((REPO / "model_store" / RESNET56 / "active.json").read_text())
     assert stored["bundle"] == active["bundle"] and stored["selection_samples"] == 5000
 
 
@@ -447,7 +446,7 @@ def test_default_model_ships_ics_small_enough_for_git():
 async def test_default_model_served_equals_offline_on_cifar(default_store):
     with np.load(CIFAR_DIR / "test.npz") as d:
         images, labels = d["images"][:160].copy(), d["labels"][:160].copy()
-    async with serve(make_settings(default_store, model=DEFAULT_MODEL)) as s:
+    async with serve(make_settings(default_store, model=RESNET56)) as s:
         body = (await s.client.get("/profiles")).json()
         assert body["modes"] == list(MODES) and body["internal_classifiers"]["status"] == "loaded"
         rules = await check_served_equals_offline(s, images, labels)

@@ -31,7 +31,7 @@ from service.store.bundle_model import load_bundle
 from service.store.bundles import read_active
 from service.store.ic_sets import ic_costs
 from service.store.model_dir import load_model
-from tests.factories import CIFAR_DIR, REPO, synthetic_images
+from tests.factories import CIFAR_DIR, REPO, RESNET56, synthetic_images
 from tests.serving.compiled_checks import ClassMeansTable, differing_rows, near_ties
 
 MODES = ("cm", "ic_prob", "ic_entropy", "combined")
@@ -274,11 +274,10 @@ def test_default_model_served_equals_reference_on_cifar10():
     """Every profile of the default model's active bundle, first 500 CIFAR-10 test images: the same exit and
     prediction for >= 99.9 % of the rows, every difference a threshold (or argmax) tie. The reference decisions
     come from one eager pass (:class:`ClassMeansTable`); the runner itself is compared at two profiles."""
-    from service.api.settings import DEFAULT_MODEL
     from service.ingest.npz import load_npz
     from service.store.active import resolve_bundle
 
-    model_dir = REPO / "model_store" / DEFAULT_MODEL
+    model_dir = REPO / "model_store" / RESNET56
     spec, net = load_model(model_dir)
     bundle = resolve_bundle(model_dir, spec, net.num_exits, None)
     test = load_npz(CIFAR_DIR / "test.npz", limit=500)

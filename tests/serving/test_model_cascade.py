@@ -239,15 +239,16 @@ async def test_admin_creates_cascades_with_clear_errors(cascade_store):
         assert not (cascade_store / "c3").exists()
 
 
-def test_time_axis_of_a_cascade_joins_the_members_like_flops(cascade_store_root):
+@pytest.mark.parametrize("engine_name", ["torch", "onnx"])
+def test_time_axis_of_a_cascade_joins_the_members_like_flops(cascade_store_root, engine_name):
     from service.offline.timing import timing_document
     from service.serving.time_measure import serving_time_tables
 
     spec, net = load_model(cascade_store_root / CASCADE)
     bundle = resolve_bundle(cascade_store_root / CASCADE, spec, net.num_exits, None)
-    runner, _ = make_runner(RunnerOptions(engine="torch"), net, bundle.heads, None, [], [])
+    runner, _ = make_runner(RunnerOptions(engine=engine_name), net, bundle.heads, None, [], [])
     tables, engine = serving_time_tables(runner, net, bundle.heads, (3, 32, 32), (1, 4), repeats=5)
-    assert engine == "torch" and set(tables) == {1, 4}
+    assert engine == engine_name and set(tables) == {1, 4}
     t1 = tables[1]
     assert t1.num_exits == net.num_exits
     assert t1.full_ms == pytest.approx(t1.members[1].full_ms)  # every exit off: the last member alone

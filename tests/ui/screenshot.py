@@ -1,6 +1,6 @@
 """The README's picture of /ui: ``python -m tests.ui.screenshot [--out docs/img/ui.png]``.
 
-Serves a copy of the embedded default model (``model_store/cifar10-resnet56``) on 127.0.0.1, sends real
+Serves a copy of the embedded default model (``model_store/cifar10-cascade`` and its members) on 127.0.0.1, sends real
 CIFAR-10 test images (synthetic ones where ../shared has no CIFAR-10) while the page polls, unlocks the page
 with the server's token (typed into the page, as an operator would) and saves a full-page screenshot taken
 with Debian's Chromium. Every request to another host is blocked; the script fails if one was attempted.
@@ -64,7 +64,9 @@ def shoot(out: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     work = Path(tempfile.mkdtemp(prefix="ui-shot-"))
-    shutil.copytree(REPO / "model_store" / MODEL, work / "store" / MODEL)
+    from bench.servers import copy_model  # a cascade's members come with it
+
+    copy_model(REPO / "model_store" / MODEL, work / "store")
     proc, url = _serve(work / "store", work / "serve.log")
     stop = threading.Event()
     feeder = threading.Thread(target=_traffic, args=(url, stop, sample_pngs(256)), daemon=True)
