@@ -50,6 +50,9 @@ class ClassifierAPI(ls.LitAPI):
         self.spec, self.net = load_model(self.model_dir)
         self.net.eval()
         self.normalizer = Normalizer(self.spec.mean, self.spec.std)
+        members = getattr(self.net, "members", None)
+        if members:  # a cascade of models: LitServe serves its full network, the last member alone
+            self.net, self.normalizer = members[-1].net, members[-1].normalizer
         self.size = tuple(self.spec.input_size)
         if self.onnx is not None:
             import onnxruntime as ort

@@ -19,12 +19,21 @@ import torch
 OPSET = 17
 
 
-def export(model_dir: Path, out: Path) -> dict[str, object]:
-    """Write ``out`` (the full network, dynamic batch); returns what was exported."""
+def full_network(model_dir: Path):  # type: ignore[no-untyped-def]
+    """``(spec, network, normaliser)`` of the model's full network: a cascade's is its last member alone."""
+    from service.backbones.preprocess import Normalizer
     from service.store.model_dir import load_model
 
     spec, net = load_model(model_dir)
-    net.eval()
+    members = getattr(net, "members", None)
+    if members:
+        return spec, members[-1].net.eval(), members[-1].normalizer
+    return spec, net.eval(), Normalizer(spec.mean, spec.std)
+
+
+def export(model_dir: Path, out: Path) -> dict[str, object]:
+    """Write ``out`` (the full network, dynamic batch); returns what was exported."""
+    spec, net, _ = full_network(model_dir)
     size = tuple(spec.input_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
@@ -40,12 +49,8 @@ def check(model_dir: Path, onnx_path: Path, pixels: np.ndarray, threads: int = 1
     largest absolute logit difference."""
     import onnxruntime as ort
 
-    from service.backbones.preprocess import Normalizer
-    from service.store.model_dir import load_model
-
-    spec, net = load_model(model_dir)
-    net.eval()
-    x = Normalizer(spec.mean, spec.std)(pixels)
+    _, net, norm = full_network(model_dir)
+    x = norm(pixels)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
