@@ -12,16 +12,25 @@ where ``cost`` is the point's measured ms per sample from ``timing.json`` (time 
 
 **The rule.** A request of ``n`` samples arriving now would be answered after about::
 
-    expected(n) = overhead + max_delay + running_left + ceil((queued + n) / B) * B * s
+    expected(n) = overhead + max_delay + running_left + (queued + n + joiners) * s
+    joiners     = room                          with a backlog (queued > 0: batches leave full)
+                = min(room, running_left / s)   without one
+    room        = B - ((queued + n - 1) mod B + 1)
 
 (``running_left``: what the batch in the network still needs; ``queued``: samples waiting before it; ``B``:
-the batcher's largest batch: the request's own batch may fill up behind it, so it counts as full;
-``overhead``: HTTP parsing, decoding and encoding, a fixed :data:`HTTP_OVERHEAD_MS`). It is admitted when
+the batcher's largest batch; ``joiners``: requests arriving behind this one before its batch starts join that
+batch and delay its answer: with a backlog the server runs at capacity and every batch leaves full; without
+one, at most what arrives at the service rate while the running batch finishes (a lightly loaded server gets
+fewer); ``overhead``: HTTP parsing,
+decoding and encoding, a fixed :data:`HTTP_OVERHEAD_MS`). ``s`` is measured at the batch sizes the load makes,
+so small batches at light load and full ones under overload are both priced as they run. (Counting the
+request's own batch as always full, as a first version did, priced a lightly loaded server at ``B * s`` per
+request and shed 40 % of a half-capacity load on the default cascade: measured, bench.autopilot.) It is admitted when
 ``expected(n) <= headroom * target`` or when nothing is queued or running (an idle server: refusing its
 one request would help nobody; a target that even one request cannot meet is refused when set), and refused
 otherwise (``Retry-After``: the seconds until the backlog would have drained to that bound, at least 1).
 So the queue bound follows from the target and the measured throughput,
-``queued <= (headroom * target - overhead - max_delay) / s - B`` (about), and no admitted request is held
+``queued <= (headroom * target - overhead - max_delay) / s - 1`` (an idle network), and no admitted request is held
 past the target only to fail. With no target (autopilot off), or no estimate yet, everything is admitted (the
 batcher's fixed queue bound still applies).
 """
@@ -85,8 +94,11 @@ class Admission:
 
     def expected_s(self, queued: int, running_left_s: float, n: int) -> float:
         s, b = self.per_sample_s or 0.0, self.max_batch
-        work = math.ceil((queued + n) / b) * b * s
-        return self.t.http_overhead_s + self.max_delay_s + max(0.0, running_left_s) + work
+        running = max(0.0, running_left_s)
+        room = b - ((queued + n - 1) % b + 1)  # places left in this request's batch
+        joiners = room if queued > 0 else (min(room, running / s) if s > 0 else 0.0)
+        work = (queued + n + joiners) * s
+        return self.t.http_overhead_s + self.max_delay_s + running + work
 
     def max_queued(self) -> int | None:
         """The queue bound in samples for one more 1-sample request (None: off)."""
@@ -94,8 +106,7 @@ class Admission:
             return None
         assert self.target_s is not None and self.per_sample_s is not None
         room = self.t.headroom * self.target_s - self.t.http_overhead_s - self.max_delay_s
-        batches = math.floor(room / (self.max_batch * self.per_sample_s))
-        return max(0, batches * self.max_batch - 1)
+        return max(0, math.floor(room / self.per_sample_s) - 1)
 
     def check(self, queued: int, running_left_s: float, n: int) -> None:
         """Admit (return) or raise :class:`Shed` with a ``Retry-After`` of the seconds until the backlog

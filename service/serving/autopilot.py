@@ -16,7 +16,7 @@ is estimated below ``min_accuracy``, the costliest vertex that meets it).
 
     x = max( p99 / T,                       # recent p99 of answered requests (after the last move)
              queue_delay / (q * T),         # expected wait of a request arriving now; q = queue_share
-             reject_pressure if rejected )  # any 503/504 since the last move is an emergency
+             reject_pressure if rejected )  # 503/504s since the last move (>= 1 % of requests): an emergency
 
 The queue term is the leading indicator (latency percentiles lag); it may use a share ``q`` of the budget.
 The runtime takes the larger of the batcher's backlog over its recent throughput and the event loop's lag
@@ -116,6 +116,7 @@ class Tuning:
     low: float = 0.6
     queue_share: float = 0.5
     reject_pressure: float = 2.0
+    reject_share: float = 0.01  # refusals count as an emergency from this share of the window's requests on
     gain: float = 1.0
     max_cut: float = 0.25
     min_cut: float = 0.9
@@ -182,8 +183,8 @@ class Controller:
         x = s.queue_delay_s / (self.t.queue_share * self.target_s)
         if s.p99_s is not None:
             x = max(x, s.p99_s / self.target_s)
-        if s.rejected:
-            x = max(x, self.t.reject_pressure)
+        if s.rejected and s.rejected >= max(1.0, self.t.reject_share * (s.samples + s.rejected)):
+            x = max(x, self.t.reject_pressure)  # a stray refusal among hundreds of answers is not one
         return x
 
     def step(self, s: Signal) -> Decision:

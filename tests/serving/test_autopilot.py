@@ -236,3 +236,12 @@ def test_config_round_trip():
     assert AutopilotConfig.from_json(c.to_json()) == c
     with pytest.raises(ValueError):
         AutopilotConfig.from_json({"min_accuracy": 0.5})
+
+
+def test_a_stray_refusal_among_many_answers_is_no_emergency_but_a_share_of_them_is():
+    clock = FakeClock()
+    ctl = controller(clock)
+    trace = drive(ctl, clock, [Signal(0.02, 0.0, 1, 400)] * 10)  # 1 refused of 401: p99 at half the target
+    assert all(d >= 0 for _, d in trace) and ctl.f == CEILING
+    trace = drive(ctl, clock, [Signal(0.02, 0.0, 20, 400)] * 3)  # 5 % refused: cut
+    assert any(d < 0 for _, d in trace) and ctl.f < CEILING
