@@ -6,22 +6,23 @@ the point serving now); the inference pipeline asks :meth:`Admission.check` befo
 
 **Service rate.** ``s`` = seconds per sample of the serving point at the batch size in use, measured: the
 batcher's busy time over the samples it ran (:class:`CostEstimator`), so ``capacity = 1 / s`` samples per
-second in this process. Between measurements the estimate follows the point: ``s(point) = k * cost(point)``
-where ``cost`` is the point's measured ms per sample from ``timing.json`` (time axis) or its FLOPs fraction
-(untimed bundle) and ``k`` the observed seconds per cost unit (an EWMA over the runtime's ticks).
+second in this process. Between measurements the estimate follows the point. On the time axis the point's
+``timing.json`` milliseconds are this machine's, so ``s(point) = ms(point) / 1000 + c`` with ``c`` the
+measured per-sample cost the network's ms leave out (the runner's Python work, batching, outcome assembly;
+an EWMA): additive, because that work hardly depends on the point (a proportional model, fitted at a cheap
+point whose few microseconds of network time carry a millisecond of overhead, priced the full network at
+50x its time and kept the autopilot at its cheapest point: measured). Untimed (FLOPs fractions, which say
+nothing about seconds): ``s(point) = k * fraction(point)`` with ``k`` observed.
 
 **The rule.** A request of ``n`` samples arriving now would be answered after about::
 
     expected(n) = overhead + max_delay + running_left + (queued + n + joiners) * s
-    joiners     = room                          with a backlog (queued > 0: batches leave full)
-                = min(room, running_left / s)   without one
-    room        = B - ((queued + n - 1) mod B + 1)
+    joiners     = min(B - ((queued + n - 1) mod B + 1), arrival_rate * running_left)
 
 (``running_left``: what the batch in the network still needs; ``queued``: samples waiting before it; ``B``:
 the batcher's largest batch; ``joiners``: requests arriving behind this one before its batch starts join that
-batch and delay its answer: with a backlog the server runs at capacity and every batch leaves full; without
-one, at most what arrives at the service rate while the running batch finishes (a lightly loaded server gets
-fewer); ``overhead``: HTTP parsing,
+batch and delay its answer: at most the room left in it, and what arrives (at the measured arrival rate)
+while the running batch finishes; ``overhead``: HTTP parsing,
 decoding and encoding, a fixed :data:`HTTP_OVERHEAD_MS`). ``s`` is measured at the batch sizes the load makes,
 so small batches at light load and full ones under overload are both priced as they run. (Counting the
 request's own batch as always full, as a first version did, priced a lightly loaded server at ``B * s`` per
@@ -75,6 +76,7 @@ class Admission:
         self.per_sample_s: float | None = None
         self.max_delay_s = 0.0
         self.max_batch = 1
+        self.arrival_rate = 0.0  # samples per second arriving now (the runtime's measurement)
         self.checked = 0  # requests asked about (admitted + shed), cumulative
         self.shed = 0  # requests refused, cumulative
 
@@ -83,10 +85,15 @@ class Admission:
         return self.target_s is not None and self.per_sample_s is not None and self.per_sample_s > 0
 
     def configure(self, target_s: float | None, per_sample_s: float | None, max_delay_s: float = 0.0,
-                  max_batch: int = 1) -> None:
-        """``target_s`` None turns shedding off; ``per_sample_s`` None: no estimate yet (admit all)."""
+                  max_batch: int = 1, arrival_rate: float | None = None) -> None:
+        """``target_s`` None turns shedding off; ``per_sample_s`` None: no estimate yet (admit all);
+        ``arrival_rate`` (samples/s) None: assume arrivals at the service rate (a busy server)."""
         self.target_s, self.per_sample_s, self.max_delay_s = target_s, per_sample_s, max(0.0, max_delay_s)
         self.max_batch = max(1, int(max_batch))
+        if arrival_rate is not None:
+            self.arrival_rate = max(0.0, float(arrival_rate))
+        elif per_sample_s:
+            self.arrival_rate = 1.0 / per_sample_s
 
     def bound_s(self) -> float | None:
         """The longest expected answer time admitted: ``headroom * target`` (None: off)."""
@@ -96,7 +103,7 @@ class Admission:
         s, b = self.per_sample_s or 0.0, self.max_batch
         running = max(0.0, running_left_s)
         room = b - ((queued + n - 1) % b + 1)  # places left in this request's batch
-        joiners = room if queued > 0 else (min(room, running / s) if s > 0 else 0.0)
+        joiners = min(room, self.arrival_rate * (running + self.max_delay_s))
         work = (queued + n + joiners) * s
         return self.t.http_overhead_s + self.max_delay_s + running + work
 
@@ -135,17 +142,27 @@ class CostEstimator:
     which say nothing about seconds until measured).
     """
 
-    def __init__(self, prior_k: float | None = None, alpha: float = 0.3, min_samples: int = 4) -> None:
+    def __init__(self, prior_k: float | None = None, alpha: float = 0.3, min_samples: int = 4,
+                 additive: bool = False) -> None:
         self.k = prior_k
         self.alpha, self.min_samples = alpha, min_samples
+        self.additive = additive  # costs are this machine's ms: s = cost * k + c, only c is learnt
+        self.c = 0.0  # seconds per sample beyond the cost (additive mode)
         self.observations = 0
 
     def observe(self, busy_s: float, samples: int, cost: float | None) -> None:
         if samples < self.min_samples or busy_s <= 0 or not cost or cost <= 0:
+            return
+        if self.additive and self.k is not None:
+            inst_c = max(0.0, busy_s / samples - self.k * cost)
+            self.c = inst_c if self.observations == 0 else (1 - self.alpha) * self.c + self.alpha * inst_c
+            self.observations += 1
             return
         inst = busy_s / samples / cost
         self.k = inst if self.k is None or self.observations == 0 else (1 - self.alpha) * self.k + self.alpha * inst
         self.observations += 1
 
     def per_sample_s(self, cost: float | None) -> float | None:
-        return None if self.k is None or not cost or cost <= 0 else self.k * cost
+        if self.k is None or not cost or cost <= 0:
+            return None
+        return self.k * cost + (self.c if self.additive else 0.0)

@@ -293,7 +293,7 @@ class AutopilotRuntime:
         timed = bool(time_fractions(bundle, LATENCY_BATCH)) and (self.state is None or self.state.axis == TIME)
         key = (bundle.bundle_id, timed)
         if self._estimator is None or self._estimator_key != key:
-            self._estimator, self._estimator_key = CostEstimator(prior_k=1e-3 if timed else None), key
+            self._estimator, self._estimator_key = CostEstimator(prior_k=1e-3 if timed else None, additive=timed), key
         return self._estimator
 
     def per_sample_s(self, op: Operating | None = None) -> float | None:
@@ -318,7 +318,7 @@ class AutopilotRuntime:
             self.admission.configure(None, None)
             return
         self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s,
-                                 self.batcher.max_batch_size)
+                                 self.batcher.max_batch_size, arrival_rate=self._offered_rps or None)
 
     def admit(self, n: int) -> None:
         """Admission control for a request of ``n`` samples (raises :class:`~service.serving.admission.Shed`,

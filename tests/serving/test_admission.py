@@ -13,9 +13,9 @@ from service.serving.admission import Admission, AdmissionTuning, CostEstimator,
 
 
 def engaged(target_s: float = 0.1, per_sample_s: float = 0.002, overhead_s: float = 0.0, headroom: float = 0.8,
-            delay_s: float = 0.0, max_batch: int = 1) -> Admission:
+            delay_s: float = 0.0, max_batch: int = 1, arrival_rate: float | None = None) -> Admission:
     a = Admission(AdmissionTuning(headroom=headroom, http_overhead_s=overhead_s))
-    a.configure(target_s, per_sample_s, delay_s, max_batch)
+    a.configure(target_s, per_sample_s, delay_s, max_batch, arrival_rate)
     return a
 
 
@@ -128,14 +128,14 @@ def test_under_a_burst_admitted_requests_keep_the_target_and_the_excess_is_shed(
     # 3x overload (6000/s): without admission control the queue grows without bound
     lat, _ = simulate(1 / 6000, per, target, 2.0, None)
     assert max(lat) > 10 * target
-    lat, shed = simulate(1 / 6000, per, target, 2.0, engaged(target, per, max_batch=32))
+    lat, shed = simulate(1 / 6000, per, target, 2.0, engaged(target, per, max_batch=32, arrival_rate=6000))
     assert max(lat) <= target  # every admitted request answered within the target
     assert len(lat) >= 0.9 * 2000 * 2.0 - 64  # and the server stays busy: answered ~ capacity
     assert shed >= 0.5 * 12000  # about two of every three refused at once
 
 
 def test_below_capacity_nothing_is_shed():
-    lat, shed = simulate(1 / 1000, 0.0005, 0.05, 2.0, engaged(0.05, 0.0005, max_batch=32))
+    lat, shed = simulate(1 / 1000, 0.0005, 0.05, 2.0, engaged(0.05, 0.0005, max_batch=32, arrival_rate=1000))
     assert shed == 0 and max(lat) <= 0.05
 
 
@@ -144,7 +144,7 @@ def test_half_load_is_never_shed_even_when_a_full_batch_would_miss_the_target():
     0.8 of an 85 ms target; at half the capacity batches stay small and every request is answered in time
     (pricing each request's batch as full, as a first version did, shed 40 % of such a load)."""
     per, target = 0.0028, 0.085
-    lat, shed = simulate(2 * per, per, target, 3.0, engaged(target, per, max_batch=32))
+    lat, shed = simulate(2 * per, per, target, 3.0, engaged(target, per, max_batch=32, arrival_rate=0.5 / per))
     assert shed == 0 and max(lat) <= target
-    lat, shed = simulate(per / 3, per, target, 3.0, engaged(target, per, max_batch=32))  # 3x: shed, in time
+    lat, shed = simulate(per / 3, per, target, 3.0, engaged(target, per, max_batch=32, arrival_rate=3 / per))
     assert shed > 0 and max(lat) <= target
