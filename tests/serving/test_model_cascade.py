@@ -281,3 +281,27 @@ async def test_the_autopilot_steers_a_cascade(cascade_store):
         assert r.status_code == 200 and r.json()["predictions"][0]["member"] in (SMALL, BIG)
         r = await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)
         assert r.status_code == 200 and (await s.client.get("/profiles")).json()["autopilot"]["enabled"] is False
+
+
+def test_exports_from_several_threads_do_not_collide():
+    """The background builders of a cascade's members export at once; torch's exporter keeps global state."""
+    import threading
+
+    from service.serving.compiled.export import export_bytes
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(3):
+                assert export_bytes(module, (3, 8, 8), ["y"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -14,6 +14,7 @@ stages one at a time, the first stage that fails alone.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,12 +77,17 @@ class SegmentModule(nn.Module):
         return (x, *(h(x) for h in self.heads))
 
 
+_EXPORT_LOCK = threading.Lock()  # torch.onnx.export keeps global state: one export at a time per process
+
+
 def export_bytes(module: nn.Module, in_shape: tuple[int, ...], outputs: list[str]) -> bytes:
-    """The ONNX model of ``module`` for inputs ``(B, *in_shape)`` float32 (dynamic ``B``)."""
+    """The ONNX model of ``module`` for inputs ``(B, *in_shape)`` float32 (dynamic ``B``). Exports are serialised
+    across threads: two at once (the background builders of a cascade's members) fail with
+    ``GLOBALS.in_onnx_export must be False`` (seen in the log of the default cascade)."""
     example = torch.randn((2, *in_shape), generator=torch.Generator().manual_seed(7))
     buf = io.BytesIO()
     axes = {name: {0: "batch"} for name in ["x", *outputs]}
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with _EXPORT_LOCK, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), (example,), buf, dynamo=False, opset_version=OPSET, input_names=["x"],
                           output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
