@@ -42,17 +42,12 @@ class ClassifierAPI(ls.LitAPI):
         self.session: Any = None
 
     def setup(self, device: str) -> None:
-        from service.backbones.preprocess import Normalizer
-        from service.store.model_dir import load_model
+        from bench.onnx_full import full_network
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        self.spec, self.net = load_model(self.model_dir)
-        self.net.eval()
-        self.normalizer = Normalizer(self.spec.mean, self.spec.std)
-        members = getattr(self.net, "members", None)
-        if members:  # a cascade of models: LitServe serves its full network, the last member alone
-            self.net, self.normalizer = members[-1].net, members[-1].normalizer
+        # a cascade of models: LitServe serves its full network, the last member alone
+        self.spec, self.net, self.normalizer = full_network(self.model_dir)
         self.size = tuple(self.spec.input_size)
         if self.onnx is not None:
             import onnxruntime as ort

@@ -6,7 +6,6 @@ SIGTERM to the group, a bounded wait, then SIGKILL to the group. Nothing listens
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -153,10 +152,11 @@ DEFAULT_MODEL_NAME = "cifar10-cascade"  # `classmeans serve`'s default --model
 
 def store_models(model_dir: Path) -> list[str]:
     """The model folders a server of ``model_dir`` needs: itself, and a cascade's members (its ``model.json``)."""
-    spec = json.loads((model_dir / "model.json").read_text())
-    arch = spec.get("architecture") or {}
-    members = list(arch.get("members") or []) if arch.get("family") == "cascade" else []
-    return [model_dir.name, *members]
+    from service.store.cascade_dir import is_cascade, member_names
+    from service.store.model_dir import read_spec
+
+    spec = read_spec(model_dir)
+    return [model_dir.name, *(member_names(spec) if is_cascade(spec) else [])]
 
 
 def copy_model(model_dir: Path, store: Path, ignore: tuple[str, ...] = ("*.tmp",)) -> Path:

@@ -198,18 +198,10 @@ def reference_predictions(model_dir: Path, images: ImageSet, n: int) -> np.ndarr
     """The full network's top-1 on the first ``n`` images, eager, in this process."""
     import torch
 
-    from service.backbones.preprocess import Normalizer
-    from service.store.model_dir import load_model
-
-    spec, net = load_model(model_dir)
-    net.eval()
-    x = Normalizer(spec.mean, spec.std)(images.pixels[:n])
-    members = getattr(net, "members", None)  # a cascade of models: its full network is the last member alone
-    module = members[-1].net.module if members else net.module
-    if members:
-        x = members[-1].normalizer(images.pixels[:n])
+    _, net, norm = onnx_full.full_network(model_dir)  # a cascade's: its last member alone
+    x = norm(images.pixels[:n])
     with torch.inference_mode():
-        return torch.cat([module(b).argmax(1) for b in x.split(64)]).numpy()
+        return torch.cat([net.module(b).argmax(1) for b in x.split(64)]).numpy()
 
 
 def check_answers(srv: Server, target: Any, images: ImageSet, n: int, ref: np.ndarray,

@@ -30,7 +30,7 @@ from service.serving.autopilot import parse_persisted
 from service.serving.compiled import EngineBuildError
 from service.serving.ic_serving import ICStore, load_ic_store
 from service.serving.metrics import Metrics
-from service.serving.outcomes import member_of_exits, outcomes
+from service.serving.outcomes import outcomes
 from service.serving.runners import RunnerOptions
 from service.serving.snapshot import Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
 from service.serving.state_writer import StateWriter, now_iso, operating_names
@@ -249,12 +249,10 @@ class Engine:
         res = snap.runner.run(x, policies[one] if one is not None else [policies[n] for n in served])
         seconds = time.perf_counter() - t0
         exits, flops, rules = res.exit_index.tolist(), res.flops.tolist(), res.rule_names()
+        by_exit = snap.catalog.exit_members
+        members = [by_exit[j] for j in exits] if by_exit is not None else None
         if self.metrics is not None:
             self.metrics.inference.labels(self.metrics.model).observe(seconds)
             self.metrics.batch_size.labels(self.metrics.model).observe(len(exits))
-            members = None
-            if snap.bundle.meta.get("members"):
-                names = member_of_exits(snap.bundle.exit_names)
-                members = [names[j] for j in exits]
             self.metrics.observe_samples(served, exits, flops, snap.bundle.costs.full, rules=rules, members=members)
-        return outcomes(requests, res, served, exits, flops, rules, self.spec.classes, seconds)
+        return outcomes(requests, res, served, exits, flops, rules, self.spec.classes, seconds, members)

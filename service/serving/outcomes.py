@@ -11,10 +11,11 @@ from service.serving.snapshot import InferenceOutcome, InferenceRequest, SampleP
 
 
 def outcomes(requests: Sequence[InferenceRequest], res: ExitResult, served: Sequence[str], exits: list[int],
-             flops: list[float], rules: list[str], classes: Sequence[str], seconds: float
-             ) -> list[InferenceOutcome]:
+             flops: list[float], rules: list[str], classes: Sequence[str], seconds: float,
+             members: Sequence[str] | None = None) -> list[InferenceOutcome]:
     """Split the rows of ``res`` (in request order; ``served``: each row's profile; ``exits``, ``flops``,
-    ``rules``: ``res``'s as Python lists) into the requests' predictions with their top-k classes."""
+    ``rules``: ``res``'s as Python lists; ``members``: a cascade's answering member per row) into the requests'
+    predictions with their top-k classes."""
     snap = requests[0].snapshot
     k_all = len(classes)
     k_max = max(min(r.top_k, k_all) for r in requests)
@@ -22,7 +23,6 @@ def outcomes(requests: Sequence[InferenceRequest], res: ExitResult, served: Sequ
     preds, confs = res.pred.tolist(), res.confidence.tolist()
     top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
     names, policies = snap.bundle.exit_names, snap.policies
-    members = member_of_exits(snap.bundle.exit_names) if snap.bundle.meta.get("members") else None
     out, lo = [], 0
     for r in requests:
         k = min(r.top_k, k_all)
@@ -32,12 +32,8 @@ def outcomes(requests: Sequence[InferenceRequest], res: ExitResult, served: Sequ
                 preds[j], classes[preds[j]], confs[j],
                 [(top_i_l[j][q], classes[top_i_l[j][q]], top_p_l[j][q]) for q in range(k)],
                 exits[j], names[exits[j]], flops[j], served[j], rules[j], policies[served[j]].mode,
-                members[exits[j]] if members is not None else None))
+                members[j] if members is not None else None))
         out.append(InferenceOutcome(samples, seconds))
         lo += r.size
     return out
 
-
-def member_of_exits(exit_names: Sequence[str]) -> list[str]:
-    """A cascade's exit names (``"<member>/<exit>"``) -> the member of each exit."""
-    return [n.split("/", 1)[0] for n in exit_names]

@@ -46,6 +46,7 @@ class Catalog:
     profiles: dict[str, Profile] = field(repr=False)
     ic: ICServing | None = None  # the IC set's profiles and why some modes are unavailable, when loaded
     engine_info: dict[str, Any] = field(default_factory=dict, repr=False)  # which engine runs it, and why
+    exit_members: tuple[str, ...] | None = field(default=None, repr=False)  # a cascade: the member of each exit
 
     @classmethod
     def build(cls, net: StagedNetwork, bundle: Bundle, ic: ICServing | None = None,
@@ -64,7 +65,9 @@ class Catalog:
         now = [policies[n] for n in dict.fromkeys([*warm, FULL]) if n in policies]
         runner, info = make_runner(options or RunnerOptions(), net, bundle.heads, ic.ics if ic is not None else None,
                                    now, bundle_policies)
-        return cls(bundle, runner, policies, profiles, ic, info)
+        members = (tuple(n.split("/", 1)[0] for n in bundle.exit_names)  # exits named "<member>/<exit>"
+                   if bundle.meta.get("members") else None)
+        return cls(bundle, runner, policies, profiles, ic, info, members)
 
     def mode_of(self, name: str) -> str:
         return self.policies[name].mode
