@@ -27,7 +27,7 @@ from service.control.jobs import JobManager
 from service.control.recompute import abandoned_cleanup
 from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.batcher import Batcher
-from service.serving.cpu_budget import intra_op_threads
+from service.serving.cpu_budget import intra_op_threads, read_cpu_budget
 from service.serving.engine import Engine, EngineLoadError
 from service.serving.follower import start_follower
 from service.serving.metrics import Metrics
@@ -75,7 +75,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
         state.engine, state.batcher = engine, batcher
         state.follower = start_follower(engine, s.follow_interval_s)  # switches made by other processes
-        state.autopilot = AutopilotRuntime(engine, batcher, state.latency, m)  # off unless active.json says on
+        cores = read_cpu_budget().cores / max(1, s.workers)  # this process's share, as its threads are planned
+        state.autopilot = AutopilotRuntime(engine, batcher, state.latency, m,  # off unless active.json says on
+                                           cores=max(1.0, cores))
         state.autopilot.start()
         state.mark_ready()
         snap = engine.snapshot

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import handle_exception
-from service.api.inference import classify_json, deadline_for, request_t0
+from service.api.inference import admit, check_profile, classify_json, deadline_for, request_t0
 from service.api.limits import read_body_capped
 from service.api.routes.classify import DEFAULT_TOP_K, EXITS, MAX_PROFILE_NAME, MAX_TOP_K
 from service.api.state import AppState
@@ -105,9 +105,13 @@ class ClassifyFastLane:
         assert engine is not None
         snap = engine.snapshot  # read once: this request is served by exactly this state
         deadline = deadline_for(state)
+        admitted = state.autopilot is not None and state.autopilot.engaged
+        if admitted:  # shedding: refuse before the body is even read (the same checks, in the same order)
+            check_profile(snap, profile)
+            admit(state, 1)
         data = await read_body_capped(request, state.settings.max_file_bytes)
         payload, named = await classify_json(state, engine, snap, [(None, data)], deadline, request_t0(request),
-                                             profile, exits_off, top_k)
+                                             profile, exits_off, top_k, admitted=admitted)
         body = json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None,
                           separators=(",", ":")).encode("utf-8")
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in named.items()]

@@ -136,11 +136,11 @@ def request_t0(request: Request) -> float:
 
 async def classify_json(state: AppState, engine: Engine, snap: Snapshot, blobs: list[tuple[str | None, bytes]],
                         deadline: float, t0: float, profile: str | None = None, exits_off: bool = False,
-                        top_k: int = 5) -> tuple[dict[str, Any], dict[str, str]]:
+                        top_k: int = 5, admitted: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """``POST /classify`` (the route and the fast lane): the pipeline on image files, then the answer's
-    body and headers."""
+    body and headers. ``admitted``: the caller already checked the profile and admitted the samples."""
     done = await classify_samples(state, snap, encoded_images(state, engine, blobs), deadline, profile,
-                                  exits_off, top_k)
+                                  exits_off, top_k, admitted)
     body = classify_payload(engine, done, [name for name, _ in blobs], t0)
     return body, state_headers(snap, body["profile"])
 
@@ -173,10 +173,13 @@ class Classified:
 
 
 async def classify_samples(state: AppState, snap: Snapshot, payload: Payload, deadline: float,
-                           profile: str | None = None, exits_off: bool = False, top_k: int = 5) -> Classified:
-    """check the profile -> admit ``payload.n`` samples (fast 503) -> decode -> predict, under ``snap``."""
-    check_profile(snap, profile)
-    admit(state, payload.n)
+                           profile: str | None = None, exits_off: bool = False, top_k: int = 5,
+                           admitted: bool = False) -> Classified:
+    """check the profile -> admit ``payload.n`` samples (fast 503) -> decode -> predict, under ``snap``
+    (``admitted``: the first two were done by the caller, before it read the body)."""
+    if not admitted:
+        check_profile(snap, profile)
+        admit(state, payload.n)
     data = await payload.load()
     if isinstance(data, torch.Tensor):
         req = InferenceRequest(snap, tensor=data, profile=profile, exits_off=exits_off, top_k=top_k)

@@ -179,7 +179,8 @@ class AutopilotInfo(BaseModel):
     floor_point: str | None = Field(None, description="name of the cheapest allowed point")
     reason: str | None = Field(None, description="reason of the last decision (why it moved or held)")
     why: str | None = Field(None, description="same as reason")
-    pressure: float | None = Field(None, description="max(p99 / target, queue delay / (0.5 target)); >1 is over")
+    pressure: float | None = Field(None, description="max(p99 / target, queue delay / (q target), refusals); >1 is "
+                                                    "over (q = 0.5, or 1 while the load model plans)")
     moves: int | None = None
     p99_ms: float | None = Field(None, description="p99 of recent answers (None: too few)")
     queue_delay_ms: float = Field(0.0, description="expected queue wait of a request arriving now")
@@ -195,6 +196,18 @@ class AutopilotInfo(BaseModel):
     queue_bound: int | None = Field(None, description="samples that may wait before a request is shed (from the "
                                                       "target and the measured throughput)")
     batch_in_use: float | None = Field(None, description="recent mean batch size (picks the timed batch size)")
+    planned: bool | None = Field(None, description="whether the budget follows the load model (arrival rate x "
+                                                   "measured CPU per sample); false: AIMD on the pressure alone")
+    util_cap: float | None = Field(None, description="the share of this process's CPU the load model may fill "
+                                                     "(adapted: cut when p99 is over the band, raised under it)")
+    predicted_util: float | None = Field(None, description="the load model's utilisation at the point held")
+    demand_sps: float | None = Field(None, description="samples per second arriving (admitted or shed; EWMA)")
+    cores: float | None = Field(None, description="CPU cores this process counts on (its share)")
+    overhead_ms: float | None = Field(None, description="measured CPU ms per sample beyond the network's time "
+                                                        "(HTTP parsing, decoding, encoding)")
+    unit_cost_ms: float | None = Field(None, description="CPU ms per sample at the point held: overhead + network")
+    admit_rate_sps: float | None = Field(None, description="admission's token-bucket rate (samples/s): "
+                                                           "0.95 x the point's capacity, cores / unit cost")
 
 
 class ActiveState(BaseModel):

@@ -30,6 +30,13 @@ request and shed 40 % of a half-capacity load on the default cascade: measured, 
 ``expected(n) <= headroom * target`` or when nothing is queued or running (an idle server: refusing its
 one request would help nobody; a target that even one request cannot meet is refused when set), and refused
 otherwise (``Retry-After``: the seconds until the backlog would have drained to that bound, at least 1).
+**Rate.** A queue check alone cannot see requests that wait to be read: on an overloaded process the event
+loop is itself the bottleneck, and what waits in the sockets is invisible to the batcher. So while engaged the
+admitted samples also pass a token bucket (:class:`TokenBucket`) filled at ``rate_sps``, the runtime's measured
+capacity of the serving point times a utilisation below 1 (the whole process's CPU per sample, HTTP included),
+holding at most the samples that could be answered within ``headroom * target``: under a load past capacity
+the excess is refused at the rate it exceeds it, before the loop falls behind.
+
 So the queue bound follows from the target and the measured throughput,
 ``queued <= (headroom * target - overhead - max_delay) / s - 1`` (an idle network), and no admitted request is held
 past the target only to fail. With no target (autopilot off), or no estimate yet, everything is admitted (the
@@ -67,6 +74,32 @@ class AdmissionTuning:
             raise ValueError("need 0 < headroom <= 1 and http_overhead_s >= 0")
 
 
+class TokenBucket:
+    """Admit at most ``rate`` samples per second on average, ``burst`` at once; the clock is the caller's."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, max(1.0, burst)
+        self.tokens, self.t = self.burst, now
+
+    def reset(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, max(1.0, burst)
+        self.tokens = min(self.tokens, self.burst)
+
+    def take(self, n: int, now: float) -> bool:
+        """Take ``n`` tokens when there are that many (True), else leave them (False)."""
+        if now > self.t:
+            self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+            self.t = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+    def wait_s(self, n: int) -> float:
+        """Seconds until ``n`` tokens are there."""
+        return max(0.0, (n - self.tokens) / self.rate) if self.rate > 0 else math.inf
+
+
 class Admission:
     """The admission rule of the module docstring, plus counters of what it admitted and refused."""
 
@@ -78,7 +111,11 @@ class Admission:
         self.max_batch = 1
         self.arrival_rate = 0.0  # samples per second arriving now (the runtime's measurement)
         self.checked = 0  # requests asked about (admitted + shed), cumulative
+        self.checked_samples = 0  # their samples
         self.shed = 0  # requests refused, cumulative
+        self.shed_samples = 0
+        self.rate_sps: float | None = None  # the token bucket's rate (None: no rate limit)
+        self.bucket: TokenBucket | None = None
 
     @property
     def active(self) -> bool:
@@ -94,6 +131,21 @@ class Admission:
             self.arrival_rate = max(0.0, float(arrival_rate))
         elif per_sample_s:
             self.arrival_rate = 1.0 / per_sample_s
+        if target_s is None:
+            self.set_rate(None, 0.0)
+
+    def set_rate(self, rate_sps: float | None, now: float) -> None:
+        """The token bucket's rate in samples per second (None or not positive: no rate limit); it holds the
+        samples answerable within the bound at that rate (at least one batch)."""
+        if rate_sps is None or not rate_sps > 0 or self.target_s is None:
+            self.rate_sps, self.bucket = None, None
+            return
+        burst = max(float(self.max_batch), rate_sps * max(0.0, self.t.headroom * self.target_s - self.max_delay_s))
+        self.rate_sps = rate_sps
+        if self.bucket is None:
+            self.bucket = TokenBucket(rate_sps, burst, now)
+        else:
+            self.bucket.reset(rate_sps, burst)
 
     def bound_s(self) -> float | None:
         """The longest expected answer time admitted: ``headroom * target`` (None: off)."""
@@ -115,22 +167,37 @@ class Admission:
         room = self.t.headroom * self.target_s - self.t.http_overhead_s - self.max_delay_s
         return max(0, math.floor(room / self.per_sample_s) - 1)
 
-    def check(self, queued: int, running_left_s: float, n: int) -> None:
+    def check(self, queued: int, running_left_s: float, n: int, now: float | None = None) -> None:
         """Admit (return) or raise :class:`Shed` with a ``Retry-After`` of the seconds until the backlog
-        would fit the bound again (at least 1). Counts both."""
+        would fit the bound again (at least 1). Counts both. ``now`` (the caller's clock): also pass the
+        token bucket, when a rate is set."""
         self.checked += 1
+        self.checked_samples += n
         if not self.active:
             return
         bound = self.bound_s()
         assert bound is not None
         expected = self.expected_s(queued, running_left_s, n)
-        if expected <= bound or (queued == 0 and running_left_s <= 0):
-            return  # in time, or an idle server: refusing the one request there is would help nobody
-        self.shed += 1
+        idle = queued == 0 and running_left_s <= 0
+        if expected <= bound or idle:  # in time, or an idle server: refusing its one request would help nobody
+            bucket = self.bucket  # (but requests admitted and not yet queued look idle: the bucket counts them)
+            if bucket is None or now is None or bucket.take(n, now):
+                return
+            self._count_shed(n)
+            retry = max(1, math.ceil(bucket.wait_s(n)))
+            raise Shed(f"shed: {self.rate_sps:.0f} samples/s is what this process answers within the "
+                       f"{1000 * (self.target_s or 0):g} ms latency target now, and more are arriving; retry after "
+                       f"{retry} s", retry_after=retry)
+        self._count_shed(n)
         retry = max(1, math.ceil(expected - bound))
         raise Shed(f"shed: expected answer in {1000 * expected:.0f} ms, over {1000 * bound:.0f} ms "
                    f"({self.t.headroom:g} of the {1000 * (self.target_s or 0):g} ms latency target) with "
                    f"{queued} samples queued; retry after {retry} s", retry_after=retry)
+
+
+    def _count_shed(self, n: int) -> None:
+        self.shed += 1
+        self.shed_samples += n
 
 
 class CostEstimator:

@@ -22,7 +22,21 @@ The queue term is the leading indicator (latency percentiles lag); it may use a 
 The runtime takes the larger of the batcher's backlog over its recent throughput and the event loop's lag
 (how late its own timer fires: requests waiting to be parsed are invisible to the batcher).
 
-**Moves** (AIMD with a dead band):
+**Planned moves** (when the runtime knows the load: ``Signal.demand_sps`` and ``Signal.costs``). The
+budget follows the offered load at once: ``f`` is the costliest budget whose predicted utilisation fits a cap,
+``f = max{ f in [f_floor, f_ceiling] : demand * u(f) / cores <= util_cap }`` (:func:`affordable`), where
+``u(f)`` is the measured CPU seconds per sample of the point at budget ``f`` (piecewise linear between hull
+vertices, as time sharing mixes them). A rising load moves ``f`` down in the tick it is measured, a falling
+one moves it back up as fast (no probing, no hold: the model says what fits). Feedback corrects the model:
+pressure over ``high`` multiplies ``util_cap`` by ``clip(high / x, cap_cut, 0.95)`` (at most every
+``down_dwell_s``), pressure under ``low`` adds ``cap_up`` (at most every ``cap_up_dwell_s``), within
+``[util_min, util_max]``. When even the floor's predicted utilisation is over the cap the server is overloaded
+and admission control sheds the excess (:mod:`service.serving.admission`); pressure then says nothing about
+the model, so the cap is left alone. In this mode only the p99 and refusals are pressure; the queue delay
+counts only past the whole target (a backlog that cannot meet it), so that one burst seen in a 0.25 s sample
+does not cut the cap.
+
+**Moves without a load model** (an untimed bundle before its first measurement; AIMD with a dead band):
 
 * ``x > high``: multiplicative decrease, ``f <- max(f_floor, f * clip((high / x) ** gain, max_cut, min_cut))``
   at most every ``down_dwell_s``: the further over, the bigger the cut (at most ``max_cut``: a quarter).
@@ -40,6 +54,7 @@ expensive; ``hold_s`` resets after ``2 * max_hold_s`` without cuts.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -126,6 +141,13 @@ class Tuning:
     hold_s: float = 10.0
     max_hold_s: float = 120.0
     probe_window_s: float = 5.0  # a cut this soon after an up-move counts as a failed probe
+    util_start: float = 0.75  # planned moves: the utilisation cap to start from
+    util_min: float = 0.3
+    util_max: float = 0.85
+    cap_cut: float = 0.7  # the largest cut of the cap in one move
+    cap_up: float = 0.05
+    cap_up_dwell_s: float = 1.0
+    min_move: float = 0.005  # planned moves smaller than this share of [floor, ceiling] are not made
 
     def __post_init__(self) -> None:
         if not 0 < self.low < self.high:
@@ -134,6 +156,8 @@ class Tuning:
             raise ValueError("need 0 < max_cut <= min_cut < 1")
         if not 0 < self.up_step <= 1 or self.queue_share <= 0:
             raise ValueError("up_step must be in (0, 1], queue_share positive")
+        if not 0 < self.util_min <= self.util_start <= self.util_max or not 0 < self.cap_cut < 1:
+            raise ValueError("need 0 < util_min <= util_start <= util_max and 0 < cap_cut < 1")
 
 
 @dataclass(frozen=True)
@@ -144,6 +168,49 @@ class Signal:
     queue_delay_s: float = 0.0
     rejected: int = 0
     samples: int = 0
+    # The load model (planned moves; None: AIMD): samples per second arriving (admitted or not), and the CPU
+    # seconds per sample at each hull vertex, ``((f, u), ...)`` by increasing ``f``; ``cores`` this process has.
+    demand_sps: float | None = None
+    costs: tuple[tuple[float, float], ...] | None = None
+    cores: float = 1.0
+
+    @property
+    def planned(self) -> bool:
+        return self.demand_sps is not None and bool(self.costs)
+
+
+def unit_cost(costs: tuple[tuple[float, float], ...], f: float) -> float:
+    """``u(f)``: CPU seconds per sample at budget ``f``, linear between the vertices ``costs`` (a time-shared
+    mix of two vertices costs the mix of their costs), flat outside them."""
+    if f <= costs[0][0]:
+        return costs[0][1]
+    for (f0, u0), (f1, u1) in itertools.pairwise(costs):
+        if f <= f1:
+            return u0 + (u1 - u0) * ((f - f0) / (f1 - f0) if f1 > f0 else 1.0)
+    return costs[-1][1]
+
+
+def affordable(costs: tuple[tuple[float, float], ...], demand_sps: float, cores: float, util_cap: float,
+               f_floor: float, f_ceiling: float) -> float:
+    """The costliest budget in ``[f_floor, f_ceiling]`` whose predicted utilisation
+    ``demand_sps * u(f) / cores`` is at most ``util_cap`` (``f_floor`` when none is: overload).
+
+    ``u`` is made non-decreasing first (a vertex measured cheaper than a cheaper vertex costs as much as the
+    dearest one before it), so the answer is a single crossing, solved exactly on its segment."""
+    budget = util_cap * cores / demand_sps if demand_sps > 0 else math.inf  # seconds per sample we can spend
+    pts: list[tuple[float, float]] = []
+    for f, u in costs:
+        pts.append((f, max(u, pts[-1][1]) if pts else u))
+    if unit_cost(tuple(pts), f_ceiling) <= budget:
+        return f_ceiling
+    if unit_cost(tuple(pts), f_floor) > budget:
+        return f_floor
+    best = f_floor
+    for (f0, u0), (f1, u1) in itertools.pairwise(pts):
+        if u0 > budget:
+            break
+        best = f1 if u1 <= budget else (f0 + (f1 - f0) * (budget - u0) / (u1 - u0) if u1 > u0 else f1)
+    return min(f_ceiling, max(f_floor, best))
 
 
 @dataclass(frozen=True)
@@ -175,12 +242,18 @@ class Controller:
         self._bad_f: float | None = None
         self._bad_until = -math.inf
         self._hold = self.t.hold_s
+        self.util_cap = self.t.util_start  # planned moves: the utilisation the load model may fill
+        self.planned = False  # whether the last step had a load model
+        self.predicted_util: float | None = None  # of the budget chosen, by the load model
+        self.feedback_since = -math.inf  # latencies of requests started before this are not pressure
+        self._cap_moved_t = -math.inf
 
     def _clip(self, f: float) -> float:
         return min(self.ceiling, max(self.floor, f))
 
     def pressure_of(self, s: Signal) -> float:
-        x = s.queue_delay_s / (self.t.queue_share * self.target_s)
+        share = 1.0 if s.planned else self.t.queue_share  # planned: only a backlog past the whole target
+        x = s.queue_delay_s / (share * self.target_s)
         if s.p99_s is not None:
             x = max(x, s.p99_s / self.target_s)
         if s.rejected and s.rejected >= max(1.0, self.t.reject_share * (s.samples + s.rejected)):
@@ -191,6 +264,12 @@ class Controller:
         """One tick: maybe move ``f``; returns the budget, the direction and why."""
         now = self.clock()
         x = self.pressure = self.pressure_of(s)
+        self.planned = s.planned
+        if s.planned:
+            d = self._plan(now, x, s)
+            self.reason = d.reason
+            return d
+        self.predicted_util = None
         if x > self.t.high:
             d = self._down(now, x)
         elif x < self.t.low:
@@ -199,6 +278,39 @@ class Controller:
             d = self._hold_at(x, f"pressure {x:.2f} inside the dead band [{self.t.low}, {self.t.high}]")
         self.reason = d.reason
         return d
+
+    def _plan(self, now: float, x: float, s: Signal) -> Decision:
+        """Planned moves (module docstring): adapt the cap on pressure, then the budget the load affords."""
+        assert s.demand_sps is not None and s.costs
+        t, demand, cores = self.t, s.demand_sps, max(s.cores, 1e-9)
+        floor_util = demand * unit_cost(s.costs, self.floor) / cores
+        overloaded = floor_util > self.util_cap
+        why_cap = ""
+        if x > t.high and not (overloaded and self.f <= self.floor) and now - self._cap_moved_t >= t.down_dwell_s:
+            old = self.util_cap
+            self.util_cap = max(t.util_min, self.util_cap * min(0.95, max(t.cap_cut, t.high / x)))
+            self._cap_moved_t = self.feedback_since = now
+            why_cap = f"pressure {x:.2f} > {t.high}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
+        elif x < t.low and self.util_cap < t.util_max and now - self._cap_moved_t >= t.cap_up_dwell_s:
+            old = self.util_cap
+            self.util_cap = min(t.util_max, self.util_cap + t.cap_up)
+            self._cap_moved_t = now
+            why_cap = f"pressure {x:.2f} < {t.low}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
+        f = affordable(s.costs, demand, cores, self.util_cap, self.floor, self.ceiling)
+        self.predicted_util = demand * unit_cost(s.costs, f) / cores
+        load = (f"{demand:.0f} samples/s x {1000 * unit_cost(s.costs, f):.2f} ms / {cores:g} core(s) = "
+                f"utilisation {self.predicted_util:.2f}")
+        if overloaded:
+            load += f"; even the floor needs {floor_util:.2f} > cap {self.util_cap:.2f}: overload, shedding"
+        step = abs(f - self.f)
+        if step <= t.min_move * max(self.ceiling - self.floor, 1e-12) and not (f in (self.floor, self.ceiling)
+                                                                               and step > 0):
+            return Decision(self.f, 0, x, f"{why_cap}holding f={self.f:.3f}: {load}")
+        direction = 1 if f > self.f else -1
+        old_f = self.f
+        self.f = f
+        self._moved(now, direction)
+        return Decision(f, direction, x, f"{why_cap}f {old_f:.3f} -> {f:.3f}: {load}")
 
     def _hold_at(self, x: float, why: str) -> Decision:
         return Decision(self.f, 0, x, why)
@@ -247,6 +359,8 @@ class Controller:
         self.moves += 1
         self.last_move_t = now
         self._last_dir = direction
+        if not self.planned:
+            self.feedback_since = now  # AIMD: the latencies before a move are of another point
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,20 @@ answered within the target is refused at once (503 ``shed`` with ``Retry-After``
 cheapest allowed point needs at batch 1 (its measured ms plus
 :data:`~service.serving.admission.HTTP_OVERHEAD_MS`) is refused when engaging (:class:`SloUnreachable`).
 
+**Load model** (planned moves, :class:`~service.serving.autopilot.Controller`). Each tick measures the
+samples per second arriving (asked about by admission, refused or not: an EWMA) and the whole process's CPU
+seconds per answered sample (``time.process_time``: HTTP parsing, decoding, the network, encoding), and turns
+the latter into a per-sample overhead beyond the serving point's network time, ``h = u - s(point)`` (an EWMA;
+not updated while more than :data:`SHED_SHARE_FROZEN` of the requests are refused, whose handling it would
+count). The CPU cost of any hull vertex is then ``u(v) = h + s(v)``, with ``s`` from the measured time axis
+(or the FLOPs scale the estimator learnt), and the controller picks the costliest budget the arriving load
+affords on this process's ``cores``. The token bucket of admission control runs at
+:data:`BUCKET_UTIL` of the serving point's capacity, ``cores / u(point)``.
+
+**Sessions.** Engaging asks the compiled engine to build, in the background, the sessions of every hull
+vertex the autopilot may serve (a point first served under load would otherwise run on the reference engine
+while its sessions build, slow, exactly when time is short).
+
 **Trace.** Once a second the loop appends one record (target, p99, estimated accuracy, budget, shed rate,
 rates) to a bounded ring buffer (:attr:`AutopilotRuntime.trace`, the last 10 minutes) that the operator's page
 polls.
@@ -74,6 +88,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("classmeans.autopilot")
 
 TIME, FLOPS = "time", "flops"
+SHED_SHARE_FROZEN = 0.05  # the overhead estimate is not updated while a larger share of requests is refused
+BUCKET_UTIL = 0.95  # admission's token bucket: this share of the serving point's measured capacity
+DEMAND_ALPHA = 0.3  # EWMA weight of one tick's arrival rate (about a second at 0.25 s ticks)
+OVERHEAD_ALPHA = 0.2
+MIN_TICK_SAMPLES = 8  # fewer answered samples in a tick: no overhead measurement
 TRACE_EVERY_S = 1.0
 TRACE_LEN = 600  # ten minutes at one record a second
 
@@ -112,6 +131,7 @@ class Plan:
     ceiling: float
     floor_point: Operating
     reachable_ms: float | None
+    candidates: tuple[Profile, ...] = ()  # the hull vertices on ``axis`` (``flops_fraction``: the axis value)
 
 
 @dataclass
@@ -133,8 +153,17 @@ class AutopilotRuntime:
     def __init__(self, engine: Engine, batcher: Batcher, window: LatencyWindow, metrics: Metrics | None = None,
                  tuning: Tuning | None = None, tick_s: float = 0.25, window_s: float = 3.0, min_samples: int = 50,
                  clock: Clock = time.monotonic, admission: Admission | None = None,
-                 wall_clock: Clock = time.time) -> None:
+                 wall_clock: Clock = time.time, cores: float = 1.0,
+                 cpu_clock: Clock = time.process_time) -> None:
         self.engine, self.batcher, self.window, self.metrics = engine, batcher, window, metrics
+        self.cores = max(1e-3, float(cores))  # the CPU this process has (its share of the usable cores)
+        self.cpu_clock = cpu_clock
+        self._cpu = cpu_clock()
+        self._answered = batcher.stats.samples
+        self._checked = (0, 0)  # admission's (checked_samples, shed_samples) at the last tick
+        self._last_tick_t: float | None = None
+        self.demand_sps: float | None = None  # samples per second arriving (EWMA)
+        self.overhead_s: float | None = None  # CPU seconds per sample beyond the point's network time (EWMA)
         self.tuning = tuning or Tuning()
         self.tick_s, self.window_s, self.clock, self.wall_clock = tick_s, window_s, clock, wall_clock
         self.min_samples = min_samples  # fewer answers since the last move: no p99 (the max of a few is noise)
@@ -156,6 +185,10 @@ class AutopilotRuntime:
         self.shed_rate = 0.0
         self.loop_lag_s = 0.0
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def engaged(self) -> bool:
+        return self.state is not None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -236,10 +269,10 @@ class AutopilotRuntime:
                     f"batch 1 on this machine: {floor_ms:.3g} ms per sample + {HTTP_OVERHEAD_MS:g} ms HTTP "
                     f"overhead = {reachable:.3g} ms; reachable: latency_slo_ms >= {reachable:.3g} (the full "
                     f"network needs {full + HTTP_OVERHEAD_MS:.3g} ms)")
-            return Plan(TIME, floor, ceiling, point, reachable)
+            return Plan(TIME, floor, ceiling, point, reachable, tuple(cands))
         cands = mode_candidates(b, snap.ic, config.mode)
         floor, ceiling = bounds(cands, config.min_accuracy)
-        return Plan(FLOPS, floor, ceiling, select_by_target(cands, max_flops_fraction=floor), None)
+        return Plan(FLOPS, floor, ceiling, select_by_target(cands, max_flops_fraction=floor), None, tuple(cands))
 
     def _position(self, snap: Snapshot, axis: str) -> float:
         """Where the serving point sits on ``axis`` (its time fraction at batch 1, or FLOPs fraction)."""
@@ -260,11 +293,25 @@ class AutopilotRuntime:
         ctl = Controller(config.target_s, plan.floor, plan.ceiling, self._position(snap, plan.axis), self.clock,
                          self.tuning)
         self.state = _Engaged(config, ctl, version, snap.bundle_id, plan)
+        self._prebuild(plan)
         log.warning("autopilot on: p99 target %.1f ms, %s axis, floor %.3f, ceiling %.3f, mode %s",
                     config.target_ms, plan.axis, plan.floor, plan.ceiling, config.mode)
         if self.metrics is not None:
             self.metrics.autopilot_target.labels(self.metrics.model).set(config.target_s)
         self._publish(ctl.f, 0)
+
+    def _prebuild(self, plan: Plan) -> None:
+        """Ask the engine for the sessions of every vertex in ``[floor, ceiling]`` (and the two around it),
+        built in the background (module docstring)."""
+        names = [p.name for p in plan.candidates]
+        fs = [p.flops_fraction for p in plan.candidates]
+        lo = max([i for i, f in enumerate(fs) if f <= plan.floor + 1e-12], default=0)
+        hi = min([i for i, f in enumerate(fs) if f >= plan.ceiling - 1e-12], default=len(fs) - 1)
+        wanted = names[lo: hi + 1]
+        try:
+            self.engine.prebuild(wanted)
+        except Exception:  # building is an optimisation; serving goes on without it
+            log.exception("autopilot: asking for the sessions of %d points failed", len(wanted))
 
     def _disengage(self, why: str) -> None:
         if self.state is not None:
@@ -319,6 +366,45 @@ class AutopilotRuntime:
             return
         self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s,
                                  self.batcher.max_batch_size, arrival_rate=self._offered_rps or None)
+        u = self.unit_cost_s()
+        self.admission.set_rate(BUCKET_UTIL * self.cores / u if u else None, self.clock())
+
+    def unit_cost_s(self, op: Operating | None = None) -> float | None:
+        """The whole process's CPU seconds per sample at ``op`` (default: the serving point): the measured
+        overhead plus the point's network time (module docstring); None before any estimate."""
+        s = self.per_sample_s(op)
+        if s is None:
+            return None
+        return s + (self.overhead_s if self.overhead_s is not None else HTTP_OVERHEAD_MS / 1000.0)
+
+    def _measure_load(self, before: Operating, now: float) -> None:
+        """Arrival rate and the per-sample overhead, from the counters since the last tick."""
+        cpu, answered = self.cpu_clock(), self.batcher.stats.samples
+        checked, shed = self.admission.checked_samples, self.admission.shed_samples
+        d_cpu, d_ans = cpu - self._cpu, answered - self._answered
+        d_checked, d_shed = checked - self._checked[0], shed - self._checked[1]
+        self._cpu, self._answered, self._checked = cpu, answered, (checked, shed)
+        last, self._last_tick_t = self._last_tick_t, now
+        if last is None or now <= last:
+            return
+        inst = d_checked / (now - last)
+        old = self.demand_sps
+        self.demand_sps = inst if old is None else (1 - DEMAND_ALPHA) * old + DEMAND_ALPHA * inst
+        s = self.per_sample_s(before)
+        if s is None or d_ans < MIN_TICK_SAMPLES or d_shed > SHED_SHARE_FROZEN * max(d_checked, 1):
+            return
+        h = max(0.0, d_cpu / d_ans - s)
+        self.overhead_s = h if self.overhead_s is None else (1 - OVERHEAD_ALPHA) * self.overhead_s + OVERHEAD_ALPHA * h
+
+    def _costs(self, st: _Engaged) -> tuple[tuple[float, float], ...] | None:
+        """``((f, u), ...)``: the CPU seconds per sample of each hull vertex, by its axis value."""
+        out = []
+        for p in st.plan.candidates:
+            u = self.unit_cost_s(Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy))
+            if u is None:
+                return None
+            out.append((p.flops_fraction, u))
+        return tuple(sorted(out)) or None
 
     def admit(self, n: int) -> None:
         """Admission control for a request of ``n`` samples (raises :class:`~service.serving.admission.Shed`,
@@ -326,7 +412,7 @@ class AutopilotRuntime:
         adm = self.admission
         try:
             per = adm.per_sample_s or 0.0
-            adm.check(self.batcher.queued_samples, self.batcher.running_left_s(per), n)
+            adm.check(self.batcher.queued_samples, self.batcher.running_left_s(per), n, self.clock())
         except Shed:
             if self.metrics is not None:
                 self.metrics.reject("shed")
@@ -344,11 +430,14 @@ class AutopilotRuntime:
             inst = (samples - self._samples) / dt
             self._rate = inst if self._rate == 0.0 else 0.5 * self._rate + 0.5 * inst
         self._samples, self._samples_t = samples, now
-        since = self.state.controller.last_move_t if self.state is not None else -float("inf")
+        st = self.state
+        since = st.controller.feedback_since if st is not None else -float("inf")
         w = self.window.stats(self.window_s, since=since, min_samples=self.min_samples)
         queued = self.batcher.queued_samples
         delay = queued / self._rate if self._rate > 0 else (self.window_s if queued else 0.0)
-        return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count)
+        costs = self._costs(st) if st is not None else None
+        demand = self.demand_sps if costs is not None and self.demand_sps is not None else None
+        return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count, demand, costs, self.cores)
 
     def _count_sheds(self, now: float) -> None:
         """The shed rate over the last ``window_s``: requests refused / requests asked about."""
@@ -365,6 +454,7 @@ class AutopilotRuntime:
         self.follow()
         self._measure(serving)
         now = self.clock()
+        self._measure_load(serving, now)
         self._count_sheds(now)
         self.last_signal = s = self.signal()
         if self.state is not None:
@@ -402,7 +492,9 @@ class AutopilotRuntime:
                 "accuracy": op.accuracy, "operating": op.name, "flops_fraction": op.flops_fraction,
                 "axis": None if st is None else st.axis, "budget": None if st is None else st.controller.f,
                 "shed_rate": self.shed_rate, "offered_rps": self._offered_rps, "answered_sps": self._rate,
-                "queue_delay_ms": round(1000 * s.queue_delay_s, 3)}
+                "queue_delay_ms": round(1000 * s.queue_delay_s, 3), "demand_sps": self.demand_sps,
+                "util_cap": None if st is None or not st.controller.planned else st.controller.util_cap,
+                "predicted_util": None if st is None else st.controller.predicted_util}
 
     def trace_info(self, since: float | None = None) -> dict[str, Any]:
         """For the operator's page: the ring buffer (records with ``t > since`` when given)."""
@@ -442,7 +534,12 @@ class AutopilotRuntime:
                     "per_sample_ms": None if per is None else 1000 * per,
                     "capacity_rps": None if not per else 1.0 / per,
                     "floor_capacity_rps": None if not floor_per else 1.0 / floor_per,
-                    "queue_bound": self.admission.max_queued(), "batch_in_use": self._batch_mean})
+                    "queue_bound": self.admission.max_queued(), "batch_in_use": self._batch_mean,
+                    "planned": c.planned, "util_cap": c.util_cap, "predicted_util": c.predicted_util,
+                    "demand_sps": self.demand_sps, "cores": self.cores,
+                    "overhead_ms": None if self.overhead_s is None else 1000 * self.overhead_s,
+                    "unit_cost_ms": None if self.unit_cost_s() is None else 1000 * (self.unit_cost_s() or 0.0),
+                    "admit_rate_sps": self.admission.rate_sps})
         return out
 
     def _ceiling_point(self, snap: Snapshot, st: _Engaged) -> Operating:

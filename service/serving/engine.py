@@ -31,7 +31,7 @@ from service.serving.compiled import EngineBuildError
 from service.serving.ic_serving import ICStore, load_ic_store
 from service.serving.metrics import Metrics
 from service.serving.outcomes import outcomes
-from service.serving.runners import RunnerOptions
+from service.serving.runners import RunnerOptions, request_builds
 from service.serving.snapshot import Catalog, InferenceOutcome, InferenceRequest, Snapshot, make_snapshot
 from service.serving.state_writer import StateWriter, now_iso, operating_names
 from service.serving.time_measure import serving_time_tables
@@ -181,6 +181,12 @@ class Engine:
         bundle = load_bundle(self.model_dir, bundle_id, self.spec, self.net.num_exits)
         return Catalog.build(self.net, bundle, self.ic_store.serving_for(self.net, bundle), self.runner_options,
                              warm=list(warm) or [bundle.default_profile])
+
+    def prebuild(self, names: Sequence[str]) -> int:
+        """Build the compiled sessions of the serving bundle's profiles ``names`` in the background (unknown
+        names are skipped); returns the number of segment keys asked for."""
+        snap = self.snapshot
+        return request_builds(snap.runner, [snap.policies[n] for n in names if n in snap.policies])
 
     def measure_time(self, batch_sizes: tuple[int, ...] = (1, 32), repeats: int = 20) -> dict | None:
         """Re-measure the active bundle's time axis on this machine with the engine that serves it, and serve the

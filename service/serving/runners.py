@@ -67,10 +67,23 @@ def make_runner(options: RunnerOptions, net: StagedNetwork | CascadeNetwork, hea
         return build_runner("torch", net, heads, ics)
     runner, info = build_runner(options.engine, net, heads, ics, threads=options.threads, policies=list(warm),
                                 missing="reference", on_failure=options.on_failure)
-    if isinstance(runner, CompiledCascadeRunner) and options.prebuild == "all":
-        keys = [k for p in background for k in runner.plan(p).segment_keys()]
-        runner.builder.request(keys)
+    if options.prebuild == "all":
+        request_builds(runner, background)
     return runner, info
+
+
+def request_builds(runner: CascadeRunner | CompiledCascadeRunner | ModelCascadeRunner,
+                   policies: Sequence[ExitPolicy]) -> int:
+    """Ask the compiled engine(s) behind ``runner`` to build the sessions ``policies`` run, in the
+    background (returns at once); the number of segment keys asked for (0: nothing compiled to build)."""
+    if isinstance(runner, ModelCascadeRunner):
+        return sum(request_builds(r, runner.member_policies(policies, i))  # type: ignore[arg-type]
+                   for i, r in enumerate(runner.runners))
+    if not isinstance(runner, CompiledCascadeRunner):
+        return 0
+    keys = list(dict.fromkeys(k for p in policies for k in runner.plan(p).segment_keys()))
+    runner.builder.request(keys)
+    return len(keys)
 
 
 def _cascade_runner(options: RunnerOptions, net: CascadeNetwork, heads: dict[int, ExitHead],

@@ -85,31 +85,44 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
         assert (await s.client.post("/profiles", json={"latency_slo_ms": 40}, headers=AUTH)).status_code == 200
         await s.state.autopilot.stop()
         clock = FakeClock()
+        cpu = [0.0]  # the process's CPU seconds, advanced by hand: 0.2 ms of HTTP work + the point's network time
         window = LatencyWindow(clock=clock)
         rt = AutopilotRuntime(s.state.engine, s.state.batcher, window, s.state.metrics, clock=clock,
-                              wall_clock=clock)
+                              wall_clock=clock, cores=1.0, cpu_clock=lambda: cpu[0])
         s.state.autopilot = rt
         rt.follow()
         engine = s.state.engine
         bundle = engine.snapshot.bundle
         assert rt.state.axis == "time" and rt.state.controller.f == pytest.approx(1.0)
+        overhead_s, full_s = 0.0002, full_ms(bundle) / 1000
+        demand = 0.75 / (overhead_s + 0.6 * full_s)  # the full network does not fit 0.75 of a core; 0.6 of it does
         budgets = []
-        for _ in range(8):  # 4 s of answers at 100 ms against a 40 ms target
+        for _ in range(8):  # 4 s of that load, answered at 100 ms against a 40 ms target
             for _ in range(60):
                 window.record(0.1, ok=True, now=clock.t)
+            n = round(demand * 0.5)
+            served = operating_ms(bundle, engine.snapshot.operating) / 1000
+            rt.admission.checked_samples += n
+            s.state.batcher.stats.samples += n
+            cpu[0] += n * (overhead_s + served)
             clock.t += 0.5
             rt.tick()
             budgets.append(rt.state.controller.f)
-        assert budgets[-1] < budgets[0] and rt.state.controller.moves >= 3
+        ctl = rt.state.controller
+        assert budgets[-1] < budgets[0] and ctl.moves >= 1 and ctl.planned
+        assert rt.overhead_s == pytest.approx(overhead_s, rel=0.05)  # the model measured the HTTP work
+        assert ctl.util_cap < 0.75  # 100 ms against 40: the cap was cut below where it started
+        assert ctl.predicted_util == pytest.approx(ctl.util_cap, rel=0.02) or ctl.f == ctl.floor
         op = engine.snapshot.operating
-        f = rt.state.controller.f
+        f = ctl.f
         assert op == select_by_time(bundle.profiles, time_fractions(bundle), f)  # the point is the time budget's
         assert operating_time_fraction(bundle, op) <= f + 1e-9
         info = (await s.client.get("/profiles")).json()["autopilot"]
         assert info["budget"] == pytest.approx(f) and info["operating"] == op.name
         assert info["budget_ms"] == pytest.approx(f * full_ms(bundle))
         assert operating_ms(bundle, op) <= info["budget_ms"] + 1e-6
-        assert "cut" in info["reason"] or "floor" in info["reason"] or "dwell" in info["reason"]
+        assert info["planned"] and "utilisation" in info["reason"]
+        assert info["demand_sps"] == pytest.approx(demand, rel=0.05)
         trace = (await s.client.get("/ui/api/autopilot")).json()
         assert trace["enabled"] and len(trace["ticks"]) == 4  # one record a second of the fake clock
         last = trace["ticks"][-1]
