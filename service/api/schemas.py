@@ -203,11 +203,14 @@ class AutopilotInfo(BaseModel):
     predicted_util: float | None = Field(None, description="the load model's utilisation at the point held")
     demand_sps: float | None = Field(None, description="samples per second arriving (admitted or shed; EWMA)")
     cores: float | None = Field(None, description="CPU cores this process counts on (its share)")
-    overhead_ms: float | None = Field(None, description="measured CPU ms per sample beyond the network's time "
+    overhead_ms: float | None = Field(None, description="marginal CPU ms per sample beyond the network's time "
                                                         "(HTTP parsing, decoding, encoding)")
-    unit_cost_ms: float | None = Field(None, description="CPU ms per sample at the point held: overhead + network")
+    fixed_cores: float | None = Field(None, description="measured CPU (cores) beyond rate x unit cost: per-batch "
+                                                        "work a light load pays per request")
+    unit_cost_ms: float | None = Field(None, description="marginal CPU ms per sample at the point held: overhead + "
+                                                         "network")
     admit_rate_sps: float | None = Field(None, description="admission's token-bucket rate (samples/s): "
-                                                           "0.95 x the point's capacity, cores / unit cost")
+                                                           "(0.95 x cores - fixed) / unit cost")
 
 
 class ActiveState(BaseModel):

@@ -24,9 +24,11 @@ The runtime takes the larger of the batcher's backlog over its recent throughput
 
 **Planned moves** (when the runtime knows the load: ``Signal.demand_sps`` and ``Signal.costs``). The
 budget follows the offered load at once: ``f`` is the costliest budget whose predicted utilisation fits a cap,
-``f = max{ f in [f_floor, f_ceiling] : demand * u(f) / cores <= util_cap }`` (:func:`affordable`), where
-``u(f)`` is the measured CPU seconds per sample of the point at budget ``f`` (piecewise linear between hull
-vertices, as time sharing mixes them). A rising load moves ``f`` down in the tick it is measured, a falling
+``f = max{ f in [f_floor, f_ceiling] : (fixed + demand * u(f)) / cores <= util_cap }`` (:func:`affordable`),
+where ``u(f)`` is the marginal CPU seconds per sample of the point at budget ``f`` (piecewise linear between
+hull vertices, as time sharing mixes them) and ``fixed`` the CPU the process spends beyond that (per-batch
+work that a light load pays per request and a heavy one shares: measured, so a model fitted at a light load
+does not overprice a heavy one). A rising load moves ``f`` down in the tick it is measured, a falling
 one moves it back up as fast (no probing, no hold: the model says what fits). Feedback corrects the model:
 pressure over ``high`` multiplies ``util_cap`` by ``clip(high / x, cap_cut, 0.95)`` (at most every
 ``down_dwell_s``), pressure under ``low`` adds ``cap_up`` (at most every ``cap_up_dwell_s``), within
@@ -173,6 +175,7 @@ class Signal:
     demand_sps: float | None = None
     costs: tuple[tuple[float, float], ...] | None = None
     cores: float = 1.0
+    fixed_cores: float = 0.0  # CPU busy whatever the load's size (cores): the model is fixed + demand * u(f)
 
     @property
     def planned(self) -> bool:
@@ -191,13 +194,14 @@ def unit_cost(costs: tuple[tuple[float, float], ...], f: float) -> float:
 
 
 def affordable(costs: tuple[tuple[float, float], ...], demand_sps: float, cores: float, util_cap: float,
-               f_floor: float, f_ceiling: float) -> float:
+               f_floor: float, f_ceiling: float, fixed_cores: float = 0.0) -> float:
     """The costliest budget in ``[f_floor, f_ceiling]`` whose predicted utilisation
-    ``demand_sps * u(f) / cores`` is at most ``util_cap`` (``f_floor`` when none is: overload).
+    ``(fixed_cores + demand_sps * u(f)) / cores`` is at most ``util_cap`` (``f_floor`` when none is: overload).
 
     ``u`` is made non-decreasing first (a vertex measured cheaper than a cheaper vertex costs as much as the
     dearest one before it), so the answer is a single crossing, solved exactly on its segment."""
-    budget = util_cap * cores / demand_sps if demand_sps > 0 else math.inf  # seconds per sample we can spend
+    spare = util_cap * cores - fixed_cores
+    budget = spare / demand_sps if demand_sps > 0 else math.inf  # CPU seconds per sample we can spend
     pts: list[tuple[float, float]] = []
     for f, u in costs:
         pts.append((f, max(u, pts[-1][1]) if pts else u))
@@ -282,11 +286,11 @@ class Controller:
     def _plan(self, now: float, x: float, s: Signal) -> Decision:
         """Planned moves (module docstring): adapt the cap on pressure, then the budget the load affords."""
         assert s.demand_sps is not None and s.costs
-        t, demand, cores = self.t, s.demand_sps, max(s.cores, 1e-9)
-        floor_util = demand * unit_cost(s.costs, self.floor) / cores
+        t, demand, cores, fixed = self.t, s.demand_sps, max(s.cores, 1e-9), max(0.0, s.fixed_cores)
+        floor_util = (fixed + demand * unit_cost(s.costs, self.floor)) / cores
         overloaded = floor_util > self.util_cap
         why_cap = ""
-        if x > t.high and not (overloaded and self.f <= self.floor) and now - self._cap_moved_t >= t.down_dwell_s:
+        if x > t.high and not overloaded and now - self._cap_moved_t >= t.down_dwell_s:
             old = self.util_cap
             self.util_cap = max(t.util_min, self.util_cap * min(0.95, max(t.cap_cut, t.high / x)))
             self._cap_moved_t = self.feedback_since = now
@@ -296,10 +300,10 @@ class Controller:
             self.util_cap = min(t.util_max, self.util_cap + t.cap_up)
             self._cap_moved_t = now
             why_cap = f"pressure {x:.2f} < {t.low}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
-        f = affordable(s.costs, demand, cores, self.util_cap, self.floor, self.ceiling)
-        self.predicted_util = demand * unit_cost(s.costs, f) / cores
-        load = (f"{demand:.0f} samples/s x {1000 * unit_cost(s.costs, f):.2f} ms / {cores:g} core(s) = "
-                f"utilisation {self.predicted_util:.2f}")
+        f = affordable(s.costs, demand, cores, self.util_cap, self.floor, self.ceiling, fixed)
+        self.predicted_util = (fixed + demand * unit_cost(s.costs, f)) / cores
+        load = (f"({fixed:.2f} + {demand:.0f} samples/s x {1000 * unit_cost(s.costs, f):.2f} ms) / {cores:g} "
+                f"core(s) = utilisation {self.predicted_util:.2f}")
         if overloaded:
             load += f"; even the floor needs {floor_util:.2f} > cap {self.util_cap:.2f}: overload, shedding"
         step = abs(f - self.f)

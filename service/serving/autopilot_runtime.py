@@ -19,15 +19,18 @@ answered within the target is refused at once (503 ``shed`` with ``Retry-After``
 cheapest allowed point needs at batch 1 (its measured ms plus
 :data:`~service.serving.admission.HTTP_OVERHEAD_MS`) is refused when engaging (:class:`SloUnreachable`).
 
-**Load model** (planned moves, :class:`~service.serving.autopilot.Controller`). Each tick measures the
-samples per second arriving (asked about by admission, refused or not: an EWMA) and the whole process's CPU
-seconds per answered sample (``time.process_time``: HTTP parsing, decoding, the network, encoding), and turns
-the latter into a per-sample overhead beyond the serving point's network time, ``h = u - s(point)`` (an EWMA;
-not updated while more than :data:`SHED_SHARE_FROZEN` of the requests are refused, whose handling it would
-count). The CPU cost of any hull vertex is then ``u(v) = h + s(v)``, with ``s`` from the measured time axis
-(or the FLOPs scale the estimator learnt), and the controller picks the costliest budget the arriving load
-affords on this process's ``cores``. The token bucket of admission control runs at
-:data:`BUCKET_UTIL` of the serving point's capacity, ``cores / u(point)``.
+**Load model** (planned moves, :class:`~service.serving.autopilot.Controller`). The process's CPU
+(``time.process_time``: HTTP parsing, decoding, the network, encoding, refusals) is modelled as
+``cpu = fixed + rate * u(point)`` cores, with ``u(point) = s(point) + h``: ``s`` the point's network time per
+sample (the measured time axis, or the FLOPs scale the estimator learnt) and ``h`` the marginal HTTP work per
+sample (:data:`MARGINAL_OVERHEAD_MS`). Each tick measures the samples per second arriving (asked about by
+admission, refused or not: an EWMA), the answered rate and the CPU rate, and updates ``fixed = cpu - answered
+* u(point)`` (an EWMA, at least 0). ``fixed`` is what a light load pays per request and a heavy one shares
+(per-batch work, wake-ups; measured on the default cascade pinned to one core: ``cpu = 0.17 + rate * (s +
+0.8 ms)`` within 0.1 of a core from 100 to 650 requests/s, where a per-sample average measured at 100/s
+priced 500/s at 1.5x its cost). The controller picks the costliest budget the arriving load affords on this
+process's ``cores``. Admission's token bucket runs at :data:`BUCKET_UTIL` of what the serving point can answer,
+``(BUCKET_UTIL * cores - fixed) / u(point)``.
 
 **Sessions.** Engaging asks the compiled engine to build, in the background, the sessions of every hull
 vertex the autopilot may serve (a point first served under load would otherwise run on the reference engine
@@ -88,11 +91,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("classmeans.autopilot")
 
 TIME, FLOPS = "time", "flops"
-SHED_SHARE_FROZEN = 0.05  # the overhead estimate is not updated while a larger share of requests is refused
-BUCKET_UTIL = 0.95  # admission's token bucket: this share of the serving point's measured capacity
+MARGINAL_OVERHEAD_MS = 0.8  # CPU ms per sample beyond the network's, at the margin (module docstring)
+BUCKET_UTIL = 0.95  # admission's token bucket: this share of what the serving point can answer
 DEMAND_ALPHA = 0.3  # EWMA weight of one tick's arrival rate (about a second at 0.25 s ticks)
-OVERHEAD_ALPHA = 0.2
-MIN_TICK_SAMPLES = 8  # fewer answered samples in a tick: no overhead measurement
+FIXED_ALPHA = 0.2
 TRACE_EVERY_S = 1.0
 TRACE_LEN = 600  # ten minutes at one record a second
 
@@ -163,7 +165,8 @@ class AutopilotRuntime:
         self._checked = (0, 0)  # admission's (checked_samples, shed_samples) at the last tick
         self._last_tick_t: float | None = None
         self.demand_sps: float | None = None  # samples per second arriving (EWMA)
-        self.overhead_s: float | None = None  # CPU seconds per sample beyond the point's network time (EWMA)
+        self.overhead_s = MARGINAL_OVERHEAD_MS / 1000.0  # marginal CPU seconds per sample beyond the network's
+        self.fixed_cores: float | None = None  # CPU (cores) beyond rate x unit cost (EWMA)
         self.tuning = tuning or Tuning()
         self.tick_s, self.window_s, self.clock, self.wall_clock = tick_s, window_s, clock, wall_clock
         self.min_samples = min_samples  # fewer answers since the last move: no p99 (the max of a few is noise)
@@ -367,34 +370,32 @@ class AutopilotRuntime:
         self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s,
                                  self.batcher.max_batch_size, arrival_rate=self._offered_rps or None)
         u = self.unit_cost_s()
-        self.admission.set_rate(BUCKET_UTIL * self.cores / u if u else None, self.clock())
+        spare = BUCKET_UTIL * self.cores - (self.fixed_cores or 0.0)
+        self.admission.set_rate(max(spare, 0.05 * self.cores) / u if u else None, self.clock())
 
     def unit_cost_s(self, op: Operating | None = None) -> float | None:
-        """The whole process's CPU seconds per sample at ``op`` (default: the serving point): the measured
-        overhead plus the point's network time (module docstring); None before any estimate."""
+        """Marginal CPU seconds per sample at ``op`` (default: the serving point): the point's network time
+        plus the marginal HTTP work (module docstring); None before any estimate of the network time."""
         s = self.per_sample_s(op)
-        if s is None:
-            return None
-        return s + (self.overhead_s if self.overhead_s is not None else HTTP_OVERHEAD_MS / 1000.0)
+        return None if s is None else s + self.overhead_s
 
     def _measure_load(self, before: Operating, now: float) -> None:
-        """Arrival rate and the per-sample overhead, from the counters since the last tick."""
-        cpu, answered = self.cpu_clock(), self.batcher.stats.samples
-        checked, shed = self.admission.checked_samples, self.admission.shed_samples
-        d_cpu, d_ans = cpu - self._cpu, answered - self._answered
-        d_checked, d_shed = checked - self._checked[0], shed - self._checked[1]
-        self._cpu, self._answered, self._checked = cpu, answered, (checked, shed)
+        """Arrival rate and the fixed CPU, from the counters since the last tick."""
+        cpu, answered, checked = self.cpu_clock(), self.batcher.stats.samples, self.admission.checked_samples
+        d_cpu, d_ans, d_checked = cpu - self._cpu, answered - self._answered, checked - self._checked[0]
+        self._cpu, self._answered, self._checked = cpu, answered, (checked, self.admission.shed_samples)
         last, self._last_tick_t = self._last_tick_t, now
         if last is None or now <= last:
             return
-        inst = d_checked / (now - last)
+        dt = now - last
         old = self.demand_sps
-        self.demand_sps = inst if old is None else (1 - DEMAND_ALPHA) * old + DEMAND_ALPHA * inst
-        s = self.per_sample_s(before)
-        if s is None or d_ans < MIN_TICK_SAMPLES or d_shed > SHED_SHARE_FROZEN * max(d_checked, 1):
+        self.demand_sps = d_checked / dt if old is None else (1 - DEMAND_ALPHA) * old + DEMAND_ALPHA * d_checked / dt
+        u = self.unit_cost_s(before)
+        if u is None:
             return
-        h = max(0.0, d_cpu / d_ans - s)
-        self.overhead_s = h if self.overhead_s is None else (1 - OVERHEAD_ALPHA) * self.overhead_s + OVERHEAD_ALPHA * h
+        fixed = min(self.cores, max(0.0, d_cpu / dt - d_ans / dt * u))
+        prev = self.fixed_cores
+        self.fixed_cores = fixed if prev is None else (1 - FIXED_ALPHA) * prev + FIXED_ALPHA * fixed
 
     def _costs(self, st: _Engaged) -> tuple[tuple[float, float], ...] | None:
         """``((f, u), ...)``: the CPU seconds per sample of each hull vertex, by its axis value."""
@@ -437,7 +438,8 @@ class AutopilotRuntime:
         delay = queued / self._rate if self._rate > 0 else (self.window_s if queued else 0.0)
         costs = self._costs(st) if st is not None else None
         demand = self.demand_sps if costs is not None and self.demand_sps is not None else None
-        return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count, demand, costs, self.cores)
+        return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count, demand, costs, self.cores,
+                      self.fixed_cores or 0.0)
 
     def _count_sheds(self, now: float) -> None:
         """The shed rate over the last ``window_s``: requests refused / requests asked about."""
@@ -537,7 +539,7 @@ class AutopilotRuntime:
                     "queue_bound": self.admission.max_queued(), "batch_in_use": self._batch_mean,
                     "planned": c.planned, "util_cap": c.util_cap, "predicted_util": c.predicted_util,
                     "demand_sps": self.demand_sps, "cores": self.cores,
-                    "overhead_ms": None if self.overhead_s is None else 1000 * self.overhead_s,
+                    "overhead_ms": 1000 * self.overhead_s, "fixed_cores": self.fixed_cores,
                     "unit_cost_ms": None if self.unit_cost_s() is None else 1000 * (self.unit_cost_s() or 0.0),
                     "admit_rate_sps": self.admission.rate_sps})
         return out

@@ -85,7 +85,7 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
         assert (await s.client.post("/profiles", json={"latency_slo_ms": 40}, headers=AUTH)).status_code == 200
         await s.state.autopilot.stop()
         clock = FakeClock()
-        cpu = [0.0]  # the process's CPU seconds, advanced by hand: 0.2 ms of HTTP work + the point's network time
+        cpu = [0.0]  # the process's CPU seconds, advanced by hand: 0.1 core fixed + (0.8 ms + network) per sample
         window = LatencyWindow(clock=clock)
         rt = AutopilotRuntime(s.state.engine, s.state.batcher, window, s.state.metrics, clock=clock,
                               wall_clock=clock, cores=1.0, cpu_clock=lambda: cpu[0])
@@ -94,8 +94,8 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
         engine = s.state.engine
         bundle = engine.snapshot.bundle
         assert rt.state.axis == "time" and rt.state.controller.f == pytest.approx(1.0)
-        overhead_s, full_s = 0.0002, full_ms(bundle) / 1000
-        demand = 0.75 / (overhead_s + 0.6 * full_s)  # the full network does not fit 0.75 of a core; 0.6 of it does
+        overhead_s, fixed, full_s = 0.0008, 0.1, full_ms(bundle) / 1000
+        demand = (0.75 - fixed) / (overhead_s + 0.6 * full_s)  # the full network does not fit 0.75 of a core
         budgets = []
         for _ in range(8):  # 4 s of that load, answered at 100 ms against a 40 ms target
             for _ in range(60):
@@ -104,13 +104,13 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
             served = operating_ms(bundle, engine.snapshot.operating) / 1000
             rt.admission.checked_samples += n
             s.state.batcher.stats.samples += n
-            cpu[0] += n * (overhead_s + served)
+            cpu[0] += fixed * 0.5 + n * (overhead_s + served)
             clock.t += 0.5
             rt.tick()
             budgets.append(rt.state.controller.f)
         ctl = rt.state.controller
         assert budgets[-1] < budgets[0] and ctl.moves >= 1 and ctl.planned
-        assert rt.overhead_s == pytest.approx(overhead_s, rel=0.05)  # the model measured the HTTP work
+        assert rt.fixed_cores == pytest.approx(fixed, abs=0.01)  # the model measured the fixed CPU
         assert ctl.util_cap < 0.75  # 100 ms against 40: the cap was cut below where it started
         assert ctl.predicted_util == pytest.approx(ctl.util_cap, rel=0.02) or ctl.f == ctl.floor
         op = engine.snapshot.operating
