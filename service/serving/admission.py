@@ -229,6 +229,13 @@ class CostEstimator:
         self.k = inst if self.k is None or self.observations == 0 else (1 - self.alpha) * self.k + self.alpha * inst
         self.observations += 1
 
+    def network_s(self, cost: float | None) -> float | None:
+        """``k * cost``: the network's own seconds per sample (timing.json's ms on the time axis), without the
+        learnt busy time beyond it (which, on a core the event loop shares, counts the loop's work too)."""
+        if self.k is None or not cost or cost <= 0:
+            return None
+        return self.k * cost
+
     def per_sample_s(self, cost: float | None) -> float | None:
         if self.k is None or not cost or cost <= 0:
             return None

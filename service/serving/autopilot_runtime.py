@@ -376,7 +376,8 @@ class AutopilotRuntime:
     def unit_cost_s(self, op: Operating | None = None) -> float | None:
         """Marginal CPU seconds per sample at ``op`` (default: the serving point): the point's network time
         plus the marginal HTTP work (module docstring); None before any estimate of the network time."""
-        s = self.per_sample_s(op)
+        snap = self.engine.snapshot
+        s = self._estimator_for(snap.bundle).network_s(self._cost(snap.bundle, op or snap.operating))
         return None if s is None else s + self.overhead_s
 
     def _measure_load(self, before: Operating, now: float) -> None:
