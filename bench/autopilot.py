@@ -255,6 +255,8 @@ def run_all(run: Run, results: dict[str, Any]) -> None:
         run.costs = profile_costs(listing)
         full_est = run.costs.get("full", {}).get("accuracy")
         floor = None if full_est is None or a.floor_points is None else max(0.0, full_est - a.floor_points / 100)
+        best = max(run.costs.items(), key=lambda kv: kv[1].get("accuracy") or 0.0, default=None)
+        results["most_accurate_point"] = None if best is None else {"name": best[0], **best[1]}
         results["model"] = {"name": listing.get("model"), "bundle": listing.get("bundle"),
                             "full_estimated_accuracy": full_est, "floor_accuracy": floor,
                             "timed_profiles": sum(1 for c in run.costs.values() if c.get("time_fraction") is not None),

@@ -217,6 +217,16 @@ def evaluate_goals(res: dict[str, Any], fast_503_ms: float = 20.0, recovery_limi
             out.append(_g("0.5x: mean cost >= 0.95 of the full network's", cfg, "0.5",
                           None if ratio is None else ratio >= 0.95,
                           f"cost {_f(c, '.3f')} vs full {_f(full_cost, '.3f')} (ratio {_f(ratio, '.3f')})"))
+            top = res.get("most_accurate_point") or {}
+            top_cost = top.get("time_fraction") if r.get("mean_time_fraction") is not None else top.get(
+                "flops_fraction")
+            if top.get("name") not in (None, "full") and top_cost:
+                # the autopilot's ceiling is the most accurate point; here it is cheaper than the full network
+                out.append(_g("0.5x: mean cost >= 0.95 of the most accurate point's (the autopilot's ceiling)", cfg,
+                              "0.5", None if c is None else c / top_cost >= 0.95,
+                              f"cost {_f(c, '.3f')} vs {top['name']} {top_cost:.3f} (estimated accuracy "
+                              f"{100 * (top.get('accuracy') or 0):.2f} %, the full network's "
+                              f"{100 * (res.get('model', {}).get('full_estimated_accuracy') or 0):.2f} %)"))
             acc, d = r.get("accuracy"), None
             if acc is not None and full_acc is not None:
                 d = 100 * (acc - full_acc)

@@ -30,11 +30,12 @@ hull vertices, as time sharing mixes them) and ``fixed`` the CPU the process spe
 work that a light load pays per request and a heavy one shares: measured, so a model fitted at a light load
 does not overprice a heavy one). A rising load moves ``f`` down in the tick it is measured, a falling
 one moves it back up as fast (no probing, no hold: the model says what fits). Feedback corrects the model:
-pressure over ``high`` multiplies ``util_cap`` by ``clip(high / x, cap_cut, 0.95)`` (at most every
-``down_dwell_s``), pressure under ``low`` adds ``cap_up`` (at most every ``cap_up_dwell_s``), within
+pressure over ``plan_high`` multiplies ``util_cap`` by ``clip(plan_high / x, cap_cut, 0.95)`` (at most every
+``down_dwell_s``), pressure under ``plan_low`` adds ``cap_up`` (at most every ``cap_up_dwell_s``), within
 ``[util_min, util_max]``. When even the floor's predicted utilisation is over the cap the server is overloaded
-and admission control sheds the excess (:mod:`service.serving.admission`); pressure then says nothing about
-the model, so the cap is left alone. In this mode only the p99 and refusals are pressure; the queue delay
+and admission control sheds the excess (:mod:`service.serving.admission`); the runtime admits at most what the
+cap (plus a margin) allows, so there the cap's feedback trims the admitted rate until the answered p99 fits.
+In this mode only the p99 and refusals are pressure; the queue delay
 counts only past the whole target (a backlog that cannot meet it), so that one burst seen in a 0.25 s sample
 does not cut the cap.
 
@@ -143,12 +144,14 @@ class Tuning:
     hold_s: float = 10.0
     max_hold_s: float = 120.0
     probe_window_s: float = 5.0  # a cut this soon after an up-move counts as a failed probe
-    util_start: float = 0.75  # planned moves: the utilisation cap to start from
-    util_min: float = 0.3
-    util_max: float = 0.85
+    util_start: float = 0.85  # planned moves: the utilisation cap to start from
+    util_min: float = 0.4
+    util_max: float = 0.95
     cap_cut: float = 0.7  # the largest cut of the cap in one move
-    cap_up: float = 0.05
+    cap_up: float = 0.1
     cap_up_dwell_s: float = 1.0
+    plan_high: float = 0.9  # planned moves: the band of p99 / target in which the cap holds
+    plan_low: float = 0.7
     min_move: float = 0.005  # planned moves smaller than this share of [floor, ceiling] are not made
 
     def __post_init__(self) -> None:
@@ -290,16 +293,16 @@ class Controller:
         floor_util = (fixed + demand * unit_cost(s.costs, self.floor)) / cores
         overloaded = floor_util > self.util_cap
         why_cap = ""
-        if x > t.high and not overloaded and now - self._cap_moved_t >= t.down_dwell_s:
+        if x > t.plan_high and now - self._cap_moved_t >= t.down_dwell_s:
             old = self.util_cap
-            self.util_cap = max(t.util_min, self.util_cap * min(0.95, max(t.cap_cut, t.high / x)))
+            self.util_cap = max(t.util_min, self.util_cap * min(0.95, max(t.cap_cut, t.plan_high / x)))
             self._cap_moved_t = self.feedback_since = now
-            why_cap = f"pressure {x:.2f} > {t.high}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
-        elif x < t.low and self.util_cap < t.util_max and now - self._cap_moved_t >= t.cap_up_dwell_s:
+            why_cap = f"pressure {x:.2f} > {t.plan_high}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
+        elif x < t.plan_low and self.util_cap < t.util_max and now - self._cap_moved_t >= t.cap_up_dwell_s:
             old = self.util_cap
             self.util_cap = min(t.util_max, self.util_cap + t.cap_up)
             self._cap_moved_t = now
-            why_cap = f"pressure {x:.2f} < {t.low}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
+            why_cap = f"pressure {x:.2f} < {t.plan_low}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
         f = affordable(s.costs, demand, cores, self.util_cap, self.floor, self.ceiling, fixed)
         self.predicted_util = (fixed + demand * unit_cost(s.costs, f)) / cores
         load = (f"({fixed:.2f} + {demand:.0f} samples/s x {1000 * unit_cost(s.costs, f):.2f} ms) / {cores:g} "

@@ -29,8 +29,9 @@ admission, refused or not: an EWMA), the answered rate and the CPU rate, and upd
 (per-batch work, wake-ups; measured on the default cascade pinned to one core: ``cpu = 0.17 + rate * (s +
 0.8 ms)`` within 0.1 of a core from 100 to 650 requests/s, where a per-sample average measured at 100/s
 priced 500/s at 1.5x its cost). The controller picks the costliest budget the arriving load affords on this
-process's ``cores``. Admission's token bucket runs at :data:`BUCKET_UTIL` of what the serving point can answer,
-``(BUCKET_UTIL * cores - fixed) / u(point)``.
+process's ``cores``. Admission's token bucket admits ``(util * cores - fixed) / u(point)`` samples per second,
+``util = min(BUCKET_UTIL, util_cap + BUCKET_MARGIN)``: under overload the controller's p99 feedback on the cap
+trims what is admitted.
 
 **Sessions.** Engaging asks the compiled engine to build, in the background, the sessions of every hull
 vertex the autopilot may serve (a point first served under load would otherwise run on the reference engine
@@ -92,7 +93,8 @@ log = logging.getLogger("classmeans.autopilot")
 
 TIME, FLOPS = "time", "flops"
 MARGINAL_OVERHEAD_MS = 0.8  # CPU ms per sample beyond the network's, at the margin (module docstring)
-BUCKET_UTIL = 0.95  # admission's token bucket: this share of what the serving point can answer
+BUCKET_UTIL = 0.95  # admission's token bucket: at most this share of what the serving point can answer
+BUCKET_MARGIN = 0.1  # ... and at most the controller's utilisation cap plus this
 DEMAND_ALPHA = 0.3  # EWMA weight of one tick's arrival rate (about a second at 0.25 s ticks)
 FIXED_ALPHA = 0.2
 TRACE_EVERY_S = 1.0
@@ -370,7 +372,8 @@ class AutopilotRuntime:
         self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s,
                                  self.batcher.max_batch_size, arrival_rate=self._offered_rps or None)
         u = self.unit_cost_s()
-        spare = BUCKET_UTIL * self.cores - (self.fixed_cores or 0.0)
+        util = min(BUCKET_UTIL, st.controller.util_cap + BUCKET_MARGIN)
+        spare = util * self.cores - (self.fixed_cores or 0.0)
         self.admission.set_rate(max(spare, 0.05 * self.cores) / u if u else None, self.clock())
 
     def unit_cost_s(self, op: Operating | None = None) -> float | None:
