@@ -35,7 +35,7 @@ pressure over ``plan_high`` multiplies ``util_cap`` by ``clip(plan_high / x, cap
 ``[util_min, util_max]``. When even the floor's predicted utilisation is over the cap the server is overloaded
 and admission control sheds the excess (:mod:`service.serving.admission`); the runtime admits at most what the
 cap (plus a margin) allows, so there the cap's feedback trims the admitted rate until the answered p99 fits.
-In this mode only the p99 and refusals are pressure; the queue delay
+In this mode only the p99 is pressure (refusals are admission's, at the cap); the queue delay
 counts only past the whole target (a backlog that cannot meet it), so that one burst seen in a 0.25 s sample
 does not cut the cap.
 
@@ -263,6 +263,8 @@ class Controller:
         x = s.queue_delay_s / (share * self.target_s)
         if s.p99_s is not None:
             x = max(x, s.p99_s / self.target_s)
+        if s.planned:  # refusals are the plan's own (admission at the cap): counting them would cut the cap,
+            return x   # which admits less, which refuses more (measured: a spiral down to 40 % of capacity)
         if s.rejected and s.rejected >= max(1.0, self.t.reject_share * (s.samples + s.rejected)):
             x = max(x, self.t.reject_pressure)  # a stray refusal among hundreds of answers is not one
         return x

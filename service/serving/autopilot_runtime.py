@@ -25,7 +25,9 @@ cheapest allowed point needs at batch 1 (its measured ms plus
 sample (the measured time axis, or the FLOPs scale the estimator learnt) and ``h`` the marginal HTTP work per
 sample (:data:`MARGINAL_OVERHEAD_MS`). Each tick measures the samples per second arriving (asked about by
 admission, refused or not: an EWMA), the answered rate and the CPU rate, and updates ``fixed = cpu - answered
-* u(point)`` (an EWMA, at least 0). ``fixed`` is what a light load pays per request and a heavy one shares
+* u(point)`` (an EWMA, at least 0; not while more than :data:`SHED_SHARE_FROZEN` of the requests are refused,
+whose handling it would count, lowering the admitted rate and refusing more). ``fixed`` is what a light load
+pays per request and a heavy one shares
 (per-batch work, wake-ups; measured on the default cascade pinned to one core: ``cpu = 0.17 + rate * (s +
 0.8 ms)`` within 0.1 of a core from 100 to 650 requests/s, where a per-sample average measured at 100/s
 priced 500/s at 1.5x its cost). The controller picks the costliest budget the arriving load affords on this
@@ -92,6 +94,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("classmeans.autopilot")
 
 TIME, FLOPS = "time", "flops"
+SHED_SHARE_FROZEN = 0.05  # the fixed CPU is not re-measured while a larger share of requests is refused
 MARGINAL_OVERHEAD_MS = 0.8  # CPU ms per sample beyond the network's, at the margin (module docstring)
 BUCKET_UTIL = 0.95  # admission's token bucket: at most this share of what the serving point can answer
 BUCKET_MARGIN = 0.1  # ... and at most the controller's utilisation cap plus this
@@ -386,8 +389,10 @@ class AutopilotRuntime:
     def _measure_load(self, before: Operating, now: float) -> None:
         """Arrival rate and the fixed CPU, from the counters since the last tick."""
         cpu, answered, checked = self.cpu_clock(), self.batcher.stats.samples, self.admission.checked_samples
+        shed = self.admission.shed_samples
         d_cpu, d_ans, d_checked = cpu - self._cpu, answered - self._answered, checked - self._checked[0]
-        self._cpu, self._answered, self._checked = cpu, answered, (checked, self.admission.shed_samples)
+        d_shed = shed - self._checked[1]
+        self._cpu, self._answered, self._checked = cpu, answered, (checked, shed)
         last, self._last_tick_t = self._last_tick_t, now
         if last is None or now <= last:
             return
@@ -395,8 +400,8 @@ class AutopilotRuntime:
         old = self.demand_sps
         self.demand_sps = d_checked / dt if old is None else (1 - DEMAND_ALPHA) * old + DEMAND_ALPHA * d_checked / dt
         u = self.unit_cost_s(before)
-        if u is None:
-            return
+        if u is None or d_shed > SHED_SHARE_FROZEN * max(d_checked, 1):
+            return  # refusals cost CPU too: counted as fixed, they would lower the admitted rate, refusing more
         fixed = min(self.cores, max(0.0, d_cpu / dt - d_ans / dt * u))
         prev = self.fixed_cores
         self.fixed_cores = fixed if prev is None else (1 - FIXED_ALPHA) * prev + FIXED_ALPHA * fixed
