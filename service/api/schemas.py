@@ -209,8 +209,10 @@ class AutopilotInfo(BaseModel):
                                                         "work a light load pays per request")
     unit_cost_ms: float | None = Field(None, description="marginal CPU ms per sample at the point held: overhead + "
                                                          "network")
-    admit_rate_sps: float | None = Field(None, description="admission's token-bucket rate (samples/s): "
-                                                           "(0.95 x cores - fixed) / unit cost")
+    cpu_per_answer_ms: float | None = Field(None, description="measured CPU ms per answered sample, all work "
+                                                              "included (refusals, fixed work)")
+    admit_rate_sps: float | None = Field(None, description="admission's token-bucket rate (samples/s): util x "
+                                                           "cores / cpu_per_answer, util = min(0.95, cap + 0.1)")
 
 
 class ActiveState(BaseModel):

@@ -96,7 +96,7 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
         assert rt.state.axis == "time" and rt.state.controller.f == pytest.approx(1.0)
         overhead_s, fixed, full_s = 0.0008, 0.1, full_ms(bundle) / 1000
         demand = (0.75 - fixed) / (overhead_s + 0.6 * full_s)  # the full network does not fit 0.75 of a core
-        budgets = []
+        budgets, ratios = [], []
         for _ in range(8):  # 4 s of that load, answered at 100 ms against a 40 ms target
             for _ in range(60):
                 window.record(0.1, ok=True, now=clock.t)
@@ -105,6 +105,7 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
             rt.admission.checked_samples += n
             s.state.batcher.stats.samples += n
             cpu[0] += fixed * 0.5 + n * (overhead_s + served)
+            ratios.append(fixed * 0.5 / n + overhead_s + served)
             clock.t += 0.5
             rt.tick()
             budgets.append(rt.state.controller.f)
@@ -123,6 +124,9 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
         assert operating_ms(bundle, op) <= info["budget_ms"] + 1e-6
         assert info["planned"] and "utilisation" in info["reason"]
         assert info["demand_sps"] == pytest.approx(demand, rel=0.05)
+        per_answer = info["cpu_per_answer_ms"] / 1000  # every CPU second over the answered samples
+        assert min(ratios) - 1e-9 <= per_answer <= max(ratios) + 1e-9  # an EWMA of the ticks' CPU per answer
+        assert info["admit_rate_sps"] == pytest.approx(min(0.95, ctl.util_cap + 0.1) / per_answer, rel=1e-6)
         trace = (await s.client.get("/ui/api/autopilot")).json()
         assert trace["enabled"] and len(trace["ticks"]) == 4  # one record a second of the fake clock
         last = trace["ticks"][-1]
