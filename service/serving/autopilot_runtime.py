@@ -20,7 +20,9 @@ cheapest allowed point needs at batch 1 (its measured ms plus
 :data:`~service.serving.admission.HTTP_OVERHEAD_MS`) is refused when engaging (:class:`SloUnreachable`).
 
 **Load model** (planned moves, :class:`~service.serving.autopilot.Controller`). The process's CPU
-(``time.process_time``: HTTP parsing, decoding, the network, encoding, refusals) is modelled as
+(``time.process_time``: HTTP parsing, decoding, the network, encoding, refusals; less the background session
+builds', :func:`serving_cpu_seconds`, which engaging starts and which would otherwise read as serving cost)
+is modelled as
 ``cpu = fixed + rate * u(point)`` cores, with ``u(point) = s(point) + h``: ``s`` the point's network time per
 sample (the measured time axis, or the FLOPs scale the estimator learnt) and ``h`` the marginal HTTP work per
 sample (:data:`MARGINAL_OVERHEAD_MS`). Each tick measures the samples per second arriving (asked about by
@@ -76,6 +78,7 @@ from service.earlyexit.time_axis import select_by_time
 from service.errors import ServiceError
 from service.serving.admission import HTTP_OVERHEAD_MS, Admission, CostEstimator, Shed
 from service.serving.autopilot import AutopilotConfig, Clock, Controller, LatencyWindow, Signal, Tuning
+from service.serving.compiled.sessions import build_cpu_seconds
 from service.serving.ic_serving import mode_candidates
 from service.serving.time_profiles import (
     LATENCY_BATCH,
@@ -107,6 +110,11 @@ FIXED_ALPHA = 0.2
 MIN_TICK_SAMPLES = 8  # fewer answered samples in a tick: no CPU-per-answer measurement
 TRACE_EVERY_S = 1.0
 TRACE_LEN = 600  # ten minutes at one record a second
+
+
+def serving_cpu_seconds() -> float:
+    """This process's CPU seconds less what background session builds spent: the serving work's CPU."""
+    return time.process_time() - build_cpu_seconds()
 
 
 class SloUnreachable(ServiceError):
@@ -166,11 +174,11 @@ class AutopilotRuntime:
                  tuning: Tuning | None = None, tick_s: float = 0.25, window_s: float = 3.0, min_samples: int = 50,
                  clock: Clock = time.monotonic, admission: Admission | None = None,
                  wall_clock: Clock = time.time, cores: float = 1.0,
-                 cpu_clock: Clock = time.process_time) -> None:
+                 cpu_clock: Clock | None = None) -> None:
         self.engine, self.batcher, self.window, self.metrics = engine, batcher, window, metrics
         self.cores = max(1e-3, float(cores))  # the CPU this process has (its share of the usable cores)
-        self.cpu_clock = cpu_clock
-        self._cpu = cpu_clock()
+        self.cpu_clock = cpu_clock or serving_cpu_seconds
+        self._cpu = self.cpu_clock()
         self._answered = batcher.stats.samples
         self._checked = (0, 0)  # admission's (checked_samples, shed_samples) at the last tick
         self._last_tick_t: float | None = None

@@ -27,6 +27,7 @@ from service.serving.compiled import (
     plan_for,
 )
 from service.serving.compiled.fused_heads import FusedClassMeans, FusedIC
+from service.serving.compiled.sessions import build_cpu_seconds
 from service.store.bundle_model import load_bundle
 from service.store.bundles import read_active
 from service.store.ic_sets import ic_costs
@@ -164,10 +165,12 @@ def test_missing_sessions_never_stall_a_batch(setup):
     runner = CompiledCascadeRunner(setup["net"], setup["bundle"].heads, setup["ics"], missing="reference")
     policy, x = setup["policies"]["cm"], setup["x"][:8]
     want = setup["ref"].run(x, policy)
+    build_cpu = build_cpu_seconds()
     first = runner.run(x, policy)
     assert runner.reference_batches == 1
     assert torch.equal(first.exit_index, want.exit_index) and torch.equal(first.pred, want.pred)
     assert runner.builder.wait_idle(timeout=600)
+    assert build_cpu_seconds() > build_cpu  # the builds' CPU is counted apart (the autopilot leaves it out)
     assert all(k in runner.sessions for k in runner.plan(policy).segment_keys())
     again = runner.run(x, policy)
     assert runner.reference_batches == 1  # served compiled now

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -73,6 +74,27 @@ class SessionCache:
             self._sessions.clear()
 
 
+class _BuildCpu:
+    """CPU seconds the background builders of this process have spent (all of them, thread CPU time), so
+    that whoever measures the serving work's CPU from the process's total can leave the builds out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
+
+
+BUILD_CPU = _BuildCpu()
+
+
+def build_cpu_seconds() -> float:
+    """CPU seconds spent by background session builds in this process so far."""
+    return BUILD_CPU.seconds
+
+
 def _lower_this_threads_priority() -> None:
     """Nice 10 for the calling thread only (Linux: a thread id is a valid PRIO_PROCESS target), so exports
     running beside traffic take the CPU that requests leave idle; elsewhere a no-op."""
@@ -123,6 +145,7 @@ class BackgroundBuilder:
                         self._thread = None
                         return
                 continue
+            t0 = time.thread_time()
             try:
                 self.cache.get(key)
             except Exception as exc:  # export/load/validation: remembered, the reference engine serves it
@@ -130,6 +153,7 @@ class BackgroundBuilder:
                 log.error("segment %s does not compile (%s); its profiles run on the reference engine",
                           key.label(), exc)
             finally:
+                BUILD_CPU.add(time.thread_time() - t0)
                 with self._lock:
                     self._pending.discard(key)
                     if not self._pending:
