@@ -209,10 +209,13 @@ class AutopilotInfo(BaseModel):
                                                         "work a light load pays per request")
     unit_cost_ms: float | None = Field(None, description="marginal CPU ms per sample at the point held: overhead + "
                                                          "network")
-    cpu_per_answer_ms: float | None = Field(None, description="measured CPU ms per answered sample, all work "
-                                                              "included (refusals, fixed work)")
-    admit_rate_sps: float | None = Field(None, description="admission's token-bucket rate (samples/s): util x "
-                                                           "cores / cpu_per_answer, util = min(0.95, cap + 0.1)")
+    cpu_util: float | None = Field(None, description="the serving work's measured CPU (cores; background builds "
+                                                     "left out)")
+    bucket_scale: float | None = Field(None, description="share of the model's admitted rate (cut while the CPU "
+                                                         "is saturated and requests are refused)")
+    admit_rate_sps: float | None = Field(None, description="admission's token-bucket rate (samples/s): scale x "
+                                                           "(util x cores - fixed) / unit cost, util = min(0.95, "
+                                                           "cap + 0.1)")
 
 
 class ActiveState(BaseModel):

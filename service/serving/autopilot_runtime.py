@@ -33,13 +33,15 @@ pays per request and a heavy one shares
 (per-batch work, wake-ups; measured on the default cascade pinned to one core: ``cpu = 0.17 + rate * (s +
 0.8 ms)`` within 0.1 of a core from 100 to 650 requests/s, where a per-sample average measured at 100/s
 priced 500/s at 1.5x its cost). The controller picks the costliest budget the arriving load affords on this
-process's ``cores``. Admission's token bucket admits ``util * cores / c`` samples per second, ``c`` the
-measured CPU per answered sample (every CPU second counted, refusals included), so the admitted rate settles
-where the process's CPU is ``util = min(BUCKET_UTIL, util_cap + BUCKET_MARGIN)``: a fixed point of
-``rate <- util * rate / cpu`` that needs no model (measured: a model-priced bucket admitted 1,000/s where the
-cheapest point's real capacity is about 940/s, and the clients saw the backlog in the sockets as a 250 ms p99
-that the server's own latencies never showed). Under overload the controller's p99 feedback on the cap trims
-what is admitted.
+process's ``cores``. Admission's token bucket admits ``scale * (util * cores - fixed) / u(point)`` samples per
+second, ``util = min(BUCKET_UTIL, util_cap + BUCKET_MARGIN)``: under overload the controller's p99 feedback on
+the cap trims what is admitted, and a saturation guard (``scale``, :meth:`AutopilotRuntime._scale_bucket`)
+trims it while the serving CPU is pegged, which catches what neither sees: the model's error, the refusals'
+own CPU and the backlog in the sockets (measured: a model-priced bucket admitted 1,000/s where the cheapest
+point's real capacity is about 940/s, and the clients saw the sockets' backlog as a 250 ms p99 that the
+server's own latencies never showed). Pricing the bucket by measured CPU per answered sample instead made a
+spiral: refusals' CPU, counted against fewer answers, admitted fewer still (31 of 7,000 requests/s answered
+under a closed-loop flood).
 
 **Sessions.** Engaging asks the compiled engine to build, in the background, the sessions of every hull
 vertex the autopilot may serve (a point first served under load would otherwise run on the reference engine
@@ -107,7 +109,7 @@ BUCKET_UTIL = 0.95  # admission's token bucket: at most this share of what the s
 BUCKET_MARGIN = 0.1  # ... and at most the controller's utilisation cap plus this
 DEMAND_ALPHA = 0.3  # EWMA weight of one tick's arrival rate (about a second at 0.25 s ticks)
 FIXED_ALPHA = 0.2
-MIN_TICK_SAMPLES = 8  # fewer answered samples in a tick: no CPU-per-answer measurement
+SATURATED, UNSATURATED, MIN_BUCKET_SCALE = 0.97, 0.9, 0.3  # the bucket's saturation guard (_scale_bucket)
 TRACE_EVERY_S = 1.0
 TRACE_LEN = 600  # ten minutes at one record a second
 
@@ -185,7 +187,8 @@ class AutopilotRuntime:
         self.demand_sps: float | None = None  # samples per second arriving (EWMA)
         self.overhead_s = MARGINAL_OVERHEAD_MS / 1000.0  # marginal CPU seconds per sample beyond the network's
         self.fixed_cores: float | None = None  # CPU (cores) beyond rate x unit cost (EWMA)
-        self.cpu_per_answer_s: float | None = None  # all CPU seconds over answered samples (EWMA, refusals too)
+        self.cpu_util: float | None = None  # the serving work's CPU over the last tick, in cores (EWMA)
+        self.bucket_scale = 1.0  # the admitted rate's share of the model's: cut while the CPU is saturated
         self.tuning = tuning or Tuning()
         self.tick_s, self.window_s, self.clock, self.wall_clock = tick_s, window_s, clock, wall_clock
         self.min_samples = min_samples  # fewer answers since the last move: no p99 (the max of a few is noise)
@@ -391,15 +394,25 @@ class AutopilotRuntime:
         self.admission.set_rate(self._admit_rate(st), self.clock())
 
     def _admit_rate(self, st: _Engaged) -> float | None:
-        """Samples per second the token bucket admits: ``util * cores / c`` with ``c`` the measured CPU per
-        answered sample (refusals and fixed work included), so that the process's CPU settles at ``util``
-        whatever the model's error; the model's ``(util * cores - fixed) / u(point)`` before any
-        measurement. ``util = min(BUCKET_UTIL, util_cap + BUCKET_MARGIN)``."""
+        """Samples per second the token bucket admits: the model's ``(util * cores - fixed) / u(point)``,
+        ``util = min(BUCKET_UTIL, util_cap + BUCKET_MARGIN)``, times :attr:`bucket_scale` (module docstring)."""
         util = min(BUCKET_UTIL, st.controller.util_cap + BUCKET_MARGIN)
-        if self.cpu_per_answer_s:
-            return util * self.cores / self.cpu_per_answer_s
         u = self.unit_cost_s()
-        return max(util * self.cores - (self.fixed_cores or 0.0), 0.05 * self.cores) / u if u else None
+        if not u:
+            return None
+        return self.bucket_scale * max(util * self.cores - (self.fixed_cores or 0.0), 0.05 * self.cores) / u
+
+    def _scale_bucket(self) -> None:
+        """Saturation guard: the model's error, refusals' own CPU and the sockets' backlog are invisible to
+        the admitted rate; a saturated CPU is not. Over :data:`SATURATED` of the cores while refusing, admit
+        10 % less a tick (down to :data:`MIN_BUCKET_SCALE`); under :data:`UNSATURATED`, 5 % more (up to 1)."""
+        c = self.cpu_util
+        if c is None:
+            return
+        if c >= SATURATED * self.cores and self.shed_rate > 0:
+            self.bucket_scale = max(MIN_BUCKET_SCALE, 0.9 * self.bucket_scale)
+        elif c < UNSATURATED * self.cores:
+            self.bucket_scale = min(1.0, 1.05 * self.bucket_scale)
 
     def unit_cost_s(self, op: Operating | None = None) -> float | None:
         """Marginal CPU seconds per sample at ``op`` (default: the serving point): the point's network time
@@ -419,10 +432,8 @@ class AutopilotRuntime:
         if last is None or now <= last:
             return
         dt = now - last
-        if d_ans >= MIN_TICK_SAMPLES:
-            per = d_cpu / d_ans
-            prev_c = self.cpu_per_answer_s
-            self.cpu_per_answer_s = per if prev_c is None else (1 - FIXED_ALPHA) * prev_c + FIXED_ALPHA * per
+        prev_c = self.cpu_util
+        self.cpu_util = d_cpu / dt if prev_c is None else 0.5 * prev_c + 0.5 * d_cpu / dt
         old = self.demand_sps
         self.demand_sps = d_checked / dt if old is None else (1 - DEMAND_ALPHA) * old + DEMAND_ALPHA * d_checked / dt
         u = self.unit_cost_s(before)
@@ -493,6 +504,8 @@ class AutopilotRuntime:
         now = self.clock()
         self._measure_load(serving, now)
         self._count_sheds(now)
+        if self.state is not None:
+            self._scale_bucket()
         self.last_signal = s = self.signal()
         if self.state is not None:
             d = self.state.controller.step(s)
@@ -575,7 +588,7 @@ class AutopilotRuntime:
                     "planned": c.planned, "util_cap": c.util_cap, "predicted_util": c.predicted_util,
                     "demand_sps": self.demand_sps, "cores": self.cores,
                     "overhead_ms": 1000 * self.overhead_s, "fixed_cores": self.fixed_cores,
-                    "cpu_per_answer_ms": None if self.cpu_per_answer_s is None else 1000 * self.cpu_per_answer_s,
+                    "cpu_util": self.cpu_util, "bucket_scale": self.bucket_scale,
                     "unit_cost_ms": None if self.unit_cost_s() is None else 1000 * (self.unit_cost_s() or 0.0),
                     "admit_rate_sps": self.admission.rate_sps})
         return out
