@@ -35,7 +35,8 @@ pressure over ``plan_high`` multiplies ``util_cap`` by ``clip(plan_high / x, cap
 ``[util_min, util_max]``. When even the floor's predicted utilisation is over the cap the server is overloaded
 and admission control sheds the excess (:mod:`service.serving.admission`); the runtime admits at most what the
 cap (plus a margin) allows, so there the cap's feedback trims the admitted rate until the answered p99 fits.
-In this mode only the p99 is pressure (refusals are admission's, at the cap); the queue delay
+In this mode the p99 and a saturated CPU (:data:`SATURATED`) are pressure (refusals are admission's, at the
+cap); the queue delay
 counts only past the whole target (a backlog that cannot meet it), so that one burst seen in a 0.25 s sample
 does not cut the cap.
 
@@ -71,6 +72,7 @@ from service.earlyexit.modes import BUNDLE_MODE, is_mode
 
 Clock = Callable[[], float]
 
+SATURATED = 0.97  # of the cores: a CPU this busy is saturated
 MIN_TARGET_MS = 1.0  # below: not a latency a network can be served in over HTTP
 MAX_TARGET_MS = 60_000.0  # above: not a latency target but a timeout
 
@@ -179,6 +181,7 @@ class Signal:
     costs: tuple[tuple[float, float], ...] | None = None
     cores: float = 1.0
     fixed_cores: float = 0.0  # CPU busy whatever the load's size (cores): the model is fixed + demand * u(f)
+    cpu_util: float | None = None  # the serving work's measured CPU (cores): saturated is pressure when planned
 
     @property
     def planned(self) -> bool:
@@ -264,7 +267,11 @@ class Controller:
         if s.p99_s is not None:
             x = max(x, s.p99_s / self.target_s)
         if s.planned:  # refusals are the plan's own (admission at the cap): counting them would cut the cap,
-            return x   # which admits less, which refuses more (measured: a spiral down to 40 % of capacity)
+            # which admits less, which refuses more (measured: a spiral down to 40 % of capacity). A pegged CPU
+            # is: the model was optimistic, and the backlog in the sockets is invisible to the latencies.
+            if s.cpu_util is not None and s.cpu_util >= SATURATED * s.cores:
+                x = max(x, 1.1 * self.t.plan_high)
+            return x
         if s.rejected and s.rejected >= max(1.0, self.t.reject_share * (s.samples + s.rejected)):
             x = max(x, self.t.reject_pressure)  # a stray refusal among hundreds of answers is not one
         return x

@@ -79,7 +79,15 @@ from service.earlyexit.modes import BUNDLE_MODE
 from service.earlyexit.time_axis import select_by_time
 from service.errors import ServiceError
 from service.serving.admission import HTTP_OVERHEAD_MS, Admission, CostEstimator, Shed
-from service.serving.autopilot import AutopilotConfig, Clock, Controller, LatencyWindow, Signal, Tuning
+from service.serving.autopilot import (
+    SATURATED,
+    AutopilotConfig,
+    Clock,
+    Controller,
+    LatencyWindow,
+    Signal,
+    Tuning,
+)
 from service.serving.compiled.sessions import build_cpu_seconds
 from service.serving.ic_serving import mode_candidates
 from service.serving.time_profiles import (
@@ -109,7 +117,7 @@ BUCKET_UTIL = 0.95  # admission's token bucket: at most this share of what the s
 BUCKET_MARGIN = 0.1  # ... and at most the controller's utilisation cap plus this
 DEMAND_ALPHA = 0.3  # EWMA weight of one tick's arrival rate (about a second at 0.25 s ticks)
 FIXED_ALPHA = 0.2
-SATURATED, UNSATURATED, MIN_BUCKET_SCALE = 0.97, 0.9, 0.3  # the bucket's saturation guard (_scale_bucket)
+UNSATURATED, MIN_BUCKET_SCALE = 0.9, 0.5  # the bucket's saturation guard (_scale_bucket), with SATURATED
 TRACE_EVERY_S = 1.0
 TRACE_LEN = 600  # ten minutes at one record a second
 
@@ -485,7 +493,7 @@ class AutopilotRuntime:
         costs = self._costs(st) if st is not None else None
         demand = self.demand_sps if costs is not None and self.demand_sps is not None else None
         return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count, demand, costs, self.cores,
-                      self.fixed_cores or 0.0)
+                      self.fixed_cores or 0.0, self.cpu_util)
 
     def _count_sheds(self, now: float) -> None:
         """The shed rate over the last ``window_s``: requests refused / requests asked about."""
