@@ -201,3 +201,19 @@ def test_no_target_no_bucket():
     for _ in range(1000):
         a.check(0, 0.0, 1, now=1.0)
     assert a.shed == 0
+
+
+def test_a_saturated_cpu_is_pressure_when_planned():
+    clock = FakeClock()
+    ctl = Controller(0.05, FLOOR, CEILING, CEILING, clock, Tuning())
+    demand = 0.5 / unit_cost(COSTS, CEILING)  # the model says the ceiling fills half the core
+    fs = []
+    for _ in range(8):  # but the CPU is pegged (the model was optimistic) while the p99 looks fine
+        clock.t += TICK
+        ctl.step(Signal(0.01, 0.0, 0, 200, demand, COSTS, 1.0, 0.0, cpu_util=0.99))
+        fs.append(ctl.f)
+    assert ctl.util_cap < Tuning().util_start and fs[-1] < CEILING
+    clock.t += 5.0
+    before = ctl.util_cap
+    ctl.step(Signal(0.01, 0.0, 0, 200, demand, COSTS, 1.0, 0.0, cpu_util=0.5))  # not saturated: no cut
+    assert ctl.util_cap >= before
