@@ -206,7 +206,7 @@ def test_no_target_no_bucket():
 def test_a_saturated_cpu_is_pressure_when_planned():
     clock = FakeClock()
     ctl = Controller(0.05, FLOOR, CEILING, CEILING, clock, Tuning())
-    demand = 0.5 / unit_cost(COSTS, CEILING)  # the model says the ceiling fills half the core
+    demand = 0.7 / unit_cost(COSTS, CEILING)  # the model says the ceiling fills 0.7 of the core
     fs = []
     for _ in range(8):  # but the CPU is pegged (the model was optimistic) while the p99 looks fine
         clock.t += TICK
