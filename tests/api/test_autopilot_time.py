@@ -231,3 +231,36 @@ def test_real_server_sheds_a_burst_and_returns_to_full_accuracy(tiny_store_root:
             assert ap["enabled"] and ap["shed_total"] == codes.count(503)
     finally:
         stop(srv)
+
+
+async def test_engaging_asks_for_the_sessions_of_every_point_it_may_serve(tiny_store: Path, monkeypatch):
+    attach_graded_profiles(tiny_store / MODEL)
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        asked: list[list[str]] = []
+        monkeypatch.setattr(s.state.engine, "prebuild", lambda names: asked.append(list(names)) or 0)
+        r = await s.client.post("/profiles", json={"latency_slo_ms": 40, "min_accuracy": 0.5}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        plan = s.state.autopilot.state.plan
+        assert len(asked) == 1
+        fs = {p.name: p.flops_fraction for p in plan.candidates}
+        assert set(asked[0]) <= set(fs) and asked[0]  # hull vertices only
+        inside = {n for n, f in fs.items() if plan.floor - 1e-12 <= f <= plan.ceiling + 1e-12}
+        assert inside <= set(asked[0])  # every vertex between floor and ceiling (and the two around them)
+
+
+async def test_the_bucket_is_trimmed_while_the_cpu_is_saturated_and_refusing(tiny_store: Path):
+    attach_graded_profiles(tiny_store / MODEL)
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        assert (await s.client.post("/profiles", json={"latency_slo_ms": 40}, headers=AUTH)).status_code == 200
+        rt = s.state.autopilot
+        rt.cpu_util, rt.shed_rate = 0.99 * rt.cores, 0.3
+        for _ in range(20):
+            rt._scale_bucket()
+        assert rt.bucket_scale == pytest.approx(0.5)  # 10 % a tick, down to half the model's rate
+        rt.shed_rate = 0.0
+        rt._scale_bucket()
+        assert rt.bucket_scale == pytest.approx(0.5)  # saturated but refusing nothing: no change
+        rt.cpu_util = 0.5 * rt.cores
+        for _ in range(30):
+            rt._scale_bucket()
+        assert rt.bucket_scale == 1.0  # unsaturated: back to the model's rate
