@@ -155,7 +155,9 @@ def poll_point(body: Any) -> dict[str, Any]:
     return {"ok": True, "enabled": auto.get("enabled"), "target_ms": _num(target), "p99_ms": _num(auto.get("p99_ms")),
             "shed_rate": _num(auto.get("shed_rate")), "operating": op.get("name"),
             "estimated_accuracy": _num(op.get("accuracy")), "flops_fraction": _num(op.get("flops_fraction")),
-            "reason": None if reason is None else str(reason)[:160]}
+            "reason": None if reason is None else str(reason)[:160],
+            "shed_by_queue": auto.get("shed_by_queue"), "shed_by_rate": auto.get("shed_by_rate"),
+            "admit_rate_sps": _num(auto.get("admit_rate_sps")), "cpu_util": _num(auto.get("cpu_util"))}
 
 
 def poll_series(polls: list[Poll]) -> list[dict[str, Any]]:

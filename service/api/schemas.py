@@ -188,6 +188,9 @@ class AutopilotInfo(BaseModel):
     shed_rate: float = Field(0.0, description="share of inference requests refused by admission control (503 "
                                               "shed) over the last few seconds")
     shed_total: int = Field(0, description="requests shed since this process started")
+    shed_by_queue: int = Field(0, description="of them, refused because their expected answer time passed 0.8 of "
+                                              "the target")
+    shed_by_rate: int = Field(0, description="of them, refused by the token bucket (the admitted rate)")
     per_sample_ms: float | None = Field(None, description="measured ms per sample of the point held now at the "
                                                           "batch size in use")
     capacity_rps: float | None = Field(None, description="samples per second this process sustains at the point "

@@ -34,8 +34,9 @@ otherwise (``Retry-After``: the seconds until the backlog would have drained to 
 loop is itself the bottleneck, and what waits in the sockets is invisible to the batcher. So while engaged the
 admitted samples also pass a token bucket (:class:`TokenBucket`) filled at ``rate_sps``, the runtime's measured
 capacity of the serving point times a utilisation below 1 (the whole process's CPU per sample, HTTP included),
-holding at most the samples that could be answered within ``headroom * target``: under a load past capacity
-the excess is refused at the rate it exceeds it, before the loop falls behind.
+holding :data:`BURST_S` seconds of that rate (at least one batch): under a load past capacity the excess is
+refused at the rate it exceeds it, before the loop falls behind, while the queue check keeps the latency of a
+burst. Refusals are counted by rule (``shed_by_queue``, ``shed_by_rate``).
 
 So the queue bound follows from the target and the measured throughput,
 ``queued <= (headroom * target - overhead - max_delay) / s - 1`` (an idle network), and no admitted request is held
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 
 from service.serving.batcher import BatcherError
 
+BURST_S = 0.25  # the token bucket holds this many seconds of its rate
 HTTP_OVERHEAD_MS = 2.0  # a request's time outside the network (parse, decode, encode), fixed, at batch 1
 
 
@@ -114,6 +116,8 @@ class Admission:
         self.checked_samples = 0  # their samples
         self.shed = 0  # requests refused, cumulative
         self.shed_samples = 0
+        self.shed_by_queue = 0  # refused by the expected answer time
+        self.shed_by_rate = 0  # refused by the token bucket
         self.rate_sps: float | None = None  # the token bucket's rate (None: no rate limit)
         self.bucket: TokenBucket | None = None
 
@@ -135,12 +139,12 @@ class Admission:
             self.set_rate(None, 0.0)
 
     def set_rate(self, rate_sps: float | None, now: float) -> None:
-        """The token bucket's rate in samples per second (None or not positive: no rate limit); it holds the
-        samples answerable within the bound at that rate (at least one batch)."""
+        """The token bucket's rate in samples per second (None or not positive: no rate limit); it holds
+        :data:`BURST_S` seconds of that rate (at least one batch)."""
         if rate_sps is None or not rate_sps > 0 or self.target_s is None:
             self.rate_sps, self.bucket = None, None
             return
-        burst = max(float(self.max_batch), rate_sps * max(0.0, self.t.headroom * self.target_s - self.max_delay_s))
+        burst = max(float(self.max_batch), rate_sps * BURST_S)
         self.rate_sps = rate_sps
         if self.bucket is None:
             self.bucket = TokenBucket(rate_sps, burst, now)
@@ -184,11 +188,13 @@ class Admission:
             if bucket is None or now is None or bucket.take(n, now):
                 return
             self._count_shed(n)
+            self.shed_by_rate += 1
             retry = max(1, math.ceil(bucket.wait_s(n)))
             raise Shed(f"shed: {self.rate_sps:.0f} samples/s is what this process answers within the "
                        f"{1000 * (self.target_s or 0):g} ms latency target now, and more are arriving; retry after "
                        f"{retry} s", retry_after=retry)
         self._count_shed(n)
+        self.shed_by_queue += 1
         retry = max(1, math.ceil(expected - bound))
         raise Shed(f"shed: expected answer in {1000 * expected:.0f} ms, over {1000 * bound:.0f} ms "
                    f"({self.t.headroom:g} of the {1000 * (self.target_s or 0):g} ms latency target) with "

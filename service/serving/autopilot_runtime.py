@@ -567,7 +567,9 @@ class AutopilotRuntime:
         out: dict[str, Any] = {"enabled": st is not None,
                                "p99_ms": None if s.p99_s is None else 1000 * s.p99_s,
                                "queue_delay_ms": 1000 * s.queue_delay_s, "window_samples": s.samples,
-                               "shed_rate": self.shed_rate, "shed_total": self.admission.shed}
+                               "shed_rate": self.shed_rate, "shed_total": self.admission.shed,
+                               "shed_by_queue": self.admission.shed_by_queue,
+                               "shed_by_rate": self.admission.shed_by_rate}
         if st is None:
             return out
         c = st.controller

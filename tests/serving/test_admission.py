@@ -70,6 +70,7 @@ def test_retry_after_grows_with_the_backlog():
     with pytest.raises(Shed) as info:
         a.check(queued=500, running_left_s=0.0, n=1)  # 5.01 s expected, 80 ms allowed
     assert info.value.retry_after == math.ceil(5.01 - 0.08)
+    assert a.shed_by_queue == 1 and a.shed_by_rate == 0  # counted by rule
 
 
 def test_cost_estimator_scales_the_measured_time_between_points():

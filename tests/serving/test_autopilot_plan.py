@@ -168,8 +168,9 @@ def test_a_burst_past_the_bucket_is_shed_even_while_the_queue_looks_empty():
         except Shed as exc:
             shed += 1
             assert exc.retry_after >= 1 and "samples/s" in str(exc)
-    burst = max(32, 500.0 * (0.8 * 0.05 - 0.002))  # what is answerable in the bound, at least one batch
+    burst = max(32, 500.0 * 0.25)  # a quarter of a second of the rate, at least one batch
     assert 160 - shed == pytest.approx(burst, abs=1) and a.shed == shed and a.shed_samples == shed
+    assert a.shed_by_rate == shed and a.shed_by_queue == 0  # counted by rule
 
 
 def test_a_steady_load_under_the_rate_is_never_shed():
@@ -191,7 +192,7 @@ def test_a_steady_load_over_the_rate_is_cut_to_the_rate():
             admitted += 1
         except Shed:
             pass
-    assert admitted / t == pytest.approx(500.0, rel=0.02)
+    assert (admitted - 125) / t == pytest.approx(500.0, rel=0.02)  # the rate, after the first burst of 125
 
 
 def test_no_target_no_bucket():
@@ -217,3 +218,14 @@ def test_a_saturated_cpu_is_pressure_when_planned():
     before = ctl.util_cap
     ctl.step(Signal(0.01, 0.0, 0, 200, demand, COSTS, 1.0, 0.0, cpu_util=0.5))  # not saturated: no cut
     assert ctl.util_cap >= before
+
+
+def test_poisson_arrivals_at_85_percent_of_the_rate_are_not_refused():
+    import numpy as np
+
+    a = admission(500.0)
+    t = 0.0
+    for gap in np.random.default_rng(0).exponential(1 / 425.0, size=20000):  # 47 s of Poisson arrivals
+        t += gap
+        a.check(0, 0.0, 1, now=t)
+    assert a.shed == 0
