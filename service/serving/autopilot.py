@@ -35,6 +35,9 @@ pressure over ``plan_high`` multiplies ``util_cap`` by ``clip(plan_high / x, cap
 ``[util_min, util_max]``. When even the floor's predicted utilisation is over the cap the server is overloaded
 and admission control sheds the excess (:mod:`service.serving.admission`); the runtime admits at most what the
 cap (plus a margin) allows, so there the cap's feedback trims the admitted rate until the answered p99 fits.
+Once the cap is at ``util_min`` and the p99 is still over ``plan_high``, the latency is not the load's (a
+target near what one request takes): the budget itself is bounded, ``f_latency <- f * clip(plan_high / x,
+max_cut, min_cut)``, and the bound is lifted by a quarter of ``[floor, ceiling]`` a second under ``plan_low``.
 In this mode the p99 and a saturated CPU (:data:`SATURATED`) are pressure (refusals are admission's, at the
 cap); the queue delay
 counts only past the whole target (a backlog that cannot meet it), so that one burst seen in a 0.25 s sample
@@ -257,6 +260,8 @@ class Controller:
         self.predicted_util: float | None = None  # of the budget chosen, by the load model
         self.feedback_since = -math.inf  # latencies of requests started before this are not pressure
         self._cap_moved_t = -math.inf
+        self.f_latency = f_ceiling  # planned: the budget's bound for latency the load does not explain
+        self._lat_moved_t = -math.inf
 
     def _clip(self, f: float) -> float:
         return min(self.ceiling, max(self.floor, f))
@@ -302,7 +307,7 @@ class Controller:
         floor_util = (fixed + demand * unit_cost(s.costs, self.floor)) / cores
         overloaded = floor_util > self.util_cap
         why_cap = ""
-        if x > t.plan_high and now - self._cap_moved_t >= t.down_dwell_s:
+        if x > t.plan_high and self.util_cap > t.util_min and now - self._cap_moved_t >= t.down_dwell_s:
             old = self.util_cap
             self.util_cap = max(t.util_min, self.util_cap * min(0.95, max(t.cap_cut, t.plan_high / x)))
             self._cap_moved_t = self.feedback_since = now
@@ -312,7 +317,17 @@ class Controller:
             self.util_cap = min(t.util_max, self.util_cap + t.cap_up)
             self._cap_moved_t = now
             why_cap = f"pressure {x:.2f} < {t.plan_low}: utilisation cap {old:.2f} -> {self.util_cap:.2f}; "
-        f = affordable(s.costs, demand, cores, self.util_cap, self.floor, self.ceiling, fixed)
+        if x > t.plan_high and self.util_cap <= t.util_min and now - self._lat_moved_t >= t.down_dwell_s:
+            # the cap is spent and the p99 is still over: latency the load does not explain (a target near
+            # what one request takes); only a cheaper point helps
+            cut = min(t.min_cut, max(t.max_cut, t.plan_high / x))
+            self.f_latency = max(self.floor, min(self.f_latency, self.f) * cut)
+            self._lat_moved_t = self.feedback_since = now
+            why_cap = f"pressure {x:.2f} with the cap at its minimum: latency bound f <= {self.f_latency:.3f}; "
+        elif x < t.plan_low and self.f_latency < self.ceiling and now - self._lat_moved_t >= t.cap_up_dwell_s:
+            self.f_latency = min(self.ceiling, self.f_latency + 0.25 * (self.ceiling - self.floor))
+            self._lat_moved_t = now
+        f = min(self.f_latency, affordable(s.costs, demand, cores, self.util_cap, self.floor, self.ceiling, fixed))
         self.predicted_util = (fixed + demand * unit_cost(s.costs, f)) / cores
         load = (f"({fixed:.2f} + {demand:.0f} samples/s x {1000 * unit_cost(s.costs, f):.2f} ms) / {cores:g} "
                 f"core(s) = utilisation {self.predicted_util:.2f}")

@@ -113,7 +113,8 @@ async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_sto
         assert budgets[-1] < budgets[0] and ctl.moves >= 1 and ctl.planned
         assert rt.fixed_cores == pytest.approx(fixed, abs=0.01)  # the model measured the fixed CPU
         assert ctl.util_cap < 0.75  # 100 ms against 40: the cap was cut below where it started
-        assert ctl.predicted_util == pytest.approx(ctl.util_cap, rel=0.02) or ctl.f == ctl.floor
+        assert ctl.predicted_util <= ctl.util_cap * 1.02  # the point fits the cap,
+        assert ctl.f <= ctl.f_latency + 1e-12  # and the latency bound (the cap spent, the p99 still over)
         op = engine.snapshot.operating
         f = ctl.f
         assert op == select_by_time(bundle.profiles, time_fractions(bundle), f)  # the point is the time budget's

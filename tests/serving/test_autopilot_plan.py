@@ -229,3 +229,13 @@ def test_poisson_arrivals_at_85_percent_of_the_rate_are_not_refused():
         t += gap
         a.check(0, 0.0, 1, now=t)
     assert a.shed == 0
+
+
+def test_latency_the_load_does_not_explain_bounds_the_budget_and_the_bound_lifts():
+    clock = FakeClock()
+    ctl = Controller(0.001, FLOOR, CEILING, CEILING, clock, Tuning())  # 1 ms: no point meets it
+    fs = run(ctl, clock, 10.0, 10, p99=0.004)  # a light load, answers at 4 ms
+    assert ctl.util_cap == Tuning().util_min and fs[-1] == FLOOR  # the cap is spent, then the budget is cut
+    assert "latency bound" in ctl.reason or ctl.f == FLOOR
+    fs = run(ctl, clock, 10.0, 6, p99=0.0005)  # the answers meet it again
+    assert fs[-1] == CEILING  # a quarter of the range a second: back within 4 s
