@@ -187,23 +187,25 @@ class Admission:
             bucket = self.bucket  # (but requests admitted and not yet queued look idle: the bucket counts them)
             if bucket is None or now is None or bucket.take(n, now):
                 return
-            self._count_shed(n)
-            self.shed_by_rate += 1
+            self._count_shed(n, by_rate=True)
             retry = max(1, math.ceil(bucket.wait_s(n)))
             raise Shed(f"shed: {self.rate_sps:.0f} samples/s is what this process answers within the "
                        f"{1000 * (self.target_s or 0):g} ms latency target now, and more are arriving; retry after "
                        f"{retry} s", retry_after=retry)
-        self._count_shed(n)
-        self.shed_by_queue += 1
+        self._count_shed(n, by_rate=False)
         retry = max(1, math.ceil(expected - bound))
         raise Shed(f"shed: expected answer in {1000 * expected:.0f} ms, over {1000 * bound:.0f} ms "
                    f"({self.t.headroom:g} of the {1000 * (self.target_s or 0):g} ms latency target) with "
                    f"{queued} samples queued; retry after {retry} s", retry_after=retry)
 
 
-    def _count_shed(self, n: int) -> None:
+    def _count_shed(self, n: int, by_rate: bool) -> None:
         self.shed += 1
         self.shed_samples += n
+        if by_rate:
+            self.shed_by_rate += 1
+        else:
+            self.shed_by_queue += 1
 
 
 class CostEstimator:
@@ -243,6 +245,5 @@ class CostEstimator:
         return self.k * cost
 
     def per_sample_s(self, cost: float | None) -> float | None:
-        if self.k is None or not cost or cost <= 0:
-            return None
-        return self.k * cost + (self.c if self.additive else 0.0)
+        s = self.network_s(cost)
+        return None if s is None else s + (self.c if self.additive else 0.0)

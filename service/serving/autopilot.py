@@ -211,12 +211,13 @@ def affordable(costs: tuple[tuple[float, float], ...], demand_sps: float, cores:
     dearest one before it), so the answer is a single crossing, solved exactly on its segment."""
     spare = util_cap * cores - fixed_cores
     budget = spare / demand_sps if demand_sps > 0 else math.inf  # CPU seconds per sample we can spend
-    pts: list[tuple[float, float]] = []
+    rising: list[tuple[float, float]] = []
     for f, u in costs:
-        pts.append((f, max(u, pts[-1][1]) if pts else u))
-    if unit_cost(tuple(pts), f_ceiling) <= budget:
+        rising.append((f, max(u, rising[-1][1]) if rising else u))
+    pts = tuple(rising)
+    if unit_cost(pts, f_ceiling) <= budget:
         return f_ceiling
-    if unit_cost(tuple(pts), f_floor) > budget:
+    if unit_cost(pts, f_floor) > budget:
         return f_floor
     best = f_floor
     for (f0, u0), (f1, u1) in itertools.pairwise(pts):

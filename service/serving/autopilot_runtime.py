@@ -426,7 +426,10 @@ class AutopilotRuntime:
         """Marginal CPU seconds per sample at ``op`` (default: the serving point): the point's network time
         plus the marginal HTTP work (module docstring); None before any estimate of the network time."""
         snap = self.engine.snapshot
-        s = self._estimator_for(snap.bundle).network_s(self._cost(snap.bundle, op or snap.operating))
+        return self._unit_cost(snap.bundle, self._estimator_for(snap.bundle), op or snap.operating)
+
+    def _unit_cost(self, bundle: Bundle, est: CostEstimator, op: Operating) -> float | None:
+        s = est.network_s(self._cost(bundle, op))
         return None if s is None else s + self.overhead_s
 
     def _measure_load(self, before: Operating, now: float) -> None:
@@ -452,10 +455,13 @@ class AutopilotRuntime:
         self.fixed_cores = fixed if prev is None else (1 - FIXED_ALPHA) * prev + FIXED_ALPHA * fixed
 
     def _costs(self, st: _Engaged) -> tuple[tuple[float, float], ...] | None:
-        """``((f, u), ...)``: the CPU seconds per sample of each hull vertex, by its axis value."""
+        """``((f, u), ...)``: the CPU seconds per sample of each hull vertex, by its axis value (the bundle
+        and its estimator looked up once: this runs every tick, on the event loop)."""
+        bundle = self.engine.snapshot.bundle
+        est = self._estimator_for(bundle)
         out = []
         for p in st.plan.candidates:
-            u = self.unit_cost_s(Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy))
+            u = self._unit_cost(bundle, est, Operating(p.name, flops_fraction=p.flops_fraction, accuracy=p.accuracy))
             if u is None:
                 return None
             out.append((p.flops_fraction, u))
@@ -578,6 +584,7 @@ class AutopilotRuntime:
         per = self.per_sample_s()
         floor_per = self.per_sample_s(st.plan.floor_point)
         ceiling_point = self._ceiling_point(snap, st)
+        unit = self.unit_cost_s()
         out.update({"target_ms": st.config.target_ms, "latency_slo_ms": st.config.target_ms,
                     "min_accuracy": st.config.min_accuracy, "mode": st.config.mode, "axis": st.axis,
                     "floor": c.floor, "ceiling": c.ceiling, "budget": c.f,
@@ -599,7 +606,7 @@ class AutopilotRuntime:
                     "demand_sps": self.demand_sps, "cores": self.cores,
                     "overhead_ms": 1000 * self.overhead_s, "fixed_cores": self.fixed_cores,
                     "cpu_util": self.cpu_util, "bucket_scale": self.bucket_scale,
-                    "unit_cost_ms": None if self.unit_cost_s() is None else 1000 * (self.unit_cost_s() or 0.0),
+                    "unit_cost_ms": None if unit is None else 1000 * unit,
                     "admit_rate_sps": self.admission.rate_sps})
         return out
 
