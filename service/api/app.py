@@ -30,6 +30,7 @@ from service.serving.batcher import Batcher
 from service.serving.cpu_budget import intra_op_threads, read_cpu_budget
 from service.serving.engine import Engine, EngineLoadError
 from service.serving.follower import start_follower
+from service.serving.gc_pauses import GcPauses, freeze_startup_heap
 from service.serving.metrics import Metrics
 from service.serving.runners import RunnerOptions
 
@@ -55,6 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.classmeans
     s = state.settings
     restore_signals = drain_on_signal(state)  # readiness flips to 503 on SIGTERM in every worker process
+    gc_pauses = GcPauses(state.metrics.observe_gc_pause).install()
     state.token = await anyio.to_thread.run_sync(resolve_admin_token, s)
     if (s.model_dir / "model.json").is_file():  # jobs whose process died are reported failed
         await anyio.to_thread.run_sync(state.jobs.recover, abandoned_cleanup(s.model_dir))
@@ -79,6 +81,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.autopilot = AutopilotRuntime(engine, batcher, state.latency, m,  # off unless active.json says on
                                            cores=max(1.0, cores))
         state.autopilot.start()
+        if s.gc_freeze:  # full collections leave the start-up heap alone (gc_pauses.py)
+            frozen = freeze_startup_heap()
+            log.info("gc: %d start-up objects frozen (%d collected) in %.0f ms", frozen.frozen, frozen.collected,
+                     1000 * frozen.seconds)
         state.mark_ready()
         snap = engine.snapshot
         log.info("ready: model %s, bundle %s, profile %s (version %d)", engine.spec.name, snap.bundle_id,
@@ -94,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.batcher is not None:
             await state.batcher.stop(timeout=s.graceful_timeout_s)
         restore_signals()
+        gc_pauses.uninstall()
         active = state.jobs.active
         if active is not None:
             log.warning("job %s is still running at shutdown; it is abandoned (the store stays consistent)",

@@ -191,6 +191,9 @@ class AutopilotInfo(BaseModel):
     shed_by_queue: int = Field(0, description="of them, refused because their expected answer time passed 0.8 of "
                                               "the target")
     shed_by_rate: int = Field(0, description="of them, refused by the token bucket (the admitted rate)")
+    relief_moves: int = Field(0, description="requests that would have been refused and moved the point to a "
+                                             "cheaper one at once (between ticks) instead")
+    relieved_admitted: int = Field(0, description="of them, admitted at the cheaper point")
     per_sample_ms: float | None = Field(None, description="measured ms per sample of the point held now at the "
                                                           "batch size in use")
     capacity_rps: float | None = Field(None, description="samples per second this process sustains at the point "
@@ -214,6 +217,8 @@ class AutopilotInfo(BaseModel):
                                                          "network")
     cpu_util: float | None = Field(None, description="the serving work's measured CPU (cores; background builds "
                                                      "left out)")
+    loop_lag_ms: float | None = Field(None, description="how late the event loop fired the autopilot's last tick "
+                                                        "(a busy loop reads requests late: they wait in the sockets)")
     bucket_scale: float | None = Field(None, description="share of the model's admitted rate (cut while the CPU "
                                                          "is saturated and requests are refused)")
     admit_rate_sps: float | None = Field(None, description="admission's token-bucket rate (samples/s): scale x "

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
     keep_alive_s: int = Field(65, ge=1, description="idle keep-alive timeout; above a proxy's (often 60 s)")
     warmup: bool = Field(True, description="run the network once per exit mode before reporting ready")
+    gc_freeze: bool = Field(True, description="freeze the start-up heap out of the garbage collector's full "
+                            "collections once ready (100-160 ms pauses otherwise; service/serving/gc_pauses.py). "
+                            "Off only where many apps share one process (tests)")
     log_level: str = Field("info", description="log level of `classmeans serve`")
     workers: int = Field(0, ge=0, le=256, description="worker processes of `classmeans serve`, each a replica "
                          "of the store (0: one per CPU core this process may use)")

@@ -38,6 +38,13 @@ holding :data:`BURST_S` seconds of that rate (at least one batch): under a load 
 refused at the rate it exceeds it, before the loop falls behind, while the queue check keeps the latency of a
 burst. Refusals are counted by rule (``shed_by_queue``, ``shed_by_rate``).
 
+**Relief before refusal.** A request that would be refused is first offered to the caller's ``relieve``
+(the autopilot's runtime: move to a cheaper point at once, when one is allowed, instead of at its next
+tick); if that makes the service cheaper, the request is judged again at the new point's price. The
+samples queued before it will run at that point too, so the expected answer time shrinks with it. A step
+of load, or a burst, then costs accuracy for a moment instead of refusals: refusing is for a load that
+even the floor cannot answer in time.
+
 So the queue bound follows from the target and the measured throughput,
 ``queued <= (headroom * target - overhead - max_delay) / s - 1`` (an idle network), and no admitted request is held
 past the target only to fail. With no target (autopilot off), or no estimate yet, everything is admitted (the
@@ -47,6 +54,7 @@ batcher's fixed queue bound still applies).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.serving.batcher import BatcherError
@@ -61,9 +69,10 @@ class Shed(BatcherError):
     code = "shed"
     default_message = "shed: the server cannot answer this request within its latency target now; retry shortly"
 
-    def __init__(self, message: str | None = None, retry_after: int = 1) -> None:
+    def __init__(self, message: str | None = None, retry_after: int = 1, by_rate: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.by_rate = by_rate  # refused by the token bucket (else by the expected answer time)
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,13 @@ class TokenBucket:
         self.tokens, self.t = self.burst, now
 
     def reset(self, rate: float, burst: float) -> None:
+        """A new rate and burst. The tokens in hand scale with the rate: a token is a sample's share of the
+        CPU at the old rate's price, so a point twice as cheap turns what was saved into twice the samples
+        (and a dearer one into fewer) at once, not only as new tokens arrive."""
+        old = self.rate
         self.rate, self.burst = rate, max(1.0, burst)
-        self.tokens = min(self.tokens, self.burst)
+        scaled = self.tokens * (rate / old) if old > 0 else self.tokens
+        self.tokens = min(scaled, self.burst)
 
     def take(self, n: int, now: float) -> bool:
         """Take ``n`` tokens when there are that many (True), else leave them (False)."""
@@ -118,6 +132,8 @@ class Admission:
         self.shed_samples = 0
         self.shed_by_queue = 0  # refused by the expected answer time
         self.shed_by_rate = 0  # refused by the token bucket
+        self.relieved = 0  # would-be refusals the caller's ``relieve`` made cheaper (check's docstring)
+        self.relieved_admitted = 0  # ... and that were then admitted
         self.rate_sps: float | None = None  # the token bucket's rate (None: no rate limit)
         self.bucket: TokenBucket | None = None
 
@@ -171,14 +187,32 @@ class Admission:
         room = self.t.headroom * self.target_s - self.t.http_overhead_s - self.max_delay_s
         return max(0, math.floor(room / self.per_sample_s) - 1)
 
-    def check(self, queued: int, running_left_s: float, n: int, now: float | None = None) -> None:
+    def check(self, queued: int, running_left_s: float, n: int, now: float | None = None,
+              relieve: Callable[[], bool] | None = None) -> None:
         """Admit (return) or raise :class:`Shed` with a ``Retry-After`` of the seconds until the backlog
         would fit the bound again (at least 1). Counts both. ``now`` (the caller's clock): also pass the
-        token bucket, when a rate is set."""
+        token bucket, when a rate is set. ``relieve``: called once when the request would be refused; when it
+        returns True the service got cheaper (the caller moved to a cheaper point and reconfigured this
+        object), and the request is judged again, once."""
         self.checked += 1
         self.checked_samples += n
         if not self.active:
             return
+        shed = self._verdict(queued, running_left_s, n, now)
+        if shed is not None and relieve is not None and relieve():
+            self.relieved += 1
+            shed = self._verdict(queued, running_left_s, n, now)
+            if shed is None:
+                self.relieved_admitted += 1
+        if shed is None:
+            return
+        self._count_shed(n, by_rate=shed.by_rate)
+        raise shed
+
+    def _verdict(self, queued: int, running_left_s: float, n: int, now: float | None) -> Shed | None:
+        """None: admitted (the bucket's tokens taken); else the refusal (nothing counted)."""
+        if not self.active:
+            return None
         bound = self.bound_s()
         assert bound is not None
         expected = self.expected_s(queued, running_left_s, n)
@@ -186,18 +220,15 @@ class Admission:
         if expected <= bound or idle:  # in time, or an idle server: refusing its one request would help nobody
             bucket = self.bucket  # (but requests admitted and not yet queued look idle: the bucket counts them)
             if bucket is None or now is None or bucket.take(n, now):
-                return
-            self._count_shed(n, by_rate=True)
+                return None
             retry = max(1, math.ceil(bucket.wait_s(n)))
-            raise Shed(f"shed: {self.rate_sps:.0f} samples/s is what this process answers within the "
-                       f"{1000 * (self.target_s or 0):g} ms latency target now, and more are arriving; retry after "
-                       f"{retry} s", retry_after=retry)
-        self._count_shed(n, by_rate=False)
+            return Shed(f"shed: {self.rate_sps:.0f} samples/s is what this process answers within the "
+                        f"{1000 * (self.target_s or 0):g} ms latency target now, and more are arriving; retry after "
+                        f"{retry} s", retry_after=retry, by_rate=True)
         retry = max(1, math.ceil(expected - bound))
-        raise Shed(f"shed: expected answer in {1000 * expected:.0f} ms, over {1000 * bound:.0f} ms "
-                   f"({self.t.headroom:g} of the {1000 * (self.target_s or 0):g} ms latency target) with "
-                   f"{queued} samples queued; retry after {retry} s", retry_after=retry)
-
+        return Shed(f"shed: expected answer in {1000 * expected:.0f} ms, over {1000 * bound:.0f} ms "
+                    f"({self.t.headroom:g} of the {1000 * (self.target_s or 0):g} ms latency target) with "
+                    f"{queued} samples queued; retry after {retry} s", retry_after=retry)
 
     def _count_shed(self, n: int, by_rate: bool) -> None:
         self.shed += 1

@@ -43,6 +43,11 @@ cap); the queue delay
 counts only past the whole target (a backlog that cannot meet it), so that one burst seen in a 0.25 s sample
 does not cut the cap.
 
+**Relief** (:meth:`Controller.relieve`, planned mode): between ticks, when admission is about to refuse a
+request, the runtime asks for a cheaper budget at once: ``floor + relief_cut * (f - floor)``. A step of load
+is met within the request that finds it, not a tick later, and a Poisson burst at a load the current point
+carries costs a moment of accuracy instead of refusals.
+
 **Moves without a load model** (an untimed bundle before its first measurement; AIMD with a dead band):
 
 * ``x > high``: multiplicative decrease, ``f <- max(f_floor, f * clip((high / x) ** gain, max_cut, min_cut))``
@@ -158,6 +163,7 @@ class Tuning:
     plan_high: float = 0.9  # planned moves: the band of p99 / target in which the cap holds
     plan_low: float = 0.7
     min_move: float = 0.005  # planned moves smaller than this share of [floor, ceiling] are not made
+    relief_cut: float = 0.75  # a relief move keeps at most this share of the way from the floor to f
 
     def __post_init__(self) -> None:
         if not 0 < self.low < self.high:
@@ -166,6 +172,8 @@ class Tuning:
             raise ValueError("need 0 < max_cut <= min_cut < 1")
         if not 0 < self.up_step <= 1 or self.queue_share <= 0:
             raise ValueError("up_step must be in (0, 1], queue_share positive")
+        if not 0 < self.relief_cut < 1:
+            raise ValueError("need 0 < relief_cut < 1")
         if not 0 < self.util_min <= self.util_start <= self.util_max or not 0 < self.cap_cut < 1:
             raise ValueError("need 0 < util_min <= util_start <= util_max and 0 < cap_cut < 1")
 
@@ -262,6 +270,7 @@ class Controller:
         self.feedback_since = -math.inf  # latencies of requests started before this are not pressure
         self._cap_moved_t = -math.inf
         self.f_latency = f_ceiling  # planned: the budget's bound for latency the load does not explain
+        self.relief_moves = 0  # moves down between ticks, instead of a refusal (relieve)
         self._lat_moved_t = -math.inf
 
     def _clip(self, f: float) -> float:
@@ -343,6 +352,27 @@ class Controller:
         self.f = f
         self._moved(now, direction)
         return Decision(f, direction, x, f"{why_cap}f {old_f:.3f} -> {f:.3f}: {load}")
+
+    def relieve(self, demand_sps: float | None = None) -> Decision:
+        """Between ticks, when a request would be refused (admission's ``relieve``): a cheaper budget now,
+        ``floor + relief_cut * (f - floor)``. A small step (a quarter of the way to the floor): a Poisson burst
+        at a load the point carries costs a moment of a slightly cheaper point, and a real step of load is
+        met by a few reliefs ``RELIEF_GAP_S`` apart and then by the next planned tick, which the runtime feeds
+        the new arrival rate (sizing the relief from a rate measured over a few tens of milliseconds instead
+        sent the budget to the floor on every burst: measured). Never up; direction 0 at the floor.
+        ``demand_sps``: the arrival rate that prompted it, for the reason only."""
+        t = self.t
+        if self.f <= self.floor + 1e-12:
+            return Decision(self.f, 0, self.pressure, self.reason)
+        f = max(self.floor, self.floor + t.relief_cut * (self.f - self.floor))
+        if self.f - f <= t.min_move * max(self.ceiling - self.floor, 1e-12):
+            f = self.floor
+        old, self.f = self.f, f
+        self.relief_moves += 1
+        self._moved(self.clock(), -1)
+        rate = "" if demand_sps is None else f" ({demand_sps:.0f} samples/s arriving)"
+        self.reason = f"relief: a request would have been refused at f={old:.3f}; f -> {f:.3f} at once{rate}"
+        return Decision(f, -1, self.pressure, self.reason)
 
     def _hold_at(self, x: float, why: str) -> Decision:
         return Decision(self.f, 0, x, why)

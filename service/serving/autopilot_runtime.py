@@ -18,6 +18,10 @@ at the batch size in use), so ``capacity = 1 / s`` samples per second in this pr
 answered within the target is refused at once (503 ``shed`` with ``Retry-After``). A target below what the
 cheapest allowed point needs at batch 1 (its measured ms plus
 :data:`~service.serving.admission.HTTP_OVERHEAD_MS`) is refused when engaging (:class:`SloUnreachable`).
+A request that would be refused first moves the point down at once (:meth:`AutopilotRuntime._relieve`,
+:meth:`~service.serving.autopilot.Controller.relieve`: a quarter of the way to the floor, once per
+:data:`RELIEF_GAP_S`; an arrival rate since the last tick :data:`STEP_RATIO` times the average is taken as a step
+of load for the next tick's plan) and is judged again at the cheaper point's price.
 
 **Load model** (planned moves, :class:`~service.serving.autopilot.Controller`). The process's CPU
 (``time.process_time``: HTTP parsing, decoding, the network, encoding, refusals; less the background session
@@ -118,6 +122,9 @@ BUCKET_MARGIN = 0.1  # ... and at most the controller's utilisation cap plus thi
 DEMAND_ALPHA = 0.3  # EWMA weight of one tick's arrival rate (about a second at 0.25 s ticks)
 FIXED_ALPHA = 0.2
 UNSATURATED, MIN_BUCKET_SCALE = 0.9, 0.5  # the bucket's saturation guard (_scale_bucket), with SATURATED
+RELIEF_GAP_S = 0.05  # at most one relief move (a cheaper point between ticks) per this many seconds
+RELIEF_MIN_SPAN_S = 0.05  # the arrival rate since the last tick is measured over at least this long
+STEP_RATIO = 1.5  # a relief that finds arrivals this far over the average takes them as a step of load
 TRACE_EVERY_S = 1.0
 TRACE_LEN = 600  # ten minutes at one record a second
 
@@ -217,6 +224,7 @@ class AutopilotRuntime:
         self._offered_rps = 0.0
         self.shed_rate = 0.0
         self.loop_lag_s = 0.0
+        self._relieved_t = -float("inf")
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -469,16 +477,45 @@ class AutopilotRuntime:
 
     def admit(self, n: int) -> None:
         """Admission control for a request of ``n`` samples (raises :class:`~service.serving.admission.Shed`,
-        counted in the metrics) while engaged; a no-op otherwise."""
+        counted in the metrics) while engaged; a no-op otherwise. A request that would be refused first
+        offers the controller a cheaper point (:meth:`_relieve`)."""
         adm = self.admission
         try:
             per = adm.per_sample_s or 0.0
-            adm.check(self.batcher.queued_samples, self.batcher.running_left_s(per), n, self.clock())
+            adm.check(self.batcher.queued_samples, self.batcher.running_left_s(per), n, self.clock(),
+                      relieve=self._relieve)
         except Shed:
             if self.metrics is not None:
                 self.metrics.reject("shed")
                 self.metrics.shed.labels(self.metrics.model).inc()
             raise
+
+    def _recent_demand_sps(self, now: float) -> float | None:
+        """Samples per second asked about since the last tick (None: too soon after it to say)."""
+        last = self._last_tick_t
+        if last is None or now - last < RELIEF_MIN_SPAN_S:
+            return None
+        return (self.admission.checked_samples - self._checked[0]) / (now - last)
+
+    def _relieve(self) -> bool:
+        """Admission's ``relieve``: move to a cheaper point now (:meth:`Controller.relieve`) and reprice
+        admission for it; True when it moved. At most once per :data:`RELIEF_GAP_S`; planned mode only (the
+        next tick's plan, from the load model, says where to go from there)."""
+        st = self.state
+        now = self.clock()
+        if st is None or now - self._relieved_t < RELIEF_GAP_S:
+            return False
+        if not st.controller.planned:
+            return False
+        self._relieved_t = now
+        recent = self._recent_demand_sps(now)
+        if recent is not None and self.demand_sps is not None and recent > STEP_RATIO * self.demand_sps:
+            self.demand_sps = recent  # a step of load: the next tick plans from it, not from the old average
+        d = st.controller.relieve(recent)
+        if not d.direction:
+            return False
+        self._publish(d.f, d.direction)
+        return True
 
     # -- the loop's work ------------------------------------------------------------------------------
 
@@ -575,7 +612,9 @@ class AutopilotRuntime:
                                "queue_delay_ms": 1000 * s.queue_delay_s, "window_samples": s.samples,
                                "shed_rate": self.shed_rate, "shed_total": self.admission.shed,
                                "shed_by_queue": self.admission.shed_by_queue,
-                               "shed_by_rate": self.admission.shed_by_rate}
+                               "shed_by_rate": self.admission.shed_by_rate,
+                               "relief_moves": self.admission.relieved,
+                               "relieved_admitted": self.admission.relieved_admitted}
         if st is None:
             return out
         c = st.controller
@@ -606,6 +645,7 @@ class AutopilotRuntime:
                     "demand_sps": self.demand_sps, "cores": self.cores,
                     "overhead_ms": 1000 * self.overhead_s, "fixed_cores": self.fixed_cores,
                     "cpu_util": self.cpu_util, "bucket_scale": self.bucket_scale,
+                    "loop_lag_ms": 1000 * self.loop_lag_s,
                     "unit_cost_ms": None if unit is None else 1000 * unit,
                     "admit_rate_sps": self.admission.rate_sps})
         return out

@@ -32,6 +32,7 @@ prometheus_client.disable_created_metrics()
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 FLOPS_BUCKETS = tuple(float(2 ** k) for k in range(16, 41))  # 65 kFLOPs .. 1.1 TFLOPs, factor 2
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 JOB_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 REJECT_REASONS = ("overloaded", "queue_timeout", "deadline", "shed")
 
@@ -81,6 +82,9 @@ class Metrics:
         self.shed = Counter("classmeans_shed_requests", "Inference requests refused on arrival by the autopilot's "
                             "admission control (503 shed with Retry-After: they could not be answered within the "
                             "latency target).", ["model"], registry=r)
+        self.gc_pause = Histogram("classmeans_gc_pause_seconds", "Wall time of each cyclic garbage collection, by "
+                                  "generation (every thread waits for it: the GIL is held).", ["model", "generation"],
+                                  buckets=GC_BUCKETS, registry=r)
         self._state_collectors(r)
         self._active_labels: tuple[str, str] | None = None
         self.up.labels(model).set(0)
@@ -89,6 +93,8 @@ class Metrics:
         self.autopilot_enabled.labels(model).set(0)
         self.autopilot_target.labels(model).set(0)
         self.shed.labels(model)
+        for gen in ("0", "1", "2"):
+            self.gc_pause.labels(model, gen)
         for direction in ("down", "up"):
             self.autopilot_moves.labels(model, direction)
         for reason in REJECT_REASONS:
@@ -185,6 +191,9 @@ class Metrics:
         self.flops_full.labels(m).inc(flops_full * len(flops))
         self.flops_saved.labels(m).inc(saved)
         self.flops_overhead.labels(m).inc(overhead)
+
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        self.gc_pause.labels(self.model, str(generation)).observe(seconds)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model, reason).inc()

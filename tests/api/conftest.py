@@ -35,9 +35,10 @@ MODEL = "tiny"
 
 
 def make_settings(store: Path, **overrides: Any) -> Settings:
-    """Settings for a test app: the tiny model, a fixed token, no warm-up (fast start), 1 torch thread."""
+    """Settings for a test app: the tiny model, a fixed token, no warm-up (fast start), 1 torch thread, no
+    freezing of the heap (every test app shares this process: frozen, their garbage would never go)."""
     values: dict[str, Any] = {"store": store, "model": MODEL, "admin_token": TOKEN, "warmup": False,
-                              "torch_threads": 1, "max_delay_ms": 1.0}
+                              "torch_threads": 1, "max_delay_ms": 1.0, "gc_freeze": False}
     values.update(overrides)
     return Settings(**values)
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service.earlyexit.time_axis import select_by_time
-from service.serving.admission import HTTP_OVERHEAD_MS
+from service.serving.admission import HTTP_OVERHEAD_MS, Shed
 from service.serving.autopilot import LatencyWindow
 from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.time_profiles import full_ms, operating_ms, operating_time_fraction, time_fractions
@@ -175,6 +175,62 @@ async def test_admission_sheds_with_503_and_retry_after_only_while_engaged(tiny_
         batcher.running_samples, batcher.running_since = 0, None
         assert r.status_code == 200, r.text
         assert rt.admission.shed == 1
+
+
+async def test_a_would_be_refusal_moves_the_point_down_at_once_instead(tiny_store: Path):
+    attach_graded_profiles(tiny_store / MODEL)
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
+        assert (await s.client.post("/profiles", json={"latency_slo_ms": 400}, headers=AUTH)).status_code == 200
+        await s.state.autopilot.stop()
+        clock, cpu = FakeClock(), [0.0]
+        batcher, engine = s.state.batcher, s.state.engine
+        rt = AutopilotRuntime(engine, batcher, LatencyWindow(clock=clock), s.state.metrics, clock=clock,
+                              wall_clock=clock, cores=1.0, cpu_clock=lambda: cpu[0])
+        s.state.autopilot = rt
+        rt.follow()
+        for _ in range(3):  # a light load: the load model plans, and affords the full network
+            rt.admission.checked_samples += 10
+            batcher.stats.samples += 10
+            cpu[0] += 0.02
+            clock.t += 0.25
+            rt.tick()
+        ctl, bundle, adm = rt.state.controller, engine.snapshot.bundle, rt.admission
+        assert ctl.planned and ctl.f == pytest.approx(1.0)
+        relieved_f = ctl.floor + 0.75 * (ctl.f - ctl.floor)
+        relieved_op = select_by_time(bundle.profiles, time_fractions(bundle), relieved_f)
+        per_full, per_relieved = rt.per_sample_s(), rt.per_sample_s(relieved_op)
+        assert per_full is not None and per_relieved is not None and per_relieved < per_full
+
+        def expected(queued: int, per: float) -> float:
+            keep, adm.per_sample_s = adm.per_sample_s, per
+            try:
+                return adm.expected_s(queued, 0.0, 1)
+            finally:
+                adm.per_sample_s = keep
+
+        bound = adm.bound_s()
+        queued = next(q for q in range(1, 1_000_000)
+                      if expected(q, per_full) > bound and expected(q, per_relieved) <= bound)
+        try:
+            batcher._queued = queued  # refused at the full network's price, in time at the relieved point's
+            rt.admit(1)  # admitted: the point moved down first
+            assert ctl.f == pytest.approx(relieved_f) and engine.snapshot.operating == relieved_op
+            assert adm.shed == 0 and adm.relieved == adm.relieved_admitted == 1
+            assert adm.per_sample_s == pytest.approx(per_relieved)  # admission repriced at the new point
+            info = (await s.client.get("/profiles")).json()["autopilot"]
+            assert info["relief_moves"] == 1 and info["relieved_admitted"] == 1
+            assert info["reason"].startswith("relief") and info["operating"] == relieved_op.name
+            batcher._queued = 100 * queued  # a backlog no point helps, within the relief gap: refused
+            with pytest.raises(Shed):
+                rt.admit(1)
+            assert ctl.f == pytest.approx(relieved_f) and adm.shed == adm.shed_by_queue == 1 and adm.relieved == 1
+        finally:
+            batcher._queued = 0
+        for _ in range(8):  # the planned ticks take the budget back up at that light load
+            clock.t += 0.25
+            rt.tick()
+        assert ctl.f == pytest.approx(1.0)
 
 
 # -- a real server ------------------------------------------------------------------------------------

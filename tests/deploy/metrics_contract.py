@@ -45,6 +45,7 @@ DOCUMENTED: dict[str, Family] = {f.name: f for f in (
     _f("classmeans_flops_saved_total", "counter", "model"),
     _f("classmeans_rejected_total", "counter", "model", "reason"),
     _f("classmeans_shed_requests_total", "counter", "model"),
+    _f("classmeans_gc_pause_seconds", "histogram", "model", "generation"),
     _f("classmeans_inflight_requests", "gauge", "model"),
     _f("classmeans_queue_depth", "gauge", "model"),
     _f("classmeans_active_info", "gauge", "model", "bundle", "profile"),

@@ -239,3 +239,75 @@ def test_latency_the_load_does_not_explain_bounds_the_budget_and_the_bound_lifts
     assert "latency bound" in ctl.reason or ctl.f == FLOOR
     fs = run(ctl, clock, 10.0, 6, p99=0.0005)  # the answers meet it again
     assert fs[-1] == CEILING  # a quarter of the range a second: back within 4 s
+
+
+# -- relief: a cheaper point instead of a refusal -------------------------------------------------------
+
+
+def test_a_relief_cuts_a_quarter_of_the_way_to_the_floor_and_never_goes_up_or_under_it():
+    clock = FakeClock()
+    ctl = Controller(0.05, FLOOR, CEILING, clock=clock)
+    d = ctl.relieve(900.0)
+    assert d.direction == -1 and d.f == pytest.approx(FLOOR + 0.75 * (CEILING - FLOOR)) == ctl.f
+    assert "relief" in ctl.reason and "900 samples/s" in ctl.reason and ctl.relief_moves == 1
+    for _ in range(200):
+        ctl.relieve()
+    assert ctl.f == FLOOR  # the last small step lands on the floor itself
+    d = ctl.relieve()
+    assert d.direction == 0 and ctl.f == FLOOR  # at the floor: nothing cheaper to offer
+    clock.t += TICK
+    ctl.step(signal(50.0, ctl.f))  # the next planned tick moves on as the load model says: back up
+    assert ctl.f == CEILING
+
+
+def test_relief_cut_must_be_a_share():
+    with pytest.raises(ValueError):
+        Tuning(relief_cut=1.0)
+
+
+class Reliever:
+    """A ``relieve`` that halves the seconds per sample of the admission it serves, ``times`` times."""
+
+    def __init__(self, adm: Admission, times: int) -> None:
+        self.adm, self.left, self.calls = adm, times, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        assert self.adm.per_sample_s is not None
+        self.adm.configure(self.adm.target_s, self.adm.per_sample_s / 2, self.adm.max_delay_s, self.adm.max_batch,
+                           arrival_rate=self.adm.arrival_rate)
+        return True
+
+
+def test_a_would_be_refusal_is_judged_again_after_a_relief_and_counted_once():
+    a = Admission(AdmissionTuning(headroom=0.8, http_overhead_s=0.001))
+    a.configure(0.05, 0.002, max_delay_s=0.002, max_batch=32, arrival_rate=0.0)
+    # 30 queued x 2 ms = 60 ms + 3 ms > 40 ms: refused at this price; at 1 ms a sample: 34 ms, admitted
+    relief = Reliever(a, times=1)
+    a.check(30, 0.0, 1, relieve=relief)
+    assert relief.calls == 1 and a.relieved == a.relieved_admitted == 1
+    assert a.checked == 1 and a.shed == 0
+    # still too slow after the relief: refused (and counted) once; no relief offered: refused at once
+    with pytest.raises(Shed):
+        a.check(100, 0.0, 1, relieve=Reliever(a, times=1))  # 1 ms: 104 ms; 0.5 ms: 53.5 ms
+    assert a.checked == 2 and a.shed == a.shed_by_queue == 1 and a.relieved == 2 and a.relieved_admitted == 1
+    nothing = Reliever(a, times=0)
+    with pytest.raises(Shed):
+        a.check(200, 0.0, 1, relieve=nothing)
+    assert nothing.calls == 1 and a.relieved == 2 and a.shed == 2
+    a.check(0, 0.0, 1, relieve=nothing)  # admitted: relieve is not asked
+    assert nothing.calls == 1
+
+
+def test_the_bucket_converts_its_tokens_at_a_new_price():
+    b = TokenBucket(rate=100.0, burst=50.0, now=0.0)
+    assert sum(b.take(1, 0.0) for _ in range(40)) == 40  # 10 tokens left
+    b.reset(200.0, 100.0)  # a point twice as cheap: what was saved buys twice the samples at once
+    assert b.tokens == pytest.approx(20.0)
+    b.reset(50.0, 25.0)  # and a dearer one fewer
+    assert b.tokens == pytest.approx(5.0)
+    b.reset(1000.0, 10.0)  # never past the new burst
+    assert b.tokens == pytest.approx(10.0)
