@@ -212,16 +212,14 @@ class AutopilotRuntime:
         self.admission = admission or Admission()
         self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LEN)
         self._seen_version: int | None = None
-        self._samples = batcher.stats.samples
-        self._samples_t = clock()
-        self._rate = 0.0
+        self._rate = 0.0  # samples per second answered (EWMA over ticks)
         self._busy = (batcher.stats.busy_s, batcher.stats.busy_samples, batcher.stats.batches)
         self._batch_mean = 1.0
         self._estimator: CostEstimator | None = None
         self._estimator_key: tuple[str, bool] | None = None
         self._counts: deque[tuple[float, int, int]] = deque()  # (t, checked, shed) per tick, window_s long
         self._last_trace_t = -float("inf")
-        self._offered_rps = 0.0
+        self._offered_rps = 0.0  # requests per second asked about over window_s, beside shed_rate (the trace)
         self.shed_rate = 0.0
         self.loop_lag_s = 0.0
         self._relieved_t = -float("inf")
@@ -406,7 +404,7 @@ class AutopilotRuntime:
             self.admission.configure(None, None)
             return
         self.admission.configure(st.config.target_s, self.per_sample_s(), self.batcher.max_delay_s,
-                                 self.batcher.max_batch_size, arrival_rate=self._offered_rps or None)
+                                 self.batcher.max_batch_size, arrival_rate=self.demand_sps or None)
         self.admission.set_rate(self._admit_rate(st), self.clock())
 
     def _admit_rate(self, st: _Engaged) -> float | None:
@@ -441,7 +439,7 @@ class AutopilotRuntime:
         return None if s is None else s + self.overhead_s
 
     def _measure_load(self, before: Operating, now: float) -> None:
-        """Arrival rate and the fixed CPU, from the counters since the last tick."""
+        """Arrival rate, answered rate and the fixed CPU, from the counters since the last tick."""
         cpu, answered, checked = self.cpu_clock(), self.batcher.stats.samples, self.admission.checked_samples
         shed = self.admission.shed_samples
         d_cpu, d_ans, d_checked = cpu - self._cpu, answered - self._answered, checked - self._checked[0]
@@ -451,6 +449,8 @@ class AutopilotRuntime:
         if last is None or now <= last:
             return
         dt = now - last
+        inst = d_ans / dt
+        self._rate = inst if self._rate == 0.0 else 0.5 * self._rate + 0.5 * inst
         prev_c = self.cpu_util
         self.cpu_util = d_cpu / dt if prev_c is None else 0.5 * prev_c + 0.5 * d_cpu / dt
         old = self.demand_sps
@@ -520,14 +520,8 @@ class AutopilotRuntime:
     # -- the loop's work ------------------------------------------------------------------------------
 
     def signal(self) -> Signal:
-        """Recent p99 (answers started after the last move), expected queue wait, refusals."""
-        now = self.clock()
-        samples = self.batcher.stats.samples
-        dt = now - self._samples_t
-        if dt > 0:
-            inst = (samples - self._samples) / dt
-            self._rate = inst if self._rate == 0.0 else 0.5 * self._rate + 0.5 * inst
-        self._samples, self._samples_t = samples, now
+        """Recent p99 (answers started after the last move), expected queue wait (the queue over the answered
+        rate :meth:`_measure_load` measured), refusals."""
         st = self.state
         since = st.controller.feedback_since if st is not None else -float("inf")
         w = self.window.stats(self.window_s, since=since, min_samples=self.min_samples)
