@@ -321,3 +321,9 @@ async def test_the_bucket_is_trimmed_while_the_cpu_is_saturated_and_refusing(tin
         for _ in range(30):
             rt._scale_bucket()
         assert rt.bucket_scale == 1.0  # unsaturated: back to the model's rate
+        rt.cpu_util, rt.shed_rate = 0.94 * rt.cores, 0.3  # 94 % busy while refusing is saturated already
+        rt._scale_bucket()
+        assert rt.bucket_scale == pytest.approx(0.9)
+        rt.cpu_util = 0.88 * rt.cores  # between the two thresholds: held
+        rt._scale_bucket()
+        assert rt.bucket_scale == pytest.approx(0.9)
