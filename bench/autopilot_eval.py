@@ -157,7 +157,9 @@ def poll_point(body: Any) -> dict[str, Any]:
             "estimated_accuracy": _num(op.get("accuracy")), "flops_fraction": _num(op.get("flops_fraction")),
             "reason": None if reason is None else str(reason)[:160],
             "shed_by_queue": auto.get("shed_by_queue"), "shed_by_rate": auto.get("shed_by_rate"),
-            "admit_rate_sps": _num(auto.get("admit_rate_sps")), "cpu_util": _num(auto.get("cpu_util"))}
+            "admit_rate_sps": _num(auto.get("admit_rate_sps")), "cpu_util": _num(auto.get("cpu_util")),
+            "relief_moves": auto.get("relief_moves"), "relieved_admitted": auto.get("relieved_admitted"),
+            "bucket_scale": _num(auto.get("bucket_scale")), "util_cap": _num(auto.get("util_cap"))}
 
 
 def poll_series(polls: list[Poll]) -> list[dict[str, Any]]:

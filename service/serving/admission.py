@@ -190,20 +190,19 @@ class Admission:
         return max(0, math.floor(room / self.per_sample_s) - 1)
 
     def check(self, queued: int, running_left_s: float, n: int, now: float | None = None,
-              relieve: Callable[[int], bool] | None = None) -> None:
+              relieve: Callable[[], bool] | None = None) -> None:
         """Admit (return) or raise :class:`Shed` with a ``Retry-After`` of the seconds until the backlog
         would fit the bound again (at least 1). Counts both. ``now`` (the caller's clock): also pass the
-        token bucket, when a rate is set. ``relieve(attempt)``: called when the request would be refused
-        (``attempt`` 0, 1, ... up to :data:`MAX_RELIEFS` - 1); when it returns True the service got cheaper
-        (the caller moved to a cheaper point and reconfigured this object) and the request is judged again;
-        False ends the attempts."""
+        token bucket, when a rate is set. ``relieve()``: called when the request would be refused, at most
+        :data:`MAX_RELIEFS` times; each time it returns True the service got cheaper (the caller moved to a
+        cheaper point and reconfigured this object) and the request is judged again; False ends the tries."""
         self.checked += 1
         self.checked_samples += n
         if not self.active:
             return
         shed = self._verdict(queued, running_left_s, n, now)
         attempt = 0
-        while shed is not None and relieve is not None and attempt < MAX_RELIEFS and relieve(attempt):
+        while shed is not None and relieve is not None and attempt < MAX_RELIEFS and relieve():
             attempt += 1
             shed = self._verdict(queued, running_left_s, n, now)
         if attempt:

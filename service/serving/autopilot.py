@@ -357,7 +357,7 @@ class Controller:
         """Between ticks, when a request would be refused (admission's ``relieve``): a cheaper budget now,
         ``floor + relief_cut * (f - floor)``. A small step (a quarter of the way to the floor): a Poisson burst
         at a load the point carries costs a moment of a slightly cheaper point, and a real step of load is
-        met by a few reliefs ``RELIEF_GAP_S`` apart and then by the next planned tick, which the runtime feeds
+        met by a few reliefs and then by the next planned tick, which the runtime feeds
         the new arrival rate (sizing the relief from a rate measured over a few tens of milliseconds instead
         sent the budget to the floor on every burst: measured). Never up; direction 0 at the floor.
         ``demand_sps``: the arrival rate that prompted it, for the reason only."""
