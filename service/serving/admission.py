@@ -40,8 +40,7 @@ burst. Refusals are counted by rule (``shed_by_queue``, ``shed_by_rate``).
 
 **Relief before refusal.** A request that would be refused is first offered to the caller's ``relieve``
 (the autopilot's runtime: move to a cheaper point at once, when one is allowed, instead of at its next
-tick); each time that makes the service cheaper, the request is judged again at the new point's price (at
-most :data:`MAX_RELIEFS` times). The
+tick); if that makes the service cheaper, the request is judged again at the new point's price. The
 samples queued before it will run at that point too, so the expected answer time shrinks with it. A step
 of load, or a burst, then costs accuracy for a moment instead of refusals: refusing is for a load that
 even the floor cannot answer in time.
@@ -61,7 +60,6 @@ from dataclasses import dataclass
 from service.serving.batcher import BatcherError
 
 BURST_S = 0.25  # the token bucket holds this many seconds of its rate
-MAX_RELIEFS = 4  # a would-be refusal may make the service cheaper this many times before it is refused
 HTTP_OVERHEAD_MS = 2.0  # a request's time outside the network (parse, decode, encode), fixed, at batch 1
 
 
@@ -193,20 +191,17 @@ class Admission:
               relieve: Callable[[], bool] | None = None) -> None:
         """Admit (return) or raise :class:`Shed` with a ``Retry-After`` of the seconds until the backlog
         would fit the bound again (at least 1). Counts both. ``now`` (the caller's clock): also pass the
-        token bucket, when a rate is set. ``relieve()``: called when the request would be refused, at most
-        :data:`MAX_RELIEFS` times; each time it returns True the service got cheaper (the caller moved to a
-        cheaper point and reconfigured this object) and the request is judged again; False ends the tries."""
+        token bucket, when a rate is set. ``relieve``: called once when the request would be refused; when it
+        returns True the service got cheaper (the caller moved to a cheaper point and reconfigured this
+        object), and the request is judged again, once."""
         self.checked += 1
         self.checked_samples += n
         if not self.active:
             return
         shed = self._verdict(queued, running_left_s, n, now)
-        attempt = 0
-        while shed is not None and relieve is not None and attempt < MAX_RELIEFS and relieve():
-            attempt += 1
-            shed = self._verdict(queued, running_left_s, n, now)
-        if attempt:
+        if shed is not None and relieve is not None and relieve():
             self.relieved += 1
+            shed = self._verdict(queued, running_left_s, n, now)
             if shed is None:
                 self.relieved_admitted += 1
         if shed is None:

@@ -19,10 +19,9 @@ answered within the target is refused at once (503 ``shed`` with ``Retry-After``
 cheapest allowed point needs at batch 1 (its measured ms plus
 :data:`~service.serving.admission.HTTP_OVERHEAD_MS`) is refused when engaging (:class:`SloUnreachable`).
 A request that would be refused first moves the point down at once (:meth:`AutopilotRuntime._relieve`,
-:meth:`~service.serving.autopilot.Controller.relieve`: a quarter of the way to the floor, at most
-:data:`RELIEF_STEPS_PER_TICK` times between ticks; an arrival rate since the last tick :data:`STEP_RATIO`
-times the average is taken as a step of load for the next tick's plan) and is judged again at the cheaper
-point's price.
+:meth:`~service.serving.autopilot.Controller.relieve`: a quarter of the way to the floor, once per
+:data:`RELIEF_GAP_S`; an arrival rate since the last tick :data:`STEP_RATIO` times the average is taken as a step
+of load for the next tick's plan) and is judged again at the cheaper point's price.
 
 **Load model** (planned moves, :class:`~service.serving.autopilot.Controller`). The process's CPU
 (``time.process_time``: HTTP parsing, decoding, the network, encoding, refusals; less the background session
@@ -85,6 +84,7 @@ from service.earlyexit.time_axis import select_by_time
 from service.errors import ServiceError
 from service.serving.admission import HTTP_OVERHEAD_MS, Admission, CostEstimator, Shed
 from service.serving.autopilot import (
+    SATURATED,
     AutopilotConfig,
     Clock,
     Controller,
@@ -121,8 +121,8 @@ BUCKET_UTIL = 0.95  # admission's token bucket: at most this share of what the s
 BUCKET_MARGIN = 0.1  # ... and at most the controller's utilisation cap plus this
 DEMAND_ALPHA = 0.3  # EWMA weight of one tick's arrival rate (about a second at 0.25 s ticks)
 FIXED_ALPHA = 0.2
-BUCKET_SATURATED, UNSATURATED, MIN_BUCKET_SCALE = 0.93, 0.85, 0.5  # the bucket's saturation guard (_scale_bucket)
-RELIEF_STEPS_PER_TICK = 8  # at most this many relief moves (a cheaper point between ticks) per tick
+UNSATURATED, MIN_BUCKET_SCALE = 0.9, 0.5  # the bucket's saturation guard (_scale_bucket), with SATURATED
+RELIEF_GAP_S = 0.05  # at most one relief move (a cheaper point between ticks) per this many seconds
 RELIEF_MIN_SPAN_S = 0.05  # the arrival rate since the last tick is measured over at least this long
 STEP_RATIO = 1.5  # a relief that finds arrivals this far over the average takes them as a step of load
 TRACE_EVERY_S = 1.0
@@ -222,7 +222,7 @@ class AutopilotRuntime:
         self._offered_rps = 0.0  # requests per second asked about over window_s, beside shed_rate (the trace)
         self.shed_rate = 0.0
         self.loop_lag_s = 0.0
-        self._reliefs_left = RELIEF_STEPS_PER_TICK
+        self._relieved_t = -float("inf")
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -418,18 +418,15 @@ class AutopilotRuntime:
 
     def _scale_bucket(self) -> None:
         """Saturation guard: the model's error, refusals' own CPU and the sockets' backlog are invisible to
-        the admitted rate; a saturated CPU is not. Over :data:`BUCKET_SATURATED` of the cores while refusing
-        at the floor, admit 10 % less a tick (down to :data:`MIN_BUCKET_SCALE`); under :data:`UNSATURATED`, 5 %
-        more (up to 1). Above the floor a saturated CPU asks for a cheaper point instead (the controller's
-        pressure, relief): trimming admission there refused what a cheaper point would have answered
-        (measured: 903 refusals at 2x without a floor, against 181). At 0.97 it seldom acted, while a core
-        93-96 % busy with refusals already kept requests waiting in the sockets (measured: a 41 ms p99 for the
-        503s at 3x with the floor)."""
+        the admitted rate; a saturated CPU is not. Over :data:`SATURATED` of the cores while refusing at the
+        floor, admit 10 % less a tick (down to :data:`MIN_BUCKET_SCALE`); under :data:`UNSATURATED`, 5 % more
+        (up to 1). Above the floor a saturated CPU asks for a cheaper point instead (the controller's pressure,
+        relief): trimming admission there refuses what a cheaper point would answer."""
         c, st = self.cpu_util, self.state
         if c is None:
             return
         at_floor = st is not None and st.controller.f <= st.controller.floor + 1e-12
-        if c >= BUCKET_SATURATED * self.cores and self.shed_rate > 0 and at_floor:
+        if c >= SATURATED * self.cores and self.shed_rate > 0 and at_floor:
             self.bucket_scale = max(MIN_BUCKET_SCALE, 0.9 * self.bucket_scale)
         elif c < UNSATURATED * self.cores:
             self.bucket_scale = min(1.0, 1.05 * self.bucket_scale)
@@ -505,16 +502,15 @@ class AutopilotRuntime:
 
     def _relieve(self) -> bool:
         """Admission's ``relieve``: move to a cheaper point now (:meth:`Controller.relieve`) and reprice
-        admission for it; True when it moved. At most :data:`RELIEF_STEPS_PER_TICK` moves between two ticks
-        (a bound on how far bursts take the point before the next plan); planned mode only (the next tick's
-        plan, from the load model, says where to go from there)."""
+        admission for it; True when it moved. At most once per :data:`RELIEF_GAP_S`; planned mode only (the
+        next tick's plan, from the load model, says where to go from there)."""
         st = self.state
         now = self.clock()
-        if st is None or self._reliefs_left <= 0:
+        if st is None or now - self._relieved_t < RELIEF_GAP_S:
             return False
         if not st.controller.planned:
             return False
-        self._reliefs_left -= 1
+        self._relieved_t = now
         recent = self._recent_demand_sps(now)
         if recent is not None and self.demand_sps is not None and recent > STEP_RATIO * self.demand_sps:
             self.demand_sps = recent  # a step of load: the next tick plans from it, not from the old average
@@ -550,7 +546,6 @@ class AutopilotRuntime:
         self._offered_rps = checked / (now - t0) if now > t0 else 0.0
 
     def tick(self) -> None:
-        self._reliefs_left = RELIEF_STEPS_PER_TICK
         serving = self.engine.snapshot.operating
         self.follow()
         self._measure(serving)

@@ -17,7 +17,7 @@ import pytest
 from service.earlyexit.time_axis import select_by_time
 from service.serving.admission import HTTP_OVERHEAD_MS, Shed
 from service.serving.autopilot import LatencyWindow
-from service.serving.autopilot_runtime import RELIEF_STEPS_PER_TICK, AutopilotRuntime
+from service.serving.autopilot_runtime import AutopilotRuntime
 from service.serving.time_profiles import full_ms, operating_ms, operating_time_fraction, time_fractions
 from tests.api.conftest import AUTH, MODEL, assert_envelope, make_settings, sample_pngs, serve, store_digest
 from tests.api.test_autopilot_api import FakeClock
@@ -221,15 +221,10 @@ async def test_a_would_be_refusal_moves_the_point_down_at_once_instead(tiny_stor
             info = (await s.client.get("/profiles")).json()["autopilot"]
             assert info["relief_moves"] == 1 and info["relieved_admitted"] == 1
             assert info["reason"].startswith("relief") and info["operating"] == relieved_op.name
-            batcher._queued = 1_000_000  # a backlog no point clears: the tick's relief steps are spent, refused
-            moves = ctl.relief_moves
+            batcher._queued = 100 * queued  # a backlog no point helps, within the relief gap: refused
             with pytest.raises(Shed):
                 rt.admit(1)
-            with pytest.raises(Shed):
-                rt.admit(1)
-            assert ctl.relief_moves - moves == RELIEF_STEPS_PER_TICK - 1  # eight a tick, one taken before
-            assert adm.shed == adm.shed_by_queue == 2 and adm.relieved == 3 and adm.relieved_admitted == 1
-            assert ctl.f > ctl.floor
+            assert ctl.f == pytest.approx(relieved_f) and adm.shed == adm.shed_by_queue == 1 and adm.relieved == 1
         finally:
             batcher._queued = 0
         for _ in range(8):  # the planned ticks take the budget back up at that light load
@@ -332,9 +327,3 @@ async def test_the_bucket_is_trimmed_while_the_cpu_is_saturated_and_refusing(tin
         for _ in range(30):
             rt._scale_bucket()
         assert rt.bucket_scale == 1.0  # unsaturated: back to the model's rate
-        rt.cpu_util, rt.shed_rate = 0.94 * rt.cores, 0.3  # 94 % busy while refusing is saturated already
-        rt._scale_bucket()
-        assert rt.bucket_scale == pytest.approx(0.9)
-        rt.cpu_util = 0.88 * rt.cores  # between the two thresholds: held
-        rt._scale_bucket()
-        assert rt.bucket_scale == pytest.approx(0.9)
