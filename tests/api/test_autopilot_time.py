@@ -10,6 +10,7 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,6 +32,20 @@ def reachable_ms(doc: dict) -> float:
     """The smallest target the autopilot accepts with no floor: the fastest profile's batch-1 ms + overhead
     (the graded profiles are all on the hull)."""
     return min(p["ms"]["1"] for p in doc["profiles"].values()) + HTTP_OVERHEAD_MS
+
+
+async def hand_driven(s: Any, target_ms: float) -> tuple[AutopilotRuntime, FakeClock, list[float]]:
+    """Engage ``target_ms`` from the full network, then replace the live runtime with one driven by hand: a
+    fake clock and a CPU clock (``cpu[0]``, seconds) that the test advances; returns them."""
+    assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
+    assert (await s.client.post("/profiles", json={"latency_slo_ms": target_ms}, headers=AUTH)).status_code == 200
+    await s.state.autopilot.stop()
+    clock, cpu = FakeClock(), [0.0]
+    rt = AutopilotRuntime(s.state.engine, s.state.batcher, LatencyWindow(clock=clock), s.state.metrics,
+                          clock=clock, wall_clock=clock, cores=1.0, cpu_clock=lambda: cpu[0])
+    s.state.autopilot = rt
+    rt.follow()
+    return rt, clock, cpu
 
 
 async def test_a_target_below_the_floor_point_is_refused_and_says_what_is_reachable(tiny_store: Path):
@@ -81,16 +96,8 @@ async def test_get_profiles_reports_the_contract_fields(tiny_store: Path):
 async def test_the_controller_moves_along_the_time_hull_on_a_fake_clock(tiny_store: Path):
     attach_graded_profiles(tiny_store / MODEL)
     async with serve(make_settings(tiny_store, engine="torch")) as s:
-        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
-        assert (await s.client.post("/profiles", json={"latency_slo_ms": 40}, headers=AUTH)).status_code == 200
-        await s.state.autopilot.stop()
-        clock = FakeClock()
-        cpu = [0.0]  # the process's CPU seconds, advanced by hand: 0.1 core fixed + (0.8 ms + network) per sample
-        window = LatencyWindow(clock=clock)
-        rt = AutopilotRuntime(s.state.engine, s.state.batcher, window, s.state.metrics, clock=clock,
-                              wall_clock=clock, cores=1.0, cpu_clock=lambda: cpu[0])
-        s.state.autopilot = rt
-        rt.follow()
+        rt, clock, cpu = await hand_driven(s, 40)  # cpu: 0.1 core fixed + (0.8 ms + network) per sample, by hand
+        window = rt.window
         engine = s.state.engine
         bundle = engine.snapshot.bundle
         assert rt.state.axis == "time" and rt.state.controller.f == pytest.approx(1.0)
@@ -180,15 +187,8 @@ async def test_admission_sheds_with_503_and_retry_after_only_while_engaged(tiny_
 async def test_a_would_be_refusal_moves_the_point_down_at_once_instead(tiny_store: Path):
     attach_graded_profiles(tiny_store / MODEL)
     async with serve(make_settings(tiny_store, engine="torch")) as s:
-        assert (await s.client.post("/profiles", json={"name": "full"}, headers=AUTH)).status_code == 200
-        assert (await s.client.post("/profiles", json={"latency_slo_ms": 400}, headers=AUTH)).status_code == 200
-        await s.state.autopilot.stop()
-        clock, cpu = FakeClock(), [0.0]
+        rt, clock, cpu = await hand_driven(s, 400)
         batcher, engine = s.state.batcher, s.state.engine
-        rt = AutopilotRuntime(engine, batcher, LatencyWindow(clock=clock), s.state.metrics, clock=clock,
-                              wall_clock=clock, cores=1.0, cpu_clock=lambda: cpu[0])
-        s.state.autopilot = rt
-        rt.follow()
         for _ in range(3):  # a light load: the load model plans, and affords the full network
             rt.admission.checked_samples += 10
             batcher.stats.samples += 10
