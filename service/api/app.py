@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -57,6 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     s = state.settings
     restore_signals = drain_on_signal(state)  # readiness flips to 503 on SIGTERM in every worker process
     gc_pauses = GcPauses(state.metrics.observe_gc_pause).install()
+    gc_export = asyncio.create_task(gc_pauses.export_every(1.0), name="classmeans-gc-pauses")
     state.token = await anyio.to_thread.run_sync(resolve_admin_token, s)
     if (s.model_dir / "model.json").is_file():  # jobs whose process died are reported failed
         await anyio.to_thread.run_sync(state.jobs.recover, abandoned_cleanup(s.model_dir))
@@ -101,6 +104,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await state.batcher.stop(timeout=s.graceful_timeout_s)
         restore_signals()
         gc_pauses.uninstall()
+        gc_export.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gc_export
         active = state.jobs.active
         if active is not None:
             log.warning("job %s is still running at shutdown; it is abandoned (the store stays consistent)",

@@ -15,15 +15,18 @@ made since: the request path's short-lived cycles. Objects of bundles loaded lat
 again (a later switch may free them), never frozen.
 
 :class:`GcPauses` records every collection's wall time per generation (``gc.callbacks``), exported as the
-``classmeans_gc_pause_seconds`` histogram, so that a pause is seen, not guessed.
+``classmeans_gc_pause_seconds`` histogram (once a second, never from inside a collection), so that a pause is
+seen, not guessed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,16 +51,21 @@ def freeze_startup_heap() -> Frozen:
 class GcPauses:
     """Wall time of each collection, by generation, through ``gc.callbacks`` (install / uninstall).
 
-    ``observe(generation, seconds)`` is called after every collection (a Prometheus histogram's observe, in
-    the app); ``count``, ``total_s`` and ``max_s`` per generation are kept here too. The callback runs in
-    whichever thread triggered the collection, with the GIL held, so it only reads a clock and adds.
+    The callback runs wherever a collection starts: in any thread, in the middle of any code that allocates,
+    including code that holds a lock (prometheus_client's, for one). So it takes no lock and calls nothing:
+    it counts (``count``, ``total_s``, ``max_s`` per generation) and appends ``(generation, seconds)`` to a
+    bounded queue. :meth:`drain` hands what is queued to ``observe`` (in the app: the
+    ``classmeans_gc_pause_seconds`` histogram) from a safe place, :meth:`export_every` on the event loop.
+    (Observing from the callback deadlocked a worker of a two-worker container: a collection started inside
+    a metric update, and the callback waited for the lock that update held.)
     """
 
     def __init__(self, observe: Callable[[int, float], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, max_pending: int = 4096) -> None:
         self._observe = observe
         self._clock = clock
         self._started: dict[int, float] = {}  # thread id -> start of its collection in progress
+        self.pending: deque[tuple[int, float]] = deque(maxlen=max_pending)
         self.count = [0, 0, 0]
         self.total_s = [0.0, 0.0, 0.0]
         self.max_s = [0.0, 0.0, 0.0]
@@ -76,8 +84,28 @@ class GcPauses:
         self.count[gen] += 1
         self.total_s[gen] += seconds
         self.max_s[gen] = max(self.max_s[gen], seconds)
-        if self._observe is not None:
-            self._observe(gen, seconds)
+        self.pending.append((gen, seconds))
+
+    def drain(self) -> int:
+        """Hand every queued pause to ``observe`` (never from a collection); returns how many."""
+        n = 0
+        while True:
+            try:
+                gen, seconds = self.pending.popleft()
+            except IndexError:
+                return n
+            n += 1
+            if self._observe is not None:
+                self._observe(gen, seconds)
+
+    async def export_every(self, interval_s: float = 1.0) -> None:
+        """Drain every ``interval_s`` until cancelled (the app's lifespan runs it)."""
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                self.drain()
+        finally:
+            self.drain()
 
     def install(self) -> GcPauses:
         if not self._installed:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import threading
 
 import pytest
 
@@ -40,6 +43,8 @@ def test_every_collection_is_timed_by_generation():
     finally:
         pauses.uninstall()
     gc.collect(1)  # uninstalled: not seen
+    assert seen == []  # nothing is observed from inside a collection (it may hold any lock)
+    assert pauses.drain() == 2 and pauses.drain() == 0
     assert [g for g, _ in seen] == [0, 2] and all(s == 2.0 for _, s in seen)
     assert pauses.count == [1, 0, 1] and pauses.max_s == [2.0, 0.0, 2.0] and pauses.total_s[2] == 2.0
     info = pauses.info()
@@ -51,3 +56,47 @@ def test_a_stop_without_a_start_is_ignored():
     pauses = GcPauses()
     pauses("stop", {"generation": 2, "collected": 0, "uncollectable": 0})
     assert pauses.count == [0, 0, 0]
+
+
+def test_the_callback_takes_no_lock_a_collection_may_interrupt():
+    lock = threading.Lock()
+    seen: list[int] = []
+
+    def observe(generation: int, seconds: float) -> None:  # what prometheus_client does: take a lock
+        if not lock.acquire(timeout=0.5):  # (a plain acquire would hang this test, as it hung a worker)
+            seen.append(-1)
+            return
+        try:
+            seen.append(generation)
+        finally:
+            lock.release()
+
+    pauses = GcPauses(observe).install()
+    try:
+        with lock:  # a collection starting while the lock is held (inside a metric update) must not wait for it
+            gc.collect(0)
+    finally:
+        pauses.uninstall()
+    assert pauses.count[0] >= 1 and seen == []
+    pauses.drain()
+    assert seen and seen[0] == 0 and -1 not in seen
+
+
+async def test_export_every_drains_on_the_loop_and_once_more_when_cancelled():
+    seen: list[int] = []
+    pauses = GcPauses(lambda g, s: seen.append(g)).install()
+    task = asyncio.create_task(pauses.export_every(0.01))
+    try:
+        gc.collect(0)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if seen:
+                break
+        assert 0 in seen
+        gc.collect(1)
+    finally:
+        pauses.uninstall()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert 1 in seen  # the last drain, at cancellation
