@@ -364,7 +364,7 @@ class Controller:
         t = self.t
         if self.f <= self.floor + 1e-12:
             return Decision(self.f, 0, self.pressure, self.reason)
-        f = max(self.floor, self.floor + t.relief_cut * (self.f - self.floor))
+        f = self.floor + t.relief_cut * (self.f - self.floor)  # f > floor here: so is this
         if self.f - f <= t.min_move * max(self.ceiling - self.floor, 1e-12):
             f = self.floor
         old, self.f = self.f, f

@@ -118,7 +118,3 @@ class GcPauses:
             with contextlib.suppress(ValueError):
                 gc.callbacks.remove(self)
             self._installed = False
-
-    def info(self) -> dict[str, object]:
-        return {"collections": list(self.count), "pause_total_s": list(self.total_s), "pause_max_s": list(self.max_s),
-                "frozen_objects": gc.get_freeze_count()}

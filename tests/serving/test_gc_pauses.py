@@ -47,8 +47,6 @@ def test_every_collection_is_timed_by_generation():
     assert pauses.drain() == 2 and pauses.drain() == 0
     assert [g for g, _ in seen] == [0, 2] and all(s == 2.0 for _, s in seen)
     assert pauses.count == [1, 0, 1] and pauses.max_s == [2.0, 0.0, 2.0] and pauses.total_s[2] == 2.0
-    info = pauses.info()
-    assert info["collections"] == [1, 0, 1] and "frozen_objects" in info
     pauses.uninstall()  # twice is harmless
 
 
