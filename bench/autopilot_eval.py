@@ -159,7 +159,9 @@ def poll_point(body: Any) -> dict[str, Any]:
             "shed_by_queue": auto.get("shed_by_queue"), "shed_by_rate": auto.get("shed_by_rate"),
             "admit_rate_sps": _num(auto.get("admit_rate_sps")), "cpu_util": _num(auto.get("cpu_util")),
             "relief_moves": auto.get("relief_moves"), "relieved_admitted": auto.get("relieved_admitted"),
-            "bucket_scale": _num(auto.get("bucket_scale")), "util_cap": _num(auto.get("util_cap"))}
+            "tail_admitted": auto.get("tail_admitted"),
+            "bucket_scale": _num(auto.get("bucket_scale")), "util_cap": _num(auto.get("util_cap")),
+            "queue_cap": _num(auto.get("queue_cap"))}
 
 
 def poll_series(polls: list[Poll]) -> list[dict[str, Any]]:

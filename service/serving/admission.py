@@ -45,6 +45,18 @@ samples queued before it will run at that point too, so the expected answer time
 of load, or a burst, then costs accuracy for a moment instead of refusals: refusing is for a load that
 even the floor cannot answer in time.
 
+**Tail allowance.** The target is a p99: up to 1 % of the answers may be later than it. A request the rule
+would refuse whose expected answer time is past the bound but within the target itself (and that the token
+bucket admits) may instead spend an allowance that every request asked about fills by ``tail_budget``
+(default 0.5 %, half of what a p99 allows) and that holds at most ``tail_burst`` requests: so at most that
+share of requests is admitted on the estimate's edge, and an occasional burst at a load the point carries
+is answered a little late instead of refused. Measured on a 2-core EPYC, 290 requests/s (1x), target 60 ms:
+admitted requests with an expected 40-48 ms were answered in 31 ms on average (90th percentile 48 ms), those
+with 48-60 ms (admitted by a relief) in 37 ms (at most 61 ms), while 28 of 8,667 requests were refused
+for an expected time past 48 ms.
+A failure is worse for its user than a late answer: the allowance keeps refusals for a backlog that would
+take the answered p99 past the target. Counted as ``tail_admitted``.
+
 So the queue bound follows from the target and the measured throughput,
 ``queued <= (headroom * target - overhead - max_delay) / s - 1`` (an idle network), and no admitted request is held
 past the target only to fail. With no target (autopilot off), or no estimate yet, everything is admitted (the
@@ -60,6 +72,8 @@ from dataclasses import dataclass
 from service.serving.batcher import BatcherError
 
 BURST_S = 0.25  # the token bucket holds this many seconds of its rate
+TAIL_BUDGET = 0.005  # share of requests that may be admitted past the bound, within the target (docstring)
+TAIL_BURST = 8.0  # ... at most this many at once
 HTTP_OVERHEAD_MS = 2.0  # a request's time outside the network (parse, decode, encode), fixed, at batch 1
 
 
@@ -69,20 +83,26 @@ class Shed(BatcherError):
     code = "shed"
     default_message = "shed: the server cannot answer this request within its latency target now; retry shortly"
 
-    def __init__(self, message: str | None = None, retry_after: int = 1, by_rate: bool = False) -> None:
+    def __init__(self, message: str | None = None, retry_after: int = 1, by_rate: bool = False,
+                 expected_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.by_rate = by_rate  # refused by the token bucket (else by the expected answer time)
+        self.expected_s = expected_s  # the expected answer time that refused it (by the queue rule)
 
 
 @dataclass(frozen=True)
 class AdmissionTuning:
     headroom: float = 0.8  # admit when the expected answer time is at most this share of the target
     http_overhead_s: float = HTTP_OVERHEAD_MS / 1000.0
+    tail_budget: float = TAIL_BUDGET  # the tail allowance (module docstring); 0 turns it off
+    tail_burst: float = TAIL_BURST
 
     def __post_init__(self) -> None:
         if not 0 < self.headroom <= 1 or self.http_overhead_s < 0:
             raise ValueError("need 0 < headroom <= 1 and http_overhead_s >= 0")
+        if not 0 <= self.tail_budget < 0.01 or self.tail_burst < 0:
+            raise ValueError("need 0 <= tail_budget < 0.01 (a p99's budget) and tail_burst >= 0")
 
 
 class TokenBucket:
@@ -134,6 +154,8 @@ class Admission:
         self.shed_by_rate = 0  # refused by the token bucket
         self.relieved = 0  # would-be refusals the caller's ``relieve`` made cheaper (check's docstring)
         self.relieved_admitted = 0  # ... and that were then admitted
+        self.tail_admitted = 0  # would-be refusals admitted on the tail allowance (module docstring)
+        self.tail_allowance = 0.0  # requests that may be admitted so; fills by tail_budget a request
         self.rate_sps: float | None = None  # the token bucket's rate (None: no rate limit)
         self.bucket: TokenBucket | None = None
 
@@ -193,21 +215,37 @@ class Admission:
         would fit the bound again (at least 1). Counts both. ``now`` (the caller's clock): also pass the
         token bucket, when a rate is set. ``relieve``: called once when the request would be refused; when it
         returns True the service got cheaper (the caller moved to a cheaper point and reconfigured this
-        object), and the request is judged again, once."""
+        object), and the request is judged again, once. A request still refused by the queue rule may then
+        be admitted on the tail allowance (module docstring)."""
         self.checked += 1
         self.checked_samples += n
         if not self.active:
             return
+        self.tail_allowance = min(self.t.tail_burst, self.tail_allowance + self.t.tail_budget)
         shed = self._verdict(queued, running_left_s, n, now)
         if shed is not None and relieve is not None and relieve():
             self.relieved += 1
             shed = self._verdict(queued, running_left_s, n, now)
             if shed is None:
                 self.relieved_admitted += 1
+        if shed is not None and self._tail_admit(shed, n, now):
+            shed = None
         if shed is None:
             return
         self._count_shed(n, by_rate=shed.by_rate)
         raise shed
+
+    def _tail_admit(self, shed: Shed, n: int, now: float | None) -> bool:
+        """Admit a request the queue rule refused on the tail allowance (module docstring): its expected answer
+        time within the target, a whole request's worth of allowance in hand, and the token bucket's word."""
+        e, target = shed.expected_s, self.target_s
+        if shed.by_rate or e is None or target is None or e > target or self.tail_allowance < 1.0 - 1e-9:
+            return False
+        if self.bucket is not None and now is not None and not self.bucket.take(n, now):
+            return False
+        self.tail_allowance -= 1.0
+        self.tail_admitted += 1
+        return True
 
     def _verdict(self, queued: int, running_left_s: float, n: int, now: float | None) -> Shed | None:
         """None: admitted (the bucket's tokens taken); else the refusal (nothing counted)."""
@@ -228,7 +266,7 @@ class Admission:
         retry = max(1, math.ceil(expected - bound))
         return Shed(f"shed: expected answer in {1000 * expected:.0f} ms, over {1000 * bound:.0f} ms "
                     f"({self.t.headroom:g} of the {1000 * (self.target_s or 0):g} ms latency target) with "
-                    f"{queued} samples queued; retry after {retry} s", retry_after=retry)
+                    f"{queued} samples queued; retry after {retry} s", retry_after=retry, expected_s=expected)
 
     def _count_shed(self, n: int, by_rate: bool) -> None:
         self.shed += 1

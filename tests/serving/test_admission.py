@@ -13,8 +13,10 @@ from service.serving.admission import Admission, AdmissionTuning, CostEstimator,
 
 
 def engaged(target_s: float = 0.1, per_sample_s: float = 0.002, overhead_s: float = 0.0, headroom: float = 0.8,
-            delay_s: float = 0.0, max_batch: int = 1, arrival_rate: float | None = None) -> Admission:
-    a = Admission(AdmissionTuning(headroom=headroom, http_overhead_s=overhead_s))
+            delay_s: float = 0.0, max_batch: int = 1, arrival_rate: float | None = None,
+            tail_budget: float = 0.0) -> Admission:
+    """The strict rule by default (no tail allowance: it is tested on its own below)."""
+    a = Admission(AdmissionTuning(headroom=headroom, http_overhead_s=overhead_s, tail_budget=tail_budget))
     a.configure(target_s, per_sample_s, delay_s, max_batch, arrival_rate)
     return a
 
@@ -149,3 +151,50 @@ def test_half_load_is_never_shed_even_when_a_full_batch_would_miss_the_target():
     assert shed == 0 and max(lat) <= target
     lat, shed = simulate(per / 3, per, target, 3.0, engaged(target, per, max_batch=32, arrival_rate=3 / per))
     assert shed > 0 and max(lat) <= target
+
+
+def test_the_tail_allowance_admits_a_few_past_the_bound_but_never_past_the_target():
+    a = engaged(target_s=0.1, per_sample_s=0.002, tail_budget=0.005)  # bound 80 ms; one allowance per 200 requests
+    for _ in range(198):
+        a.check(queued=0, running_left_s=0.001, n=1)
+    with pytest.raises(Shed):  # 82 ms > 80 ms and 199 x 0.5 % < one request's worth: refused
+        a.check(queued=40, running_left_s=0.0, n=1)
+    a.check(queued=40, running_left_s=0.0, n=1)  # the 200th request: the allowance holds one, spent here
+    assert a.tail_admitted == 1 and a.shed == a.shed_by_queue == 1
+    with pytest.raises(Shed):  # spent: refused again
+        a.check(queued=40, running_left_s=0.0, n=1)
+    for _ in range(400):
+        a.check(queued=0, running_left_s=0.001, n=1)
+    with pytest.raises(Shed):  # 122 ms: past the target itself, the allowance never covers it
+        a.check(queued=60, running_left_s=0.0, n=1)
+    a.check(queued=45, running_left_s=0.0, n=1)  # 92 ms, within the target: admitted on the allowance
+    assert a.tail_admitted == 2 and a.shed == 3
+    assert a.tail_allowance == pytest.approx(403 * 0.005 - 1.0)  # accrued since the first was spent, one spent
+
+
+def test_the_tail_allowance_fills_at_most_to_its_burst_and_never_passes_the_token_bucket():
+    a = engaged(target_s=0.1, per_sample_s=0.002, tail_budget=0.005)
+    a.tail_allowance = 100.0
+    a.check(queued=0, running_left_s=0.001, n=1)
+    assert a.tail_allowance == pytest.approx(a.t.tail_burst)
+    a.set_rate(100.0, now=0.0)  # a bucket of 25 samples
+    a.bucket.tokens = 0.0  # type: ignore[union-attr]
+    with pytest.raises(Shed) as info:  # over the bound and no token: the allowance does not bypass the bucket
+        a.check(queued=40, running_left_s=0.0, n=1, now=0.0)
+    assert not info.value.by_rate and a.tail_admitted == 0 and a.tail_allowance >= 1.0
+    with pytest.raises(Shed) as info:
+        a.check(queued=0, running_left_s=0.001, n=1, now=0.0)  # in time but no token: refused by rate
+    assert info.value.by_rate and a.tail_admitted == 0
+
+
+def test_under_a_burst_the_tail_allowance_keeps_the_p99_within_the_target():
+    per, target = 0.0005, 0.05
+    strict = engaged(target, per, max_batch=32, arrival_rate=6000)
+    _, strict_shed = simulate(1 / 6000, per, target, 2.0, strict)
+    a = engaged(target, per, max_batch=32, arrival_rate=6000, tail_budget=0.005)
+    lat, shed = simulate(1 / 6000, per, target, 2.0, a)
+    late = sum(1 for x in lat if x > target)
+    assert 0 < a.tail_admitted <= 0.005 * a.checked + a.t.tail_burst
+    assert abs(shed - strict_shed) <= a.tail_admitted  # overloaded, each takes a later request's place in the queue
+    assert late <= a.tail_admitted and late <= 0.01 * len(lat)  # the p99 holds
+    assert max(lat) <= 1.1 * target  # and the late ones are late by little
