@@ -160,8 +160,7 @@ def poll_point(body: Any) -> dict[str, Any]:
             "admit_rate_sps": _num(auto.get("admit_rate_sps")), "cpu_util": _num(auto.get("cpu_util")),
             "relief_moves": auto.get("relief_moves"), "relieved_admitted": auto.get("relieved_admitted"),
             "tail_admitted": auto.get("tail_admitted"),
-            "bucket_scale": _num(auto.get("bucket_scale")), "util_cap": _num(auto.get("util_cap")),
-            "queue_cap": _num(auto.get("queue_cap"))}
+            "bucket_scale": _num(auto.get("bucket_scale")), "util_cap": _num(auto.get("util_cap"))}
 
 
 def poll_series(polls: list[Poll]) -> list[dict[str, Any]]:

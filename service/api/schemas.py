@@ -195,7 +195,7 @@ class AutopilotInfo(BaseModel):
                                              "cheaper one at once (between ticks) instead")
     relieved_admitted: int = Field(0, description="of them, admitted at the cheaper point")
     tail_admitted: int = Field(0, description="requests past 0.8 of the target but expected within it, admitted on "
-                                              "the tail allowance (at most 0.5 % of requests) instead of refused")
+                                              "the tail allowance (at most 0.5 % of the answered) instead of refused")
     per_sample_ms: float | None = Field(None, description="measured ms per sample of the point held now at the "
                                                           "batch size in use")
     capacity_rps: float | None = Field(None, description="samples per second this process sustains at the point "
@@ -208,9 +208,6 @@ class AutopilotInfo(BaseModel):
                                                    "measured CPU per sample); false: AIMD on the pressure alone")
     util_cap: float | None = Field(None, description="the share of this process's CPU the load model may fill "
                                                      "(adapted: cut when p99 is over the band, raised under it)")
-    queue_cap: float | None = Field(None, description="the utilisation at which the queue's wait passes "
-                                                      "admission's bound for at most 0.2 % of requests (M/D/1 "
-                                                      "tail); the point is chosen under the lower of the caps")
     predicted_util: float | None = Field(None, description="the load model's utilisation at the point held")
     demand_sps: float | None = Field(None, description="samples per second arriving (admitted or shed; EWMA)")
     cores: float | None = Field(None, description="CPU cores this process counts on (its share)")

@@ -43,19 +43,6 @@ cap); the queue delay
 counts only past the whole target (a backlog that cannot meet it), so that one burst seen in a 0.25 s sample
 does not cut the cap.
 
-**The queue's cap.** A cap near 1 fits the average load, not its bursts: under Poisson arrivals the queue's
-wait has an exponential tail, and a request whose expected answer passes admission's bound is refused even at a
-load the point carries on average. So the budget's utilisation is also capped by the highest ``rho`` at which
-the wait stays within the queue's room ``B`` (admission's bound less its fixed terms, ``Signal.queue_room_s``)
-but for a share ``queue_tail`` of requests, by the heavy-traffic (Kingman) tail of an M/D/1 queue::
-
-    P(wait > B) ~ rho * exp(-2 * (1 - rho) * B / (rho * S)) <= queue_tail      (:func:`queue_util_cap`)
-
-with ``S`` the CPU seconds a sample takes at the point now, its share of the fixed CPU included, over the
-cores. Deterministic service and one queue overstate the tail a little (a backlog runs as larger, cheaper
-batches). Measured before it (2-core EPYC, the default cascade, 290 requests/s = the full network's capacity,
-60 ms target): the cap at 0.95, the core 83-86 % busy, 0.6-1.5 % of requests refused by the queue rule.
-
 **Relief** (:meth:`Controller.relieve`, planned mode): between ticks, when admission is about to refuse a
 request, the runtime asks for a cheaper budget at once: ``floor + relief_cut * (f - floor)``. A step of load
 is met within the request that finds it, not a tick later, and a Poisson burst at a load the current point
@@ -177,7 +164,6 @@ class Tuning:
     plan_low: float = 0.7
     min_move: float = 0.005  # planned moves smaller than this share of [floor, ceiling] are not made
     relief_cut: float = 0.75  # a relief move keeps at most this share of the way from the floor to f
-    queue_tail: float = 0.002  # the queue's cap: the share of requests whose wait may pass the queue's room
 
     def __post_init__(self) -> None:
         if not 0 < self.low < self.high:
@@ -188,8 +174,6 @@ class Tuning:
             raise ValueError("up_step must be in (0, 1], queue_share positive")
         if not 0 < self.relief_cut < 1:
             raise ValueError("need 0 < relief_cut < 1")
-        if not 0 < self.queue_tail < 1:
-            raise ValueError("need 0 < queue_tail < 1")
         if not 0 < self.util_min <= self.util_start <= self.util_max or not 0 < self.cap_cut < 1:
             raise ValueError("need 0 < util_min <= util_start <= util_max and 0 < cap_cut < 1")
 
@@ -209,7 +193,6 @@ class Signal:
     cores: float = 1.0
     fixed_cores: float = 0.0  # CPU busy whatever the load's size (cores): the model is fixed + demand * u(f)
     cpu_util: float | None = None  # the serving work's measured CPU (cores): saturated is pressure when planned
-    queue_room_s: float | None = None  # the wait admission allows a request (its bound less its fixed terms)
 
     @property
     def planned(self) -> bool:
@@ -225,23 +208,6 @@ def unit_cost(costs: tuple[tuple[float, float], ...], f: float) -> float:
         if f <= f1:
             return u0 + (u1 - u0) * ((f - f0) / (f1 - f0) if f1 > f0 else 1.0)
     return costs[-1][1]
-
-
-def queue_util_cap(room_in_services: float, tail: float) -> float:
-    """The highest utilisation ``rho`` with ``rho * exp(-2 * (1 - rho) * k / rho) <= tail``, ``k`` =
-    ``room_in_services`` (the queue's room in service times): the heavy-traffic tail of an M/D/1 queue's wait
-    (module docstring, "The queue's cap"). Increasing in ``k``: 15 service times of room and a 0.2 % tail give
-    0.83, 100 give 0.97. Solved by bisection on ``(0, 1)``."""
-    if room_in_services <= 0:
-        return 0.0
-    lo, hi = 1e-6, 1.0 - 1e-9
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if mid * math.exp(-2.0 * (1.0 - mid) * room_in_services / mid) <= tail:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def affordable(costs: tuple[tuple[float, float], ...], demand_sps: float, cores: float, util_cap: float,
@@ -305,7 +271,6 @@ class Controller:
         self._cap_moved_t = -math.inf
         self.f_latency = f_ceiling  # planned: the budget's bound for latency the load does not explain
         self.relief_moves = 0  # moves down between ticks, instead of a refusal (relieve)
-        self.queue_cap: float | None = None  # the queue's cap on the utilisation, last planned tick (docstring)
         self._lat_moved_t = -math.inf
 
     def _clip(self, f: float) -> float:
@@ -372,18 +337,10 @@ class Controller:
         elif x < t.plan_low and self.f_latency < self.ceiling and now - self._lat_moved_t >= t.cap_up_dwell_s:
             self.f_latency = min(self.ceiling, self.f_latency + 0.25 * (self.ceiling - self.floor))
             self._lat_moved_t = now
-        cap = self.util_cap
-        self.queue_cap = None
-        if s.queue_room_s is not None and demand > 0:
-            per_sample = (fixed + demand * unit_cost(s.costs, self.f)) / demand / cores  # S, fixed share in
-            self.queue_cap = max(t.util_min, queue_util_cap(s.queue_room_s / per_sample, t.queue_tail))
-            cap = min(cap, self.queue_cap)
-        f = min(self.f_latency, affordable(s.costs, demand, cores, cap, self.floor, self.ceiling, fixed))
+        f = min(self.f_latency, affordable(s.costs, demand, cores, self.util_cap, self.floor, self.ceiling, fixed))
         self.predicted_util = (fixed + demand * unit_cost(s.costs, f)) / cores
         load = (f"({fixed:.2f} + {demand:.0f} samples/s x {1000 * unit_cost(s.costs, f):.2f} ms) / {cores:g} "
                 f"core(s) = utilisation {self.predicted_util:.2f}")
-        if self.queue_cap is not None and self.queue_cap < self.util_cap:
-            load += f" (queue's cap {self.queue_cap:.2f})"
         if overloaded:
             load += f"; even the floor needs {floor_util:.2f} > cap {self.util_cap:.2f}: overload, shedding"
         step = abs(f - self.f)

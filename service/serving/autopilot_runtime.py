@@ -533,15 +533,7 @@ class AutopilotRuntime:
         costs = self._costs(st) if st is not None else None
         demand = self.demand_sps if costs is not None and self.demand_sps is not None else None
         return Signal(w.p99_s, max(delay, self.loop_lag_s), w.rejected, w.count, demand, costs, self.cores,
-                      self.fixed_cores or 0.0, self.cpu_util, self._queue_room_s(st))
-
-    def _queue_room_s(self, st: _Engaged | None) -> float | None:
-        """The wait admission allows a request at an idle network: its bound less the fixed terms."""
-        if st is None:
-            return None
-        adm = self.admission.t
-        room = adm.headroom * st.config.target_s - adm.http_overhead_s - self.batcher.max_delay_s
-        return room if room > 0 else None
+                      self.fixed_cores or 0.0, self.cpu_util)
 
     def _count_sheds(self, now: float) -> None:
         """The shed rate over the last ``window_s``: requests refused / requests asked about."""
@@ -647,8 +639,7 @@ class AutopilotRuntime:
                     "capacity_rps": None if not per else 1.0 / per,
                     "floor_capacity_rps": None if not floor_per else 1.0 / floor_per,
                     "queue_bound": self.admission.max_queued(), "batch_in_use": self._batch_mean,
-                    "planned": c.planned, "util_cap": c.util_cap, "queue_cap": c.queue_cap,
-                    "predicted_util": c.predicted_util,
+                    "planned": c.planned, "util_cap": c.util_cap, "predicted_util": c.predicted_util,
                     "demand_sps": self.demand_sps, "cores": self.cores,
                     "overhead_ms": 1000 * self.overhead_s, "fixed_cores": self.fixed_cores,
                     "cpu_util": self.cpu_util, "bucket_scale": self.bucket_scale,

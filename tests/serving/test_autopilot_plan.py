@@ -12,7 +12,7 @@ import math
 import pytest
 
 from service.serving.admission import Admission, AdmissionTuning, Shed, TokenBucket
-from service.serving.autopilot import Controller, Signal, Tuning, affordable, queue_util_cap, unit_cost
+from service.serving.autopilot import Controller, Signal, Tuning, affordable, unit_cost
 
 TICK = 0.25
 FLOOR, CEILING = 0.1, 1.0
@@ -311,36 +311,3 @@ def test_the_bucket_converts_its_tokens_at_a_new_price():
     assert b.tokens == pytest.approx(5.0)
     b.reset(1000.0, 10.0)  # never past the new burst
     assert b.tokens == pytest.approx(10.0)
-
-
-def kingman_tail(rho: float, k: float) -> float:
-    return rho * math.exp(-2 * (1 - rho) * k / rho)
-
-
-@pytest.mark.parametrize("k", [5.0, 15.0, 40.0, 100.0])
-def test_the_queue_cap_is_where_the_waits_tail_meets_its_share(k):
-    rho = queue_util_cap(k, 0.002)
-    assert kingman_tail(rho, k) == pytest.approx(0.002, rel=1e-6)
-    assert kingman_tail(rho + 0.01, k) > 0.002 > kingman_tail(rho - 0.01, k)
-    assert queue_util_cap(2 * k, 0.002) > rho  # more room in service times: a fuller core
-    assert queue_util_cap(k, 0.02) > rho  # a looser tail: a fuller core
-    assert queue_util_cap(0.0, 0.002) == 0.0
-
-
-def test_a_tight_queue_room_caps_the_plan_under_the_utilisation_cap():
-    """At a load the ceiling fits under the utilisation cap (0.95), a queue's room of a few service times lowers
-    the point: bursts would pass admission's bound; with room to spare the plan is the utilisation cap's."""
-    demand = 300.0  # the ceiling: 300 x 3 ms = 0.9 of the core
-    plans = {}
-    for room in (None, 0.5, 0.03):
-        clock = FakeClock()
-        ctl = Controller(0.1, FLOOR, CEILING, clock=clock, tuning=Tuning(util_start=0.95))
-        clock.t += TICK
-        ctl.step(Signal(0.01, 0.0, 0, 200, demand, COSTS, 1.0, queue_room_s=room))
-        plans[room] = (ctl.f, ctl.predicted_util, ctl.queue_cap)
-    assert plans[None][0] == CEILING and plans[None][2] is None
-    assert plans[0.5][0] == CEILING and plans[0.5][2] > 0.95  # 0.5 s of room: 170 service times
-    f, util, cap = plans[0.03]  # 30 ms of room: 10 service times at the ceiling's 3 ms
-    assert FLOOR < f < CEILING and cap == pytest.approx(queue_util_cap(0.03 / 0.003, 0.002))
-    assert util == pytest.approx(cap)
-    assert "queue's cap" in ctl.reason
