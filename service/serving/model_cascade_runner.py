@@ -90,6 +90,13 @@ class ModelCascadeRunner:
         b = x.shape[0]
         distinct, rows = distinct_policies(policies, b)
         splits = [self.split(p) for p in distinct]
+        if b == 1 and len(splits) == 1:
+            return self._run_one(x, splits[0])
+        return self._run_rows(x, splits, rows)
+
+    def _run_rows(self, x: torch.Tensor, splits: list[_Split], rows: list[int] | None) -> ExitResult:
+        """Any batch: ``rows[r]`` the index into ``splits`` of row ``r``'s policy (None: all the first)."""
+        b = x.shape[0]
         index = torch.tensor(rows, dtype=torch.int64) if rows is not None else torch.zeros(b, dtype=torch.int64)
         runs = torch.tensor([s.runs for s in splits], dtype=torch.bool)  # (P, members)
         boundary = torch.tensor([s.boundary for s in splits], dtype=torch.float32)  # (P, members)
@@ -133,3 +140,22 @@ class ModelCascadeRunner:
             alive = torch.cat([alive[~here], rows_i[go_on]])
         assert probs is not None and alive.numel() == 0, "the last member answers every row it is given"
         return ExitResult(exit_index, pred, conf, probs, flops, rule)
+
+    def _run_one(self, x: torch.Tensor, split: _Split) -> ExitResult:
+        """One row (the latency case): the members in turn on Python scalars, as :meth:`run` decides for a row
+        (the boundary compared as float32 values, exactly), without its per-row bookkeeping tensors (about 40
+        small tensor operations a member: a fifth of a millisecond a request at batch 1, measured)."""
+        last = self.net.num_members - 1
+        spent = 0.0
+        for i, (member, runner) in enumerate(zip(self.net.members, self.runners, strict=True)):
+            if not split.runs[i]:
+                continue
+            res = runner.run(self.net.renormalise(x, 0, i), split.members[i])
+            if (i < last and int(res.exit_index[0]) == member.num_exits - 1
+                    and not float(res.confidence[0]) > split.boundary[i]):
+                spent += float(res.flops[0])
+                continue
+            flops = res.flops.to(torch.float64) + spent if spent else res.flops.to(torch.float64)
+            return ExitResult(res.exit_index + self.net.offsets[i], res.pred, res.confidence, res.probs, flops,
+                              res.rule)
+        raise AssertionError("the last member answers every row it is given")

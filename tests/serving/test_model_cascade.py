@@ -167,6 +167,28 @@ def test_served_equals_offline_for_every_profile_batch_one_and_mixed(cascade_sto
     assert handed_over > 0
 
 
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_the_batch_one_path_answers_each_row_as_the_batch_does(cascade_store_root, engine):
+    """One row by the fast path and by the general one: the same exit, prediction, confidence, probabilities,
+    FLOPs and rule, bit for bit, for every profile (against the whole batch the scores may differ in the last
+    bits: another batch size runs other kernels; the served-equals-offline test covers decisions)."""
+    spec, net = load_model(cascade_store_root / CASCADE)
+    bundle = resolve_bundle(cascade_store_root / CASCADE, spec, net.num_exits, None)
+    data = synthetic_images(48, seed=5)
+    policies = [class_means_policy(p.name, p.thresholds, bundle.costs) for p in bundle.profiles]
+    runner, _ = make_runner(RunnerOptions(engine=engine), net, bundle.heads, None, policies, [])
+    x = net.members[0].normalizer(data.images)
+    for policy in policies:
+        for i in range(len(data)):
+            one = runner.run(x[i:i + 1], policy)
+            general = runner._run_rows(x[i:i + 1], [runner.split(policy)], None)
+            for name in ("exit_index", "pred", "confidence", "probs", "flops", "rule"):
+                got, want = getattr(one, name), getattr(general, name)
+                assert got.dtype == want.dtype and got.shape == want.shape, (policy.name, name)
+                assert torch.equal(got, want), (policy.name, i, name)
+
+
+
 def test_evaluate_and_recalibrate_from_the_cli_operations(cascade_store):
     report, png = evaluate_model(cascade_store / CASCADE, synthetic_images(80, seed=4))
     assert report["per_exit"][10]["name"] == f"{SMALL}/head" and png[:4] == b"\x89PNG"
