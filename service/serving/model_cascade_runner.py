@@ -155,7 +155,6 @@ class ModelCascadeRunner:
                     and not float(res.confidence[0]) > split.boundary[i]):
                 spent += float(res.flops[0])
                 continue
-            flops = res.flops.to(torch.float64) + spent if spent else res.flops.to(torch.float64)
-            return ExitResult(res.exit_index + self.net.offsets[i], res.pred, res.confidence, res.probs, flops,
-                              res.rule)
+            return ExitResult(res.exit_index + self.net.offsets[i], res.pred, res.confidence, res.probs,
+                              res.flops.to(torch.float64) + spent, res.rule)
         raise AssertionError("the last member answers every row it is given")

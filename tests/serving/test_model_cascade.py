@@ -168,7 +168,7 @@ def test_served_equals_offline_for_every_profile_batch_one_and_mixed(cascade_sto
 
 
 @pytest.mark.parametrize("engine", ["torch", "onnx"])
-def test_the_batch_one_path_answers_each_row_as_the_batch_does(cascade_store_root, engine):
+def test_the_batch_one_path_answers_each_row_as_the_general_path_does(cascade_store_root, engine):
     """One row by the fast path and by the general one: the same exit, prediction, confidence, probabilities,
     FLOPs and rule, bit for bit, for every profile (against the whole batch the scores may differ in the last
     bits: another batch size runs other kernels; the served-equals-offline test covers decisions)."""
@@ -186,7 +186,6 @@ def test_the_batch_one_path_answers_each_row_as_the_batch_does(cascade_store_roo
                 got, want = getattr(one, name), getattr(general, name)
                 assert got.dtype == want.dtype and got.shape == want.shape, (policy.name, name)
                 assert torch.equal(got, want), (policy.name, i, name)
-
 
 
 def test_evaluate_and_recalibrate_from_the_cli_operations(cascade_store):
