@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import onnxruntime as ort
 
@@ -115,15 +117,19 @@ class BackgroundBuilder:
         self.name = name
         self.failed: dict[SegmentKey, str] = {}
         self._pending: set[SegmentKey] = set()
-        self._queue: queue.Queue[SegmentKey] = queue.Queue()
+        self._queue: queue.Queue[SegmentKey | object] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self._stopped = False
+        _LIVE_BUILDERS.add(self)
 
     def request(self, keys: list[SegmentKey]) -> None:
-        """Queue every key that is neither built, pending nor failed; returns at once."""
+        """Queue every key that is neither built, pending nor failed; returns at once (nothing once stopped)."""
         with self._lock:
+            if self._stopped:
+                return
             for k in keys:
                 if k in self.cache or k in self._pending or k in self.failed:
                     continue
@@ -145,6 +151,10 @@ class BackgroundBuilder:
                         self._thread = None
                         return
                 continue
+            if self._stopped or not isinstance(key, SegmentKey):  # stop(): what is still queued is dropped
+                with self._lock:
+                    self._thread = None
+                return
             t0 = time.thread_time()
             try:
                 self.cache.get(key)
@@ -166,3 +176,40 @@ class BackgroundBuilder:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is pending (tests, start-up scripts); returns whether it got there."""
         return self._idle.wait(timeout)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Take no more keys, drop the queued ones and wait (at most ``timeout`` s) for the build under way.
+
+        The thread is a daemon: left running at interpreter exit, it is killed inside torch's exporter or ONNX
+        Runtime's session set-up, and the process aborts (``terminate called without an active exception``,
+        exit status 134) instead of ending its graceful shutdown with 0. Returns whether the thread ended."""
+        with self._lock:
+            self._stopped = True
+            self._pending.clear()
+            self._idle.set()
+            thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        self._queue.put_nowait(_WAKE)  # the loop sees the flag now, not after its 5 s poll
+        thread.join(timeout)
+        return not thread.is_alive()
+
+
+_WAKE = object()  # a queue item that only wakes the loop
+_LIVE_BUILDERS: weakref.WeakSet[BackgroundBuilder] = weakref.WeakSet()
+
+
+def stop_builders(timeout: float = 30.0, builders: Iterable[BackgroundBuilder] | None = None) -> int:
+    """Stop ``builders`` (default: every background builder of this process, as at interpreter exit): each
+    waits for its build under way, all together within ``timeout`` s. Returns how many were still building."""
+    deadline = time.monotonic() + timeout
+    left = 0
+    for builder in list(_LIVE_BUILDERS if builders is None else builders):
+        if not builder.stop(max(0.0, deadline - time.monotonic())):
+            left += 1
+    if left:
+        log.warning("%d segment build(s) still running at shutdown", left)
+    return left
+
+
+atexit.register(stop_builders, 10.0)  # within a container stop's usual 10 s grace, with the drain before it
