@@ -241,14 +241,21 @@ class Engine:
                 out[i] = res
         return out  # type: ignore[return-value]
 
+    def _batch_input(self, requests: list[InferenceRequest]) -> torch.Tensor:
+        """The batch ``x (B, 3, H, W)``: the requests' uint8 pixels joined first and normalised in one call
+        (elementwise, so each row's values are those of normalising it alone; one call a request cost
+        ~60 us of the inference thread each at 900 req/s), or their tensors (normalised) as given."""
+        if all(r.pixels is not None for r in requests):
+            pixels = [r.pixels for r in requests]
+            return self.normalizer(np.concatenate(pixels) if len(pixels) > 1 else pixels[0])  # type: ignore[arg-type]
+        parts = [self.normalizer(r.pixels) if r.pixels is not None else r.tensor for r in requests]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]  # type: ignore[arg-type]
+
     def _run_group(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         """One cascade run for requests of one snapshot: each row with the policy of its profile."""
         snap = requests[0].snapshot
-        parts, served = [], []
-        for r in requests:
-            parts.append(self.normalizer(r.pixels) if r.pixels is not None else r.tensor)
-            served.extend(r.row_profiles())
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        served = [name for r in requests for name in r.row_profiles()]
+        x = self._batch_input(requests)
         policies = snap.policies
         one = served[0] if served.count(served[0]) == len(served) else None  # one profile: no per-row table
         t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from packaging.specifiers import SpecifierSet
+from packaging.requirements import Requirement
 from packaging.version import Version
 
 from tests.deploy.conftest import start_service
@@ -119,8 +119,7 @@ def pins() -> tuple[str, str]:
 
 def test_torch_pins_fit_pyproject_and_match_ci():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    spec = {re.split(r"[<>=!~ ]", d, maxsplit=1)[0]: SpecifierSet(d[len(re.split(r"[<>=!~ ]", d)[0]):])
-            for d in deps}
+    spec = {(r := Requirement(d)).name: r.specifier for d in deps}  # names, versions and markers parsed as pip does
     torch_pin, vision_pin = pins()
     assert Version(torch_pin) in spec["torch"], (torch_pin, spec["torch"])
     assert Version(vision_pin) in spec["torchvision"], (vision_pin, spec["torchvision"])

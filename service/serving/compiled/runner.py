@@ -268,71 +268,75 @@ class CompiledCascadeRunner:
         raise AssertionError("a plan ends with the network head")
 
     def _run_plan(self, xn: np.ndarray, policy: ExitPolicy, plan: SegmentPlan) -> ExitResult:
-        """Every row under one policy: one session call per stop, compaction between stops."""
+        """Every row under one policy: one session call per stop, compaction between stops. The per-row
+        bookkeeping is on NumPy arrays (about a tenth of the cost of torch's small operations), with the
+        reference engine's comparisons; tensors are made once, for the answer."""
         b = xn.shape[0]
-        exit_index = torch.full((b,), self.num_exits - 1, dtype=torch.int64)
-        pred = torch.zeros(b, dtype=torch.int64)
-        conf = torch.zeros(b, dtype=torch.float32)
-        rule = torch.full((b,), FINAL_RULE, dtype=torch.int64)
-        probs: torch.Tensor | None = None
-        rows = torch.arange(b)
+        exit_index = np.full(b, self.num_exits - 1, dtype=np.int64)
+        pred = np.zeros(b, dtype=np.int64)
+        conf = np.zeros(b, dtype=np.float32)
+        rule = np.full(b, FINAL_RULE, dtype=np.int64)
+        probs: np.ndarray | None = None
+        rows = np.arange(b)
         feat = xn
         for stop in plan.stops:
             outs = self._call(stop.key, feat)
             if stop.key.final:
-                p = torch.from_numpy(outs[0])
-                c, pr = p.max(1)
+                p = outs[0]
+                c, pr = p.max(1), p.argmax(1)
                 if probs is None:  # no row left early: the head's outputs are the answers as they are
-                    pred, conf, probs = pr, c, p
+                    pred, conf, probs = pr.astype(np.int64, copy=False), c, p
                 else:
                     pred[rows], conf[rows], probs[rows] = pr, c, p
                 break
-            pc = torch.from_numpy(outs[1]) if stop.need_cm else None
-            q = torch.from_numpy(outs[2 if stop.need_cm else 1]) if stop.need_ic else None
+            pc = outs[1] if stop.need_cm else None
+            q = outs[2 if stop.need_cm else 1] if stop.need_ic else None
             fire, fired_cm, fired_ic, top, top_pred, out_p = _decide(pc, q, plan.by_cm, *stop.thresholds)
-            if bool(fire.any()):
+            if fire.any():
                 leave = rows[fire]
                 exit_index[leave] = stop.exit_index
-                fc = fired_cm[fire] if fired_cm is not None else None
-                fi = fired_ic[fire] if fired_ic is not None else None
-                if fc is None:
+                if fired_cm is None:
                     rule[leave] = _IC
-                elif fi is None:
+                elif fired_ic is None:
                     rule[leave] = _CM
                 else:
-                    rule[leave] = torch.where(fi & fc, _BOTH, torch.where(fi, _IC, _CM))
+                    fc, fi = fired_cm[fire], fired_ic[fire]
+                    rule[leave] = np.where(fi & fc, _BOTH, np.where(fi, _IC, _CM))
                 if probs is None:
-                    probs = torch.zeros(b, out_p.shape[1], dtype=torch.float32)
+                    probs = np.zeros((b, out_p.shape[1]), dtype=np.float32)
                 pred[leave], conf[leave], probs[leave] = top_pred[fire], top[fire], out_p[fire]
                 keep = ~fire
                 rows = rows[keep]
-                if rows.shape[0] == 0:
+                if rows.size == 0:
                     break
-                feat = np.ascontiguousarray(outs[0][keep.numpy()])
+                feat = np.ascontiguousarray(outs[0][keep])
             else:
                 feat = outs[0]
         assert probs is not None
-        flops = policy.backbone_cum[exit_index] + plan.consulted_table[exit_index]
-        return ExitResult(exit_index, pred, conf, probs, flops, rule)
+        at = torch.from_numpy(exit_index)
+        flops = policy.backbone_cum[at] + plan.consulted_table[at]
+        return ExitResult(at, torch.from_numpy(pred), torch.from_numpy(conf), torch.from_numpy(probs), flops,
+                          torch.from_numpy(rule))
 
 
-def _decide(pc: torch.Tensor | None, q: torch.Tensor | None, by_cm: bool, tc: float, ti: float, tn: float
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor,
-                       torch.Tensor]:
+def _decide(pc: np.ndarray | None, q: np.ndarray | None, by_cm: bool, tc: float, ti: float, tn: float
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
     """Eq. 6-7 at one stop for rows sharing thresholds: ``(fire, fired_cm | None, fired_ic | None, top, pred,
-    probs)`` of the predictor head; the comparisons are the reference engine's (float32 scores, strict ``>``)."""
+    probs)`` of the predictor head. The comparisons are the reference engine's: float32 scores against the
+    threshold as float32 (what torch does with a Python float beside a float32 tensor), strict ``>``; the
+    top class is the first maximal one (``argmax``, as ``torch.max``); the entropy is torch's own."""
     fired_cm = fired_ic = None
     cm_top = cm_pred = ic_top = ic_pred = None
     if pc is not None:
-        cm_top, cm_pred = pc.max(1)
+        cm_top, cm_pred = pc.max(1), pc.argmax(1)
         if tc < 1.0:
-            fired_cm = cm_top > tc
+            fired_cm = cm_top > np.float32(tc)
     if q is not None:
-        ic_top, ic_pred = q.max(1)
+        ic_top, ic_pred = q.max(1), q.argmax(1)
         if ti < 1.0:
-            fired_ic = ic_top > ti
+            fired_ic = ic_top > np.float32(ti)
         if tn < 0.0:
-            by_entropy = -entropy(q) > tn
+            by_entropy = -entropy(torch.from_numpy(q)).numpy() > np.float32(tn)
             fired_ic = by_entropy if fired_ic is None else fired_ic | by_entropy
     fire = fired_cm if fired_ic is None else (fired_ic if fired_cm is None else fired_cm | fired_ic)
     assert fire is not None
