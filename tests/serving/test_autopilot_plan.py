@@ -260,6 +260,19 @@ def test_a_relief_cuts_a_quarter_of_the_way_to_the_floor_and_never_goes_up_or_un
     assert ctl.f == CEILING
 
 
+def test_with_an_accuracy_floor_relief_steps_are_sized_on_the_whole_curve_and_stop_at_the_floor():
+    """The floor bounds how far relief goes, not how large its steps are: the same first step as without it."""
+    bottom = FLOOR / 4
+    free = Controller(0.05, bottom, CEILING, clock=FakeClock())
+    floored = Controller(0.05, FLOOR, CEILING, clock=FakeClock(), f_bottom=bottom)
+    assert floored.relieve().f == pytest.approx(free.relieve().f) == pytest.approx(bottom + 0.75 * (CEILING - bottom))
+    seen = [floored.relieve().f for _ in range(50)]
+    assert min(seen) == FLOOR and all(f >= FLOOR for f in seen)  # never under the accuracy floor
+    assert floored.relieve().direction == 0
+    with pytest.raises(ValueError):
+        Controller(0.05, FLOOR, CEILING, f_bottom=FLOOR * 1.5)  # the curve's cheapest point cannot be above the floor
+
+
 def test_relief_cut_must_be_a_share():
     with pytest.raises(ValueError):
         Tuning(relief_cut=1.0)
