@@ -164,7 +164,7 @@ class Tuning:
     plan_high: float = 0.9  # planned moves: the band of p99 / target in which the cap holds
     plan_low: float = 0.7
     min_move: float = 0.005  # planned moves smaller than this share of [floor, ceiling] are not made
-    relief_cut: float = 0.75  # a relief move keeps at most this share of the way from the floor to f
+    relief_cut: float = 0.75  # a relief move keeps this share of the way from the curve's cheapest point to f
 
     def __post_init__(self) -> None:
         if not 0 < self.low < self.high:

@@ -329,9 +329,9 @@ class AutopilotRuntime:
             self._publish(old.controller.f, 0)  # controller's state, and its point (not the persisted one)
             return
         plan = known if known is not None else self.check(config)
-        bottom = min((c.flops_fraction for c in plan.candidates), default=plan.floor)  # the curve's cheapest
+        bottom = min([plan.floor, *(c.flops_fraction for c in plan.candidates)])  # the curve's cheapest point
         ctl = Controller(config.target_s, plan.floor, plan.ceiling, self._position(snap, plan.axis), self.clock,
-                         self.tuning, f_bottom=min(bottom, plan.floor))
+                         self.tuning, f_bottom=bottom)
         self.state = _Engaged(config, ctl, version, snap.bundle_id, plan)
         self._prebuild(plan)
         log.warning("autopilot on: p99 target %.1f ms, %s axis, floor %.3f, ceiling %.3f, mode %s",

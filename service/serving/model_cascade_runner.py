@@ -151,8 +151,9 @@ class ModelCascadeRunner:
 
     def _run_one(self, x: torch.Tensor, split: _Split) -> ExitResult:
         """One row (the latency case): the members in turn on Python scalars, as :meth:`run` decides for a row
-        (the boundary compared as float32 values, exactly), without its per-row bookkeeping tensors (about 40
-        small tensor operations a member: a fifth of a millisecond a request at batch 1, measured)."""
+        (the boundary compared as float32 values, exactly), without :meth:`_run_rows`'s per-row bookkeeping arrays
+        (about 40 small operations a member; as torch tensors they cost a fifth of a millisecond a request at
+        batch 1, measured)."""
         last = self.net.num_members - 1
         spent = 0.0
         for i, (member, runner) in enumerate(zip(self.net.members, self.runners, strict=True)):
