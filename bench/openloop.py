@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +130,6 @@ async def _scheduled(base_url: str, target: Target, images: ImageSet, dues: np.n
     idle: list[RawClient] = []
     busy = 0
     out: list[Timed] = []
-    quiet_collector()
     t0 = time.perf_counter() + 0.05
 
     async def fire(i: int, due: float) -> None:
@@ -172,18 +170,6 @@ async def _scheduled(base_url: str, target: Target, images: ImageSet, dues: np.n
         await poller
     await asyncio.gather(*(c.close() for c in idle))
     return out, polls, wall
-
-
-def quiet_collector() -> None:
-    """Collect, then freeze what this process holds (``gc.freeze``) before a schedule starts.
-
-    A benchmark process keeps every answer of its earlier steps (hundreds of thousands of objects); a full
-    collection walks them all and, holding the GIL for a few hundred milliseconds, stops this generator mid-step:
-    requests leave late and answers are read late, which reads as the server's latency. Frozen, they are no
-    longer walked; what the schedule itself makes is still collected.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def run_schedule(base_url: str, target: Target, images: ImageSet, dues: np.ndarray, *, offset: int = 0,

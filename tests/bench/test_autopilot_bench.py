@@ -5,6 +5,7 @@ generator against a stub HTTP server on 127.0.0.1 (bounded: a few hundred reques
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from bench.autopilot_eval import (
     windows,
 )
 from bench.images import ImageSet
-from bench.loadgen import Answer, ClassmeansTarget, _Record
+from bench.loadgen import Answer, ClassmeansTarget, _Record, _run, collector_paused
 from bench.openloop import Timed, arrival_times, run_schedule, segment_schedule
 
 # -- schedules ---------------------------------------------------------------------------------------------
@@ -317,3 +318,28 @@ def test_open_loop_schedule_against_a_stub_counts_every_outcome_and_polls(stub_u
     assert polls and poll_point(polls[0].body)["shed_rate"] == 0.33
     with pytest.raises(ValueError):
         run_schedule("http://example.com", ClassmeansTarget(), images, dues)
+
+
+def test_the_generators_run_with_the_collector_paused_and_restore_it() -> None:
+    """A collection in the generator would read as the server's latency: none runs while a load runs
+    (``_run``, what the open and closed loops both run on), and the collector's state is restored after,
+    also when the load fails or the collector was already off."""
+    async def collector_on() -> bool:
+        return gc.isenabled()
+
+    async def failing() -> None:
+        raise RuntimeError("load failed")
+
+    assert gc.isenabled()
+    assert _run(collector_on()) is False
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        _run(failing())
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # it was off: it stays off
+    finally:
+        gc.enable()
