@@ -18,7 +18,7 @@ import pytest
 from service.earlyexit.time_axis import select_by_time
 from service.serving.admission import HTTP_OVERHEAD_MS, Shed
 from service.serving.autopilot import LatencyWindow
-from service.serving.autopilot_runtime import AutopilotRuntime
+from service.serving.autopilot_runtime import ROOM, AutopilotRuntime
 from service.serving.time_profiles import full_ms, operating_ms, operating_time_fraction, time_fractions
 from tests.api.conftest import AUTH, MODEL, assert_envelope, make_settings, sample_pngs, serve, store_digest
 from tests.api.test_autopilot_api import FakeClock
@@ -327,3 +327,28 @@ async def test_the_bucket_is_trimmed_while_the_cpu_is_saturated_and_refusing(tin
         for _ in range(30):
             rt._scale_bucket()
         assert rt.bucket_scale == 1.0  # unsaturated: back to the model's rate
+
+
+async def test_the_bucket_guard_defers_to_an_answered_p99_well_inside_the_target(tiny_store: Path):
+    """Under overload the refusals keep the core busy whatever is admitted: the guard trims only while the
+    answered p99 is not well inside the target (under ROOM of it the latency has room, and it grows back)."""
+    attach_graded_profiles(tiny_store / MODEL)
+    async with serve(make_settings(tiny_store, engine="torch")) as s:
+        assert (await s.client.post("/profiles", json={"latency_slo_ms": 40}, headers=AUTH)).status_code == 200
+        rt = s.state.autopilot
+        await rt.stop()
+        ctl = rt.state.controller
+        ctl.f = ctl.floor
+        rt.cpu_util, rt.shed_rate = 0.99 * rt.cores, 0.3  # saturated, refusing, at the floor
+        roomy, tight = 0.5 * ROOM * ctl.target_s, 1.01 * ROOM * ctl.target_s
+        for _ in range(5):
+            rt._scale_bucket(roomy)
+        assert rt.bucket_scale == 1.0  # the answered p99 is well inside: no trim
+        for _ in range(3):
+            rt._scale_bucket(tight)
+        assert rt.bucket_scale == pytest.approx(0.9 ** 3)  # not inside ROOM of the target: trimmed
+        rt._scale_bucket(None)
+        assert rt.bucket_scale == pytest.approx(0.9 ** 4)  # no p99 yet: the CPU alone decides, as before
+        for _ in range(10):
+            rt._scale_bucket(roomy)
+        assert rt.bucket_scale == 1.0  # room again: back to the model's rate, though the CPU is still pegged
