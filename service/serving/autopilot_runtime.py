@@ -419,25 +419,28 @@ class AutopilotRuntime:
             return None
         return self.bucket_scale * max(util * self.cores - (self.fixed_cores or 0.0), 0.05 * self.cores) / u
 
-    def _scale_bucket(self, p99_s: float | None = None) -> None:
+    def _scale_bucket(self, p99_s: float | None = None, backlog_s: float = 0.0) -> None:
         """Saturation guard: the model's error, refusals' own CPU and the sockets' backlog are invisible to
         the admitted rate; a saturated CPU is not. Over :data:`SATURATED` of the cores while refusing at the
-        floor, with the answered p99 (``p99_s``, the controller's window) not under :data:`ROOM` of the target,
-        admit 10 % less a tick (down to :data:`MIN_BUCKET_SCALE`); under :data:`UNSATURATED`, or with the p99
-        under that share of the target, 5 % more (up to 1). Above the floor a saturated CPU asks for a cheaper
-        point instead (the controller's pressure, relief): trimming admission there refuses what a cheaper
-        point would answer. (On the CPU alone, the guard was a ratchet under overload: the refusals keep the
-        core busy whatever is admitted, so it only ever cut, to half the model's rate, while the answered p99
-        was a third to two thirds of the target: measured at 3x with the floor, 345 req/s answered of the
-        floor point's 632. With the p99's word, two 30 s probes each at 3x: 447 and 493 req/s answered, p99
-        37 and 31 ms, against 369 and 353 req/s, p99 54 and 41 ms, alternating on one machine; at 2x, 30,725
-        against 30,915 answers in two probes each, p99 52/37 against 39/43 ms.)"""
+        floor, with the answered p99 (``p99_s``, the controller's window) not under :data:`ROOM` of the target
+        or a backlog (``backlog_s``: the queue's expected wait or the event loop's lag, the larger) over the
+        rest of it (the sockets' backlog shows there, never in the answered p99), admit 10 % less a tick (down
+        to :data:`MIN_BUCKET_SCALE`); under :data:`UNSATURATED`, or with that room, 5 % more (up to 1). Above
+        the floor a saturated CPU asks for a cheaper point instead (the controller's pressure, relief):
+        trimming admission there refuses what a cheaper point would answer. (On the CPU alone, the guard was a
+        ratchet under overload: the refusals keep the core busy whatever is admitted, so it only ever cut, to
+        half the model's rate, while the answered p99 was a third to two thirds of the target: measured at 3x
+        with the floor, 345 req/s answered of the floor point's 632. With the p99's word, two 30 s probes each
+        at 3x: 447 and 493 req/s answered, p99 37 and 31 ms, against 369 and 353 req/s, p99 54 and 41 ms,
+        alternating on one machine; at 2x, 30,725 against 30,915 answers in two probes each, p99 52/37
+        against 39/43 ms.)"""
         c, st = self.cpu_util, self.state
         if c is None:
             return
         at_floor = st is not None and st.controller.f <= st.controller.floor + 1e-12
         target = st.controller.target_s if st is not None else None
-        room = p99_s is not None and target is not None and p99_s < ROOM * target
+        room = (p99_s is not None and target is not None and p99_s < ROOM * target
+                and backlog_s < (1.0 - ROOM) * target)
         if c >= SATURATED * self.cores and self.shed_rate > 0 and at_floor and not room:
             self.bucket_scale = max(MIN_BUCKET_SCALE, 0.9 * self.bucket_scale)
         elif c < UNSATURATED * self.cores or room:
@@ -566,7 +569,7 @@ class AutopilotRuntime:
         self._count_sheds(now)
         self.last_signal = s = self.signal()
         if self.state is not None:
-            self._scale_bucket(s.p99_s)
+            self._scale_bucket(s.p99_s, s.queue_delay_s)
             d = self.state.controller.step(s)
             if d.direction:
                 self._publish(d.f, d.direction)

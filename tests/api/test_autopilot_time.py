@@ -331,7 +331,8 @@ async def test_the_bucket_is_trimmed_while_the_cpu_is_saturated_and_refusing(tin
 
 async def test_the_bucket_guard_defers_to_an_answered_p99_well_inside_the_target(tiny_store: Path):
     """Under overload the refusals keep the core busy whatever is admitted: the guard trims only while the
-    answered p99 is not well inside the target (under ROOM of it the latency has room, and it grows back)."""
+    answered p99 is not well inside the target or a backlog builds (under ROOM of it, with no backlog past
+    the rest of the target, the latency has room, and it grows back)."""
     attach_graded_profiles(tiny_store / MODEL)
     async with serve(make_settings(tiny_store, engine="torch")) as s:
         assert (await s.client.post("/profiles", json={"latency_slo_ms": 40}, headers=AUTH)).status_code == 200
@@ -349,6 +350,8 @@ async def test_the_bucket_guard_defers_to_an_answered_p99_well_inside_the_target
         assert rt.bucket_scale == pytest.approx(0.9 ** 3)  # not inside ROOM of the target: trimmed
         rt._scale_bucket(None)
         assert rt.bucket_scale == pytest.approx(0.9 ** 4)  # no p99 yet: the CPU alone decides, as before
-        for _ in range(10):
+        rt._scale_bucket(roomy, 1.01 * (1 - ROOM) * ctl.target_s)
+        assert rt.bucket_scale == pytest.approx(0.9 ** 5)  # a backlog the answered p99 cannot show yet: trimmed
+        for _ in range(12):
             rt._scale_bucket(roomy)
         assert rt.bucket_scale == 1.0  # room again: back to the model's rate, though the CPU is still pegged
